@@ -1,0 +1,1 @@
+"""Op families: one file each, Triton kernels beside their plain-torch references."""

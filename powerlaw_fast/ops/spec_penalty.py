@@ -1,0 +1,602 @@
+"""The power-law spectral penalty of Nassar et al. (2020), eq. (2), as fused GPU ops.
+
+Math (paper conventions, n is 1-indexed; DESIGN.md section 2)::
+
+    Z    = (x - mu) V                          [B, N]  one GEMM, centring in its prologue
+    lam  = column_sum(Z * Z) / (B - 1)         [N]     = diag(V^T Sigma V), in V's column order
+    s    = sort(lam, descending)
+    r_n  = s_n / gam_n,  gam_n = kappa n^-alpha,  kappa = s_tau tau^alpha (no gradient)
+    R    = beta / N * sum_{n = tau..N} [(r_n - 1)^2 + max(0, r_n - 1)]
+    dR/dx = 2 / (B - 1) * (Z * g) V^T,  g = dR/dlam mapped back to V's column order
+
+``r_n`` is evaluated as ``(s_n / s_tau) (n / tau)^alpha`` so the anchor's ratio is exactly 1:
+its own term is 0 in value and slope, whatever the rounding of ``tau^alpha``.
+
+Op family (each piece has a plain-torch reference beside the Triton kernel):
+
+- ``projected_spectrum(x, V)``: kernel 1, one GEMM with the centring in its prologue and the
+  column sum of squares in its epilogue. Each row-block of programs writes its partial sums to a
+  ``[ceil(B / BLOCK_M), N]`` buffer that is then summed in a fixed order: deterministic, no
+  atomics. Its backward is kernel 3, ``grad_x = 2 / (B - 1) (Z * g) V^T`` with the scaling by
+  ``g`` fused into the GEMM's prologue.
+- ``powerlaw_penalty(lam)``: kernel 2, the penalty and dR/dlam over the sorted spectrum in one
+  single-program kernel (deterministic), plus a status word (non-finite values, zero anchor)
+  read with one host synchronisation when ``validate=True``.
+- ``spec_penalty(x, V)`` composes the two.
+
+Keeping Z: the forward keeps ``Z`` ([B, N] in x's dtype) for the backward instead of
+recomputing it. Recomputing would cost a third GEMM (1.5x the two-GEMM floor, so the target of
+staying within 1.25x of two cuBLAS GEMMs could not be met); keeping it costs one [B, N] buffer,
+e.g. 9.4 MB for B = 1536, N = 1024 in float32 and 1.6 GB for B = 24576, N = 16384.
+
+Precision follows ``torch.get_float32_matmul_precision()``: "highest" gives exact float32
+products, "high"/"medium" allow TF32. float16/bfloat16 inputs are centred in float32, rounded to
+their dtype for the tensor-core GEMM and accumulated in float32; the spectrum is float32.
+float64 runs on the torch backend.
+
+Example::
+
+    >>> import torch
+    >>> from powerlaw_fast import spec_penalty
+    >>> x = torch.randn(300, 40, requires_grad=True)
+    >>> V = torch.linalg.eigh(torch.cov(x.detach().T))[1].flip(1)   # descending eigenvectors
+    >>> R = spec_penalty(x, V, alpha=1.0, tau=10, beta=1.0)
+    >>> R.backward()
+    >>> x.grad.shape
+    torch.Size([300, 40])
+"""
+
+from __future__ import annotations
+
+import torch
+
+from powerlaw_fast._backend import (
+    resolve_backend,
+    tf32_allowed,
+    triton_available,
+    triton_interpreter_active,
+)
+from powerlaw_fast._validation import (
+    as_batch_matrix,
+    check_basis,
+    check_float_dtype,
+    check_int_range,
+    check_real,
+    check_tensor,
+)
+from powerlaw_fast.ops.centring import column_mean, column_mean_torch
+
+CONVENTIONS = ("paper", "authors")
+
+# Every row-block of the projection GEMM writes one row of partial column sums; the block height
+# is fixed (not autotuned) so the launcher can size that buffer before the launch.
+_PROJECTION_BLOCK_M = 128
+_PENALTY_BLOCK = 1024
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    def _gemm_configs():
+        if triton_interpreter_active():
+            # The interpreter's cost is per program instance: few, large tiles.
+            return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8})]
+        return [
+            triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=4, num_stages=4),
+            triton.Config({"BLOCK_N": 256, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=3),
+        ]
+
+    @triton.jit
+    def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
+        # Row-blocks sharing the same columns of V run together, so V tiles stay in L2.
+        width = GROUP_M * num_n
+        group = pid // width
+        first_m = group * GROUP_M
+        size_m = min(num_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % width) % size_m
+        pid_n = (pid % width) // size_m
+        return pid_m, pid_n
+
+    @triton.autotune(configs=_gemm_configs(), key=["B", "N", "IN_PRECISION"])
+    @triton.jit
+    def _centred_projection_kernel(
+        x_ptr, mean_ptr, v_ptr, z_ptr, partial_ptr,
+        B, N,
+        stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
+        IN_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """Z = (x - mean) V and partial[pid_m, :] = column sums of Z * Z over this row-block."""
+        num_m = tl.cdiv(B, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < B
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < N
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
+                        mask=a_mask, other=0.0).to(tl.float32)
+            mu = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
+            # Padding rows must stay exactly zero, or they would add mu^2 terms to the sums.
+            a = tl.where(a_mask, a - mu[None, :], 0.0)
+            b = tl.load(v_ptr + ks[:, None] * stride_vk + cols[None, :] * stride_vn,
+                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=IN_PRECISION)
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        tl.store(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
+                 acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(partial_ptr + pid_m * N + cols, tl.sum(acc * acc, axis=0), mask=col_ok)
+
+    @triton.autotune(configs=_gemm_configs(), key=["B", "N", "IN_PRECISION"])
+    @triton.jit
+    def _scaled_backprojection_kernel(
+        z_ptr, coef_ptr, v_ptr, out_ptr,
+        B, N, scale,
+        stride_zb, stride_zn, stride_vk, stride_vn, stride_ob, stride_ok,
+        IN_PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):
+        """out = scale * (Z * coef[None, :]) V^T, the reduction running over V's columns."""
+        num_m = tl.cdiv(B, BLOCK_M)
+        num_k = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_k = _grouped_tile(tl.program_id(0), num_m, num_k, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        outs = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < B
+        out_ok = outs < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K)
+            n_ok = ns < N
+            z = tl.load(z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
+                        mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
+            # V^T tile [n, k] read straight from V's strides: no transposed copy.
+            vt = tl.load(v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
+                         mask=n_ok[:, None] & out_ok[None, :], other=0.0)
+            a = (z * (c * scale)[None, :]).to(vt.dtype)
+            acc = tl.dot(a, vt, acc, input_precision=IN_PRECISION)
+        tl.store(out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
+                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+
+    @triton.jit
+    def _powerlaw_penalty_kernel(
+        sorted_ptr, order_ptr, penalty_ptr, grad_ptr, status_ptr,
+        N, anchor, alpha, beta, tiny,
+        SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        """Penalty over the descending spectrum and dR/dlam scattered back to V's order.
+
+        status[0] = number of non-finite values, status[1] = 1 if the anchor is not positive
+        (relative to the largest value: ``s_anchor <= tiny * s_1``).
+        """
+        s_anchor = tl.load(sorted_ptr + anchor).to(tl.float32)
+        s_first = tl.load(sorted_ptr).to(tl.float32)
+        log_tau = tl.log((anchor + 1).to(tl.float32))
+        total = tl.zeros((BLOCK,), dtype=tl.float32)
+        bad = tl.zeros((BLOCK,), dtype=tl.int32)
+        coef = beta / N
+        for start in range(0, N, BLOCK):
+            idx = start + tl.arange(0, BLOCK)
+            ok = idx < N
+            s = tl.load(sorted_ptr + idx, mask=ok, other=1.0).to(tl.float32)
+            bad += tl.where(ok & ((s != s) | (tl.abs(s) == float("inf"))), 1, 0)
+            rank_ratio = tl.exp(alpha * (tl.log((idx + 1).to(tl.float32)) - log_tau))
+            r = s / s_anchor * rank_ratio
+            active = ok & (idx >= anchor)
+            if SKIP_NONPOSITIVE:
+                active = active & (s > 0)
+            d = r - 1.0
+            term = d * d + tl.maximum(d, 0.0)
+            total += tl.where(active, term, 0.0)
+            # 1 / gam_n = rank_ratio / s_anchor
+            slope = (2.0 * d + tl.where(d > 0.0, 1.0, 0.0)) * rank_ratio / s_anchor
+            grad = tl.where(active, coef * slope, 0.0)
+            dest = tl.load(order_ptr + idx, mask=ok, other=0)
+            tl.store(grad_ptr + dest, grad, mask=ok)
+        tl.store(penalty_ptr, coef * tl.sum(total, axis=0))
+        tl.store(status_ptr, tl.sum(bad, axis=0))
+        anchor_bad = (s_anchor > tiny * s_first) == 0
+        tl.store(status_ptr + 1, anchor_bad.to(tl.int32))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not tf32_allowed():
+        return "ieee"
+    return "tf32"
+
+
+def _spectrum_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (Triton) and references (plain torch); same signatures, same outputs
+# --------------------------------------------------------------------------------------------
+def projected_spectrum_triton(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, N]`` (any strides), ``V [N, N]`` -> ``lam [N]`` float32, ``Z [B, N]`` in x's dtype."""
+    B, N = x.shape
+    mean = column_mean(x, backend="triton")
+    z = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    num_m = triton.cdiv(B, _PROJECTION_BLOCK_M)
+    partial = torch.empty((num_m, N), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _centred_projection_kernel[grid](
+        x, mean, V, z, partial, B, N,
+        x.stride(0), x.stride(1), V.stride(0), V.stride(1), z.stride(0), z.stride(1),
+        IN_PRECISION=_dot_precision(x.dtype), BLOCK_M=_PROJECTION_BLOCK_M,
+    )
+    lam = partial.sum(0) if num_m > 1 else partial[0]
+    return lam / (B - 1), z
+
+
+def projected_spectrum_torch(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`projected_spectrum_triton`, the same rounding steps in plain torch."""
+    B = x.shape[0]
+    acc = _spectrum_dtype(x.dtype)
+    centred = (x.to(acc) - column_mean_torch(x)).to(x.dtype)
+    z_acc = centred.to(acc) @ V.to(acc)
+    lam = (z_acc * z_acc).sum(0) / (B - 1)
+    return lam, z_acc.to(x.dtype)
+
+
+def spectrum_backward_triton(coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``grad_x [B, N] = 2 / (B - 1) (Z * coef) V^T`` with ``coef [N]`` = dLoss/dlam."""
+    B, N = z.shape
+    out = torch.empty((B, N), device=z.device, dtype=z.dtype)
+    num_m = triton.cdiv(B, _PROJECTION_BLOCK_M)
+
+    def grid(meta):
+        return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _scaled_backprojection_kernel[grid](
+        z, coef, V, out, B, N, 2.0 / (B - 1),
+        z.stride(0), z.stride(1), V.stride(0), V.stride(1), out.stride(0), out.stride(1),
+        IN_PRECISION=_dot_precision(z.dtype), BLOCK_M=_PROJECTION_BLOCK_M,
+    )
+    return out
+
+
+def spectrum_backward_torch(coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """Reference for :func:`spectrum_backward_triton`."""
+    B = z.shape[0]
+    acc = _spectrum_dtype(z.dtype)
+    scaled = (z.to(acc) * (coef.to(acc) * (2.0 / (B - 1)))).to(z.dtype)
+    return (scaled.to(acc) @ V.to(acc).T).to(z.dtype)
+
+
+def powerlaw_penalty_triton(
+    lam: torch.Tensor, alpha: float, anchor: int, beta: float, skip_nonpositive: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``lam [N]`` float32 -> (penalty [], dR/dlam [N], status int32 [2])."""
+    (N,) = lam.shape
+    ordered, order = torch.sort(lam, descending=True)
+    penalty = torch.empty((), device=lam.device, dtype=lam.dtype)
+    grad = torch.empty_like(lam)
+    status = torch.empty(2, device=lam.device, dtype=torch.int32)
+    block = min(_PENALTY_BLOCK, triton.next_power_of_2(N))
+    _powerlaw_penalty_kernel[(1,)](
+        ordered, order, penalty, grad, status, N, anchor, alpha, beta,
+        torch.finfo(lam.dtype).eps, SKIP_NONPOSITIVE=skip_nonpositive, BLOCK=block,
+    )
+    return penalty, grad, status
+
+
+def powerlaw_penalty_torch(
+    lam: torch.Tensor, alpha: float, anchor: int, beta: float, skip_nonpositive: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Reference for :func:`powerlaw_penalty_triton`, same outputs."""
+    (N,) = lam.shape
+    ordered, order = torch.sort(lam, descending=True)
+    ranks = torch.arange(1, N + 1, device=lam.device, dtype=lam.dtype)
+    rank_ratio = torch.exp(alpha * (torch.log(ranks) - torch.log(ranks[anchor])))
+    s_anchor = ordered[anchor]
+    r = ordered / s_anchor * rank_ratio
+    active = ranks > anchor
+    if skip_nonpositive:
+        active = active & (ordered > 0)
+    d = r - 1.0
+    term = torch.where(active, d * d + d.clamp_min(0.0), 0.0)
+    slope = (2.0 * d + (d > 0).to(lam.dtype)) * rank_ratio / s_anchor
+    grad_sorted = torch.where(active, slope * (beta / N), 0.0)
+    grad = torch.empty_like(lam).scatter_(0, order, grad_sorted)
+    penalty = term.sum() * (beta / N)
+    nonfinite = (~torch.isfinite(lam)).sum()
+    anchor_bad = ~(s_anchor > torch.finfo(lam.dtype).eps * ordered[0])
+    status = torch.stack([nonfinite, anchor_bad.to(nonfinite.dtype)]).to(torch.int32)
+    return penalty, grad, status
+
+
+def _cuda_ops():
+    from powerlaw_fast import cuda
+
+    return cuda
+
+
+_PROJECTED_SPECTRUM = {"torch": projected_spectrum_torch}
+_SPECTRUM_BACKWARD = {"torch": spectrum_backward_torch}
+_POWERLAW_PENALTY = {"torch": powerlaw_penalty_torch}
+if triton_available():
+    _PROJECTED_SPECTRUM["triton"] = projected_spectrum_triton
+    _SPECTRUM_BACKWARD["triton"] = spectrum_backward_triton
+    _POWERLAW_PENALTY["triton"] = powerlaw_penalty_triton
+
+
+def _implementation(table: dict, name: str, backend: str):
+    if backend == "cuda":
+        return getattr(_cuda_ops(), name)
+    return table[backend]
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: opaque to torch.compile, autograd registered
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("powerlaw_fast::projected_spectrum", mutates_args=())
+def _projected_spectrum_op(
+    x: torch.Tensor, V: torch.Tensor, backend: str, validate: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    lam, z = _implementation(_PROJECTED_SPECTRUM, "projected_spectrum_cuda", backend)(x, V)
+    if validate:
+        bad = int((~torch.isfinite(lam)).sum())
+        if bad:
+            raise ValueError(_nonfinite_message("x", bad))
+    return lam, z
+
+
+@_projected_spectrum_op.register_fake
+def _(x, V, backend, validate):
+    B, N = x.shape
+    return x.new_empty(N, dtype=_spectrum_dtype(x.dtype)), x.new_empty((B, N))
+
+
+@torch.library.custom_op("powerlaw_fast::projected_spectrum_backward", mutates_args=())
+def _spectrum_backward_op(
+    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, backend: str
+) -> torch.Tensor:
+    return _implementation(_SPECTRUM_BACKWARD, "spectrum_backward_cuda", backend)(coef, z, V)
+
+
+@_spectrum_backward_op.register_fake
+def _(coef, z, V, backend):
+    return torch.empty_like(z, memory_format=torch.contiguous_format)
+
+
+def _projected_spectrum_setup(ctx, inputs, output):
+    x, V, backend, _ = inputs
+    _, z = output
+    ctx.save_for_backward(z, V)
+    ctx.backend = backend
+    ctx.x_dtype = x.dtype
+    ctx.mark_non_differentiable(z)
+
+
+def _projected_spectrum_backward(ctx, grad_lam, grad_z):
+    z, V = ctx.saved_tensors
+    grad_x = _spectrum_backward_op(grad_lam.contiguous(), z, V, ctx.backend)
+    return grad_x, None, None, None
+
+
+_projected_spectrum_op.register_autograd(
+    _projected_spectrum_backward, setup_context=_projected_spectrum_setup
+)
+
+
+@torch.library.custom_op("powerlaw_fast::powerlaw_penalty", mutates_args=())
+def _powerlaw_penalty_op(
+    lam: torch.Tensor, alpha: float, anchor: int, beta: float, skip_nonpositive: bool,
+    backend: str, validate: bool, source: str, tau: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    impl = _implementation(_POWERLAW_PENALTY, "powerlaw_penalty_cuda", backend)
+    penalty, grad, status = impl(lam, alpha, anchor, beta, skip_nonpositive)
+    if validate:
+        nonfinite, anchor_bad = status.tolist()
+        if nonfinite:
+            raise ValueError(_nonfinite_message(source, nonfinite))
+        if anchor_bad:
+            raise ValueError(
+                f"{source}: the batch is rank-deficient for tau = {tau}: the {anchor + 1}-th largest "
+                f"value of its projected spectrum is zero (to rounding), so the power-law target "
+                f"is undefined; use a larger or more varied batch, or a smaller tau"
+            )
+    return penalty, grad
+
+
+@_powerlaw_penalty_op.register_fake
+def _(lam, alpha, anchor, beta, skip_nonpositive, backend, validate, source, tau):
+    return lam.new_empty(()), torch.empty_like(lam)
+
+
+def _powerlaw_penalty_setup(ctx, inputs, output):
+    _, grad = output
+    ctx.save_for_backward(grad)
+    ctx.mark_non_differentiable(grad)
+
+
+def _powerlaw_penalty_backward(ctx, grad_penalty, grad_grad):
+    (grad,) = ctx.saved_tensors
+    return grad_penalty * grad, None, None, None, None, None, None, None, None
+
+
+_powerlaw_penalty_op.register_autograd(
+    _powerlaw_penalty_backward, setup_context=_powerlaw_penalty_setup
+)
+
+
+def _nonfinite_message(source: str, count: int) -> str:
+    if source == "x":
+        return (
+            f"x: expected finite activations, got a projected spectrum with {count} non-finite "
+            f"values (x contains NaN or inf, or its products overflow)"
+        )
+    return f"{source}: expected finite values, got {count} non-finite values"
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+def _anchor_index(N: int, tau: int, convention: str) -> int:
+    """0-based position of the anchor in the descending spectrum."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
+    if convention == "paper":
+        return check_int_range(tau, "tau", 1, N, f" (1-indexed rank, N = {N})") - 1
+    return check_int_range(tau, "tau", 0, N - 1, f" (0-indexed rank, convention='authors', N = {N})")
+
+
+def projected_spectrum(
+    x: torch.Tensor, V: torch.Tensor, *, backend: str = "auto", validate: bool = True
+) -> torch.Tensor:
+    """Per-batch spectrum ``diag(V^T Sigma V)`` through the projection form, differentiable in x.
+
+    Args:
+        x: activations ``[B, N]`` or ``[B, *]`` (flattened per sample); float16, bfloat16,
+            float32 or float64; B >= 2.
+        V: ``[N, N]``, eigenvectors as columns, same dtype and device as x; no gradient.
+        backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton" or "cuda".
+        validate: raise on non-finite results (one host synchronisation). Turn off inside CUDA
+            graphs; then non-finite activations give a non-finite spectrum.
+
+    Returns:
+        ``lam [N]`` in V's column order (float32; float64 for float64 input), with
+        ``lam[n] = ||(x - mu) V[:, n]||^2 / (B - 1)``.
+
+    Example::
+
+        >>> x = torch.randn(64, 8)
+        >>> V = torch.eye(8)
+        >>> torch.allclose(projected_spectrum(x, V), x.var(0), atol=1e-5)
+        True
+    """
+    x = as_batch_matrix(x, "x")
+    check_basis(V, x, "V")
+    name = resolve_backend(backend, x.device, dtype=x.dtype)
+    lam, _ = _projected_spectrum_op(x, V.detach(), name, validate)
+    return lam
+
+
+def powerlaw_penalty(
+    lam: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    tau: int = 10,
+    beta: float = 1.0,
+    convention: str = "paper",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """Eq. (2) on a given spectrum ``lam [N]`` (any order; it is sorted descending inside).
+
+    See :func:`spec_penalty` for the arguments and the two conventions. Differentiable in lam.
+
+    Example::
+
+        >>> lam = 1.0 / torch.arange(1, 51, dtype=torch.float64)
+        >>> bool(powerlaw_penalty(lam, tau=10) < 1e-20)   # an exact 1/n spectrum costs nothing
+        True
+    """
+    check_tensor(lam, "lam")
+    if lam.dim() != 1 or lam.numel() < 1:
+        raise ValueError(f"lam: expected a 1-D spectrum [N], got shape {tuple(lam.shape)}")
+    check_float_dtype(lam, "lam")
+    if lam.dtype in (torch.float16, torch.bfloat16):
+        lam = lam.float()
+    return _penalty(lam, alpha, tau, beta, convention, backend, validate, "lam")
+
+
+def _penalty(lam, alpha, tau, beta, convention, backend, validate, source):
+    N = lam.shape[0]
+    anchor = _anchor_index(N, tau, convention)
+    alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
+    beta = check_real(beta, "beta", low=0.0, low_inclusive=True)
+    name = resolve_backend(backend, lam.device, dtype=lam.dtype)
+    penalty, _ = _powerlaw_penalty_op(
+        lam, alpha, anchor, beta, convention == "authors", name, validate, source, tau
+    )
+    return penalty
+
+
+def spec_penalty(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    tau: int = 10,
+    beta: float = 1.0,
+    convention: str = "paper",
+    backend: str = "auto",
+    validate: bool = True,
+) -> torch.Tensor:
+    """The 1/n spectral penalty, eq. (2) of Nassar et al. (2020), differentiable in ``x``.
+
+    ``R = beta / N * sum_{n >= tau} [(lam_n / gam_n - 1)^2 + max(0, lam_n / gam_n - 1)]`` over the
+    per-batch spectrum ``lam_n = v_n^T Sigma v_n`` sorted in descending order, with the target
+    ``gam_n = lam_tau (tau / n)^alpha`` held constant (no gradient through the anchor).
+
+    The two conventions, side by side:
+
+    ============================  ==========================  ==============================
+    \\                             ``convention="paper"``      ``convention="authors"``
+    ============================  ==========================  ==============================
+    ``tau`` counts from           1 (tau = 10: 10th largest)  0 (tau = 10: 11th largest)
+    valid ``tau``                 1 .. N                      0 .. N - 1
+    terms with ``lam_n <= 0``     included                    skipped
+    scale                         beta / N                    beta / N (N = width)
+    ============================  ==========================  ==============================
+
+    ``"authors"`` reproduces josuenassar/power_law: its default ``tau = 10`` equals the paper's
+    ``tau = 11``. Since lam_n is a sum of squares it is only non-positive for a rank-deficient
+    batch, so the two conventions differ by the shift of tau alone on ordinary batches.
+
+    Args:
+        x: activations ``[B, N]`` or ``[B, *]`` (a conv output is flattened per sample);
+            float16, bfloat16, float32 or float64 (float64: torch backend); B >= tau + 1.
+        V: ``[N, N]`` eigenvectors as columns (from the eigenbasis refresh), same dtype and
+            device as x; treated as a constant.
+        alpha: power-law exponent > 0 (1 for the 1/n law).
+        tau: anchor rank (see the conventions above); the sum starts there.
+        beta: strength >= 0.
+        convention: "paper" or "authors".
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "triton", "cuda".
+        validate: one host synchronisation to raise on non-finite activations and on a zero
+            anchor eigenvalue (rank-deficient batch). Set False inside CUDA graphs.
+
+    Returns:
+        A 0-dim tensor (float32; float64 for float64 input).
+
+    Example::
+
+        >>> x = torch.randn(200, 30, requires_grad=True)
+        >>> V = torch.linalg.eigh(torch.cov(x.detach().T))[1].flip(1)
+        >>> R = spec_penalty(x, V, tau=10)
+        >>> R.backward()
+    """
+    x = as_batch_matrix(x, "x")
+    check_basis(V, x, "V")
+    N = x.shape[1]
+    anchor = _anchor_index(N, tau, convention)
+    if x.shape[0] - 1 < anchor + 1:
+        raise ValueError(
+            f"x: a batch of B = {x.shape[0]} rows has a centred rank of at most {x.shape[0] - 1}, "
+            f"so the anchor (the {anchor + 1}-th largest eigenvalue, tau = {tau}, convention="
+            f"{convention!r}) is zero; expected B >= {anchor + 2} (the paper uses B >= 1.5 N)"
+        )
+    name = resolve_backend(backend, x.device, dtype=x.dtype)
+    lam, _ = _projected_spectrum_op(x, V.detach(), name, False)
+    return _penalty(lam, alpha, tau, beta, convention, name, validate, "x")
