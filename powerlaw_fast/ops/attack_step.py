@@ -28,10 +28,14 @@ import numbers
 
 import torch
 
-from powerlaw_fast._backend import resolve_backend, triton_available, triton_interpreter_active
+from powerlaw_fast._backend import (
+    resolve_backend,
+    triton_available,
+    triton_interpreter_active,
+)
 from powerlaw_fast._validation import check_float_dtype, check_real, check_tensor
 
-__all__ = ["pgd_update", "pgd_update_reference"]
+__all__ = ["pgd_update", "pgd_update_reference", "resolve_step_backend"]
 
 
 # --------------------------------------------------------------------------- Triton kernel
@@ -141,6 +145,17 @@ def pgd_update_reference(
 
 
 # --------------------------------------------------------------------------- public function
+def resolve_step_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
+    """resolve_backend, with a clear error while the CUDA C++ backend is not part of the build."""
+    try:
+        return resolve_backend(backend, device, dtype=dtype)
+    except ImportError as err:
+        raise ValueError(
+            f"backend={backend!r}: the CUDA C++ backend (powerlaw_fast.cuda) is not available "
+            f"({err}); use backend='triton' or 'torch'"
+        ) from err
+
+
 def _check_rows(t: torch.Tensor, name: str, R: int, D: int) -> None:
     if t.dim() != 2 or t.shape[1] != D or t.shape[0] < 1 or R % t.shape[0] != 0:
         raise ValueError(
@@ -191,7 +206,9 @@ def pgd_update(
         raise ValueError(f"x_adv: expected a 2-D tensor [R, D], got shape {tuple(x_adv.shape)}")
     for t, name in ((x_nat, "x_nat"), (grad, "grad")):
         if t.dtype != x_adv.dtype:
-            raise TypeError(f"{name}: expected dtype {x_adv.dtype} (the dtype of x_adv), got {t.dtype}")
+            raise TypeError(
+                f"{name}: expected dtype {x_adv.dtype} (the dtype of x_adv), got {t.dtype}"
+            )
         if t.device != x_adv.device:
             raise ValueError(
                 f"{name}: expected device {x_adv.device} (the device of x_adv), got {t.device}"
@@ -241,7 +258,7 @@ def pgd_update(
                 f"{tuple(out.shape)}, {out.dtype}, {out.device}"
             )
 
-    resolved = resolve_backend(backend, x_adv.device, dtype=x_adv.dtype)
+    resolved = resolve_step_backend(backend, x_adv.device, x_adv.dtype)
     if resolved == "triton":
         return _pgd_update_triton(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out)
     if resolved == "cuda":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from powerlaw_fast._backend import triton_available
+from powerlaw_fast.ops import _alloc
 
 if triton_available():
     import triton
@@ -52,7 +53,7 @@ def column_mean_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torc
     """Launcher: float32 column means of ``x [B, N]`` (any strides, float16/bfloat16/float32)."""
     B, N = x.shape
     if out is None:
-        out = torch.empty(N, device=x.device, dtype=torch.float32)
+        out = _alloc.empty((N,), device=x.device, dtype=torch.float32)
     block_n = min(128, triton.next_power_of_2(N))
     grid = (triton.cdiv(N, block_n),)
     _column_mean_kernel[grid](x, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n)

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import torch
 
-from powerlaw_fast._backend import resolve_backend, tf32_allowed, triton_available, triton_interpreter_active
+from powerlaw_fast._backend import resolve_backend, triton_available, triton_interpreter_active
 from powerlaw_fast._validation import as_batch_matrix
+from powerlaw_fast.ops import _alloc
 from powerlaw_fast.ops.centring import column_mean, column_mean_torch
+from powerlaw_fast.ops.spec_penalty import _dot_in_fp32, _dot_precision
 
 if triton_available():
     import triton
@@ -44,7 +46,7 @@ if triton_available():
     def _centred_gram_kernel(
         x_ptr, mean_ptr, out_ptr, B, N, scale,
         stride_xb, stride_xn, stride_oi, stride_oj,
-        IN_PRECISION: tl.constexpr,
+        IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     ):
         """out[i, j] = scale * sum_b (x[b, i] - mean[i]) (x[b, j] - mean[j])."""
@@ -69,7 +71,12 @@ if triton_available():
             c = tl.load(x_ptr + bs[:, None] * stride_xb + jj[None, :] * stride_xn,
                         mask=c_mask, other=0.0).to(tl.float32)
             c = tl.where(c_mask, c - mu_j[None, :], 0.0)
-            acc = tl.dot(a.to(in_dtype), c.to(in_dtype), acc, input_precision=IN_PRECISION)
+            a = a.to(in_dtype)
+            c = c.to(in_dtype)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                c = c.to(tl.float32)
+            acc = tl.dot(a, c, acc, input_precision=IN_PRECISION)
         tl.store(out_ptr + ii[:, None] * stride_oi + jj[None, :] * stride_oj, acc * scale,
                  mask=i_ok[:, None] & j_ok[None, :])
 
@@ -78,15 +85,15 @@ def batch_covariance_triton(x: torch.Tensor) -> torch.Tensor:
     """Launcher: ``x [B, N]`` (any strides; float32/float16/bfloat16) -> float32 ``[N, N]``."""
     B, N = x.shape
     mean = column_mean(x, backend="triton")
-    out = torch.empty((N, N), device=x.device, dtype=torch.float32)
-    precision = "ieee" if x.dtype == torch.float32 and not tf32_allowed() else "tf32"
+    out = _alloc.empty((N, N), device=x.device, dtype=torch.float32)
+    precision = _dot_precision(x.dtype)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
     _centred_gram_kernel[grid](
         x, mean, out, B, N, 1.0 / (B - 1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        IN_PRECISION=precision,
+        IN_PRECISION=precision, DOT_IN_FP32=_dot_in_fp32(x.dtype),
     )
     return out
 

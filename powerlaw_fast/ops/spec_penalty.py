@@ -64,6 +64,7 @@ from powerlaw_fast._validation import (
     check_real,
     check_tensor,
 )
+from powerlaw_fast.ops import _alloc
 from powerlaw_fast.ops.centring import column_mean, column_mean_torch
 
 CONVENTIONS = ("paper", "authors")
@@ -110,7 +111,7 @@ if triton_available():
         x_ptr, mean_ptr, v_ptr, z_ptr, partial_ptr,
         B, N,
         stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
-        IN_PRECISION: tl.constexpr,
+        IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -134,7 +135,11 @@ if triton_available():
             a = tl.where(a_mask, a - mu[None, :], 0.0)
             b = tl.load(v_ptr + ks[:, None] * stride_vk + cols[None, :] * stride_vn,
                         mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=IN_PRECISION)
+            a = a.to(b.dtype)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=IN_PRECISION)
         out_mask = row_ok[:, None] & col_ok[None, :]
         tl.store(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
                  acc.to(z_ptr.dtype.element_ty), mask=out_mask)
@@ -146,7 +151,7 @@ if triton_available():
         z_ptr, coef_ptr, v_ptr, out_ptr,
         B, N, scale,
         stride_zb, stride_zn, stride_vk, stride_vn, stride_ob, stride_ok,
-        IN_PRECISION: tl.constexpr,
+        IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
@@ -169,6 +174,9 @@ if triton_available():
             vt = tl.load(v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
                          mask=n_ok[:, None] & out_ok[None, :], other=0.0)
             a = (z * (c * scale)[None, :]).to(vt.dtype)
+            if DOT_IN_FP32:
+                a = a.to(tl.float32)
+                vt = vt.to(tl.float32)
             acc = tl.dot(a, vt, acc, input_precision=IN_PRECISION)
         tl.store(out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
                  acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
@@ -214,6 +222,12 @@ if triton_available():
         tl.store(status_ptr + 1, anchor_bad.to(tl.int32))
 
 
+def _dot_in_fp32(dtype: torch.dtype) -> bool:
+    """The interpreter's ``tl.dot`` on bfloat16 operands is wrong (triton 3.9); products of
+    bfloat16 values are exact in float32, so upcasting there computes what the GPU computes."""
+    return dtype == torch.bfloat16 and triton_interpreter_active()
+
+
 def _dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not tf32_allowed():
         return "ieee"
@@ -231,9 +245,9 @@ def projected_spectrum_triton(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.T
     """``x [B, N]`` (any strides), ``V [N, N]`` -> ``lam [N]`` float32, ``Z [B, N]`` in x's dtype."""
     B, N = x.shape
     mean = column_mean(x, backend="triton")
-    z = torch.empty((B, N), device=x.device, dtype=x.dtype)
+    z = _alloc.empty((B, N), device=x.device, dtype=x.dtype)
     num_m = triton.cdiv(B, _PROJECTION_BLOCK_M)
-    partial = torch.empty((num_m, N), device=x.device, dtype=torch.float32)
+    partial = _alloc.empty((num_m, N), device=x.device, dtype=torch.float32)
 
     def grid(meta):
         return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
@@ -241,7 +255,8 @@ def projected_spectrum_triton(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.T
     _centred_projection_kernel[grid](
         x, mean, V, z, partial, B, N,
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), z.stride(0), z.stride(1),
-        IN_PRECISION=_dot_precision(x.dtype), BLOCK_M=_PROJECTION_BLOCK_M,
+        IN_PRECISION=_dot_precision(x.dtype), DOT_IN_FP32=_dot_in_fp32(x.dtype),
+        BLOCK_M=_PROJECTION_BLOCK_M,
     )
     lam = partial.sum(0) if num_m > 1 else partial[0]
     return lam / (B - 1), z
@@ -260,7 +275,7 @@ def projected_spectrum_torch(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Te
 def spectrum_backward_triton(coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
     """``grad_x [B, N] = 2 / (B - 1) (Z * coef) V^T`` with ``coef [N]`` = dLoss/dlam."""
     B, N = z.shape
-    out = torch.empty((B, N), device=z.device, dtype=z.dtype)
+    out = _alloc.empty((B, N), device=z.device, dtype=z.dtype)
     num_m = triton.cdiv(B, _PROJECTION_BLOCK_M)
 
     def grid(meta):
@@ -269,7 +284,8 @@ def spectrum_backward_triton(coef: torch.Tensor, z: torch.Tensor, V: torch.Tenso
     _scaled_backprojection_kernel[grid](
         z, coef, V, out, B, N, 2.0 / (B - 1),
         z.stride(0), z.stride(1), V.stride(0), V.stride(1), out.stride(0), out.stride(1),
-        IN_PRECISION=_dot_precision(z.dtype), BLOCK_M=_PROJECTION_BLOCK_M,
+        IN_PRECISION=_dot_precision(z.dtype), DOT_IN_FP32=_dot_in_fp32(z.dtype),
+        BLOCK_M=_PROJECTION_BLOCK_M,
     )
     return out
 
@@ -288,9 +304,9 @@ def powerlaw_penalty_triton(
     """``lam [N]`` float32 -> (penalty [], dR/dlam [N], status int32 [2])."""
     (N,) = lam.shape
     ordered, order = torch.sort(lam, descending=True)
-    penalty = torch.empty((), device=lam.device, dtype=lam.dtype)
-    grad = torch.empty_like(lam)
-    status = torch.empty(2, device=lam.device, dtype=torch.int32)
+    penalty = _alloc.empty((), device=lam.device, dtype=lam.dtype)
+    grad = _alloc.empty((N,), device=lam.device, dtype=lam.dtype)
+    status = _alloc.empty((2,), device=lam.device, dtype=torch.int32)
     block = min(_PENALTY_BLOCK, triton.next_power_of_2(N))
     _powerlaw_penalty_kernel[(1,)](
         ordered, order, penalty, grad, status, N, anchor, alpha, beta,
@@ -566,7 +582,7 @@ def spec_penalty(
 
     Args:
         x: activations ``[B, N]`` or ``[B, *]`` (a conv output is flattened per sample);
-            float16, bfloat16, float32 or float64 (float64: torch backend); B >= tau + 1.
+            float16, bfloat16, float32 or float64 (float64: torch backend); B >= 2.
         V: ``[N, N]`` eigenvectors as columns (from the eigenbasis refresh), same dtype and
             device as x; treated as a constant.
         alpha: power-law exponent > 0 (1 for the 1/n law).
@@ -590,13 +606,7 @@ def spec_penalty(
     x = as_batch_matrix(x, "x")
     check_basis(V, x, "V")
     N = x.shape[1]
-    anchor = _anchor_index(N, tau, convention)
-    if x.shape[0] - 1 < anchor + 1:
-        raise ValueError(
-            f"x: a batch of B = {x.shape[0]} rows has a centred rank of at most {x.shape[0] - 1}, "
-            f"so the anchor (the {anchor + 1}-th largest eigenvalue, tau = {tau}, convention="
-            f"{convention!r}) is zero; expected B >= {anchor + 2} (the paper uses B >= 1.5 N)"
-        )
+    _anchor_index(N, tau, convention)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
     lam, _ = _projected_spectrum_op(x, V.detach(), name, False)
     return _penalty(lam, alpha, tau, beta, convention, name, validate, "x")

@@ -1,0 +1,159 @@
+"""Shared pieces of the attacks: argument checks, eval mode, input gradients, private RNG."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from powerlaw_fast._validation import check_float_dtype, check_int_range, check_real, check_tensor
+
+# Rows (epsilon replicas x samples) per forward pass on the CPU when max_batch is None.
+CPU_DEFAULT_ROWS = 4096
+
+
+def check_bounds(bounds) -> tuple[float, float]:
+    if not isinstance(bounds, (tuple, list)) or len(bounds) != 2:
+        raise ValueError(f"bounds: expected a pair (lo, hi), got {bounds!r}")
+    lo = check_real(bounds[0], "bounds[0]", low=-math.inf, low_inclusive=False)
+    hi = check_real(bounds[1], "bounds[1]", low=-math.inf, low_inclusive=False)
+    if not lo < hi:
+        raise ValueError(f"bounds: expected lo < hi, got {bounds!r}")
+    return lo, hi
+
+
+def check_eps(eps, name: str = "eps") -> tuple[list[float], bool]:
+    """Return (list of radii, whether a single float was given)."""
+    if isinstance(eps, torch.Tensor):
+        if eps.dim() > 1:
+            raise ValueError(
+                f"{name}: expected a float or a 1-D sequence, got shape {tuple(eps.shape)}"
+            )
+        single = eps.dim() == 0
+        eps = [eps.item()] if single else eps.tolist()
+    elif isinstance(eps, numbers.Real) and not isinstance(eps, bool):
+        single, eps = True, [eps]
+    elif isinstance(eps, Sequence) and not isinstance(eps, str):
+        single, eps = False, list(eps)
+    else:
+        raise TypeError(
+            f"{name}: expected a float or a sequence of floats, got {type(eps).__name__}"
+        )
+    if not eps:
+        raise ValueError(f"{name}: expected at least one value, got an empty sequence")
+    values = [check_real(e, f"{name}[{i}]" if not single else name, low=0.0, low_inclusive=True)
+              for i, e in enumerate(eps)]
+    return values, single
+
+
+def check_inputs(x, y, bounds: tuple[float, float] | None) -> None:
+    """x: [n, *] float within bounds; y: [n] integer labels on x's device."""
+    check_tensor(x, "x")
+    check_tensor(y, "y")
+    check_float_dtype(x, "x")
+    if x.dim() < 2:
+        raise ValueError(
+            f"x: expected a batch [n, *] with at least 2 dims, got shape {tuple(x.shape)}"
+        )
+    if x.shape[0] < 1:
+        raise ValueError("x: expected at least one sample, got n = 0")
+    if y.dim() != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"y: expected labels of shape [n] = [{x.shape[0]}] (one per row of x), "
+            f"got {tuple(y.shape)}"
+        )
+    if y.dtype.is_floating_point or y.dtype.is_complex or y.dtype == torch.bool:
+        raise TypeError(f"y: expected integer class labels, got dtype {y.dtype}")
+    if y.device != x.device:
+        raise ValueError(f"y: expected device {x.device} (the device of x), got {y.device}")
+    if bounds is not None:
+        lo, hi = bounds
+        # one host sync per call, outside every step loop
+        bad = ~((x >= lo) & (x <= hi))
+        if bool(bad.any()):
+            raise ValueError(
+                f"x: expected every value within bounds [{lo}, {hi}] (and no NaN), got "
+                f"{int(bad.sum())} values outside "
+                f"(min {x.min().item():.4g}, max {x.max().item():.4g})"
+            )
+
+
+def check_max_batch(max_batch) -> int | None:
+    if max_batch is None:
+        return None
+    return check_int_range(max_batch, "max_batch", 1, 2**62, " (rows per forward pass)")
+
+
+@contextlib.contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """Put every submodule in eval mode; restore each one's own flag afterwards (even on error)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
+def make_generator(generator, device: torch.device) -> torch.Generator:
+    """A private generator: an int seeds a new one, None means seed 0 (reproducible by default).
+
+    The global RNG is never touched.
+    """
+    if isinstance(generator, torch.Generator):
+        return generator
+    if generator is None:
+        seed = 0
+    elif isinstance(generator, numbers.Integral) and not isinstance(generator, bool):
+        seed = int(generator)
+    else:
+        raise TypeError(
+            "generator: expected a torch.Generator, an int seed or None, "
+            f"got {type(generator).__name__}"
+        )
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
+def draw(shape, kind: str, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Uniform [0, 1) or standard normal numbers on the generator's device, moved to ``like``."""
+    fn = torch.rand if kind == "uniform" else torch.randn
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    out = fn(shape, generator=generator, device=generator.device, dtype=dtype)
+    return out.to(device=like.device, dtype=like.dtype)
+
+
+def input_gradient(model, x_leaf: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """d/dx of the summed cross entropy (so per-sample gradients do not depend on the batch).
+
+    Only the input gets a gradient: parameters' ``.grad`` stay as they were.
+    """
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x_leaf), y, reduction="sum")
+        (grad,) = torch.autograd.grad(loss, x_leaf)
+    return grad
+
+
+@torch.no_grad()
+def misclassified(model, x: torch.Tensor, y: torch.Tensor, max_batch: int | None) -> torch.Tensor:
+    """Boolean [n]: the model's argmax differs from y. Forward passes of at most max_batch rows."""
+    step = x.shape[0] if max_batch is None else max_batch
+    parts = [
+        model(x[i : i + step]).argmax(dim=1) != y[i : i + step]
+        for i in range(0, x.shape[0], step)
+    ]
+    return torch.cat(parts)
+
+
+def model_device(model: torch.nn.Module) -> torch.device | None:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return None

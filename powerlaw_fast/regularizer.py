@@ -1,0 +1,529 @@
+"""Whole-model spectral regularisation: eigenbasis refresh, activation hooks, per-layer penalty sum.
+
+The training scheme of Nassar et al. (2020), sec. 3.2 (DESIGN.md sections 2 and 3):
+
+1. At each epoch start, :meth:`SpectralRegularizer.refresh` runs the model once over the training
+   set (eval mode, no gradients), accumulates every regularised layer's activation covariance in
+   float64 in one streaming pass, and takes a float64 symmetric eigendecomposition per layer.
+   The eigenvectors ``V`` ([N, N], columns in descending eigenvalue order) are kept constant
+   until the next refresh and are never differentiated.
+2. Every training step, forward hooks keep each layer's output of the latest training forward
+   pass, and :meth:`SpectralRegularizer.penalty` returns
+   ``sum_layers spec_penalty(x_layer, V_layer; alpha, tau, beta)`` to add to the loss.
+
+When the hooks keep activations: only in a forward pass that runs with gradients enabled while
+the layer is in training mode, i.e. the training forward. Evaluation passes (``model.eval()``,
+``torch.no_grad()``, adversarial attacks on an eval-mode model) leave nothing behind, so they
+neither hold memory nor get penalised by mistake. :meth:`~SpectralRegularizer.refresh` has its
+own capture path. Between two penalties the latest training forward wins (e.g. with gradient
+accumulation over micro-batches, call ``penalty()`` after each micro-batch's forward).
+
+Batch size: the per-batch spectrum estimate needs ``B >= 1.5 N`` rows for an N-wide layer (the
+paper's rule; below ``B = N`` the batch covariance is rank-deficient and its tail is zero). The
+regulariser warns once per layer when ``B < N``.
+
+Example::
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from powerlaw_fast.regularizer import SpectralRegularizer
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3))
+    >>> data = [(torch.randn(40, 20), torch.randint(0, 3, (40,))) for _ in range(3)]
+    >>> reg = SpectralRegularizer(model, ["1"], tau=5, progress=False)
+    >>> reg.refresh(data)
+    >>> x, y = data[0]
+    >>> loss = nn.functional.cross_entropy(model(x), y) + reg.penalty()
+    >>> loss.backward()
+    >>> reg.basis("1").shape, reg.eigenvalues("1").dtype
+    (torch.Size([16, 16]), torch.float64)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from powerlaw_fast._backend import BACKENDS
+from powerlaw_fast._validation import check_int_range, check_real
+from powerlaw_fast.ops.spec_penalty import (
+    CONVENTIONS,
+    _anchor_index,
+    powerlaw_penalty,
+    projected_spectrum,
+)
+from powerlaw_fast.spectra import (
+    CovarianceAccumulator,
+    eigh_descending,
+    eval_mode,
+    iterate_inputs,
+    model_device,
+)
+
+_STATE_FORMAT = 1
+
+
+class _AllLayersCaptured(Exception):
+    """Raised by the refresh hook once every regularised layer has run: skip the rest."""
+
+
+def _unwrap_compiled(model: nn.Module) -> nn.Module:
+    # torch.compile(model) returns a wrapper whose submodule names gain an "_orig_mod." prefix;
+    # the hooks belong on the original modules (which the compiled forward runs) and the
+    # refresh runs the original eagerly, so it does not trigger recompilation in eval mode.
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) else model
+
+
+def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return fallback
+
+
+class SpectralRegularizer:
+    """The 1/n spectral penalty summed over several layers of a model, with the epoch refresh.
+
+    Args:
+        model: the network (an ``nn.Module``; a ``torch.compile``'d model is unwrapped, and the
+            hooks, on its original submodules, fire in the compiled forward too).
+        layers: the regularised layers, a non-empty list of submodules of ``model`` or of their
+            names (``model.get_submodule`` paths such as ``"blocks.hidden1"``; models with a
+            ``hidden_layers()`` method also accept those names, e.g. ``"hidden1"``). A layer's
+            output ``[B, *]`` is flattened per sample to ``[B, N]``.
+        alpha: power-law exponent > 0, one value or a mapping layer -> value.
+        tau: anchor rank (see ``convention``), one value or a mapping layer -> value.
+        beta: penalty strength >= 0, one value or a mapping layer -> value. A mapping is keyed by
+            the layer names (:attr:`layer_names`) or by the modules, and must name every layer.
+        convention: ``"paper"`` (tau 1-indexed) or ``"authors"`` (josuenassar/power_law: tau
+            0-indexed, non-positive terms skipped); see :func:`~powerlaw_fast.spec_penalty`.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` for the penalty ops.
+        progress: show a tqdm progress bar during :meth:`refresh`.
+        validate: let the penalty raise on non-finite activations and on a zero anchor
+            eigenvalue (one host synchronisation per layer and step); set False for CUDA graphs.
+
+    Attributes:
+        layer_names: the names of the regularised layers, in the order given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers,
+        *,
+        alpha=1.0,
+        tau=10,
+        beta=1.0,
+        convention: str = "paper",
+        backend: str = "auto",
+        progress: bool = True,
+        validate: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        self._model = _unwrap_compiled(model)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+        self.convention = convention
+        self.backend = backend
+        self.progress = bool(progress)
+        self.validate = bool(validate)
+
+        self._modules: dict[str, nn.Module] = {}
+        for entry in self._as_layer_list(layers):
+            name, module = self._resolve(entry)
+            if name in self._modules or any(m is module for m in self._modules.values()):
+                raise ValueError(f"layers: layer {name!r} is listed twice")
+            self._modules[name] = module
+        self.layer_names: list[str] = list(self._modules)
+
+        def positive(v, what):
+            return check_real(v, what, low=0.0, low_inclusive=False)
+
+        def non_negative(v, what):
+            return check_real(v, what, low=0.0, low_inclusive=True)
+
+        def integer(v, what):
+            return check_int_range(v, what, 0, 1 << 30)
+
+        self._alpha = self._per_layer(alpha, "alpha", positive)
+        self._tau = self._per_layer(tau, "tau", integer)
+        self._beta = self._per_layer(beta, "beta", non_negative)
+
+        self._basis: dict[str, torch.Tensor] = {}
+        self._eigenvalues: dict[str, torch.Tensor] = {}
+        self._cast_basis: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        self._captured: dict[str, torch.Tensor] = {}
+        self._latest_spectrum: dict[str, torch.Tensor] = {}
+        self._small_batch_warned: set[str] = set()
+        self._refresh_sink = None  # set during refresh(): called with (name, output)
+        self._handles = [
+            module.register_forward_hook(self._make_hook(name))
+            for name, module in self._modules.items()
+        ]
+
+    # ----------------------------------------------------------------------------------------
+    # Construction helpers
+    @staticmethod
+    def _as_layer_list(layers) -> list:
+        if isinstance(layers, (str, nn.Module)) or not isinstance(layers, Iterable):
+            raise TypeError(
+                f"layers: expected a list of modules or module names, got {type(layers).__name__}"
+            )
+        layers = list(layers)
+        if not layers:
+            raise ValueError("layers: expected at least one layer to regularise, got none")
+        return layers
+
+    def _resolve(self, entry) -> tuple[str, nn.Module]:
+        model = self._model
+        if isinstance(entry, str):
+            hidden = model.hidden_layers() if hasattr(model, "hidden_layers") else {}
+            if entry in hidden:
+                return entry, hidden[entry]
+            try:
+                return entry, model.get_submodule(entry)
+            except AttributeError:
+                known = list(hidden) or [n for n, _ in model.named_modules() if n][:20]
+                raise ValueError(
+                    f"layers: no submodule {entry!r} in the model; known names: {known}"
+                ) from None
+        if isinstance(entry, nn.Module):
+            for name, module in model.named_modules():
+                if module is entry:
+                    if not name:
+                        raise ValueError("layers: the model itself cannot be a regularised layer")
+                    return name, module
+            raise ValueError(f"layers: the given {type(entry).__name__} is not a submodule of model")
+        raise TypeError(f"layers: expected module names or modules, got {type(entry).__name__}")
+
+    def _layer_name(self, key, what: str) -> str:
+        if isinstance(key, str):
+            if key in self._modules:
+                return key
+            raise ValueError(f"{what}: unknown layer {key!r}; regularised layers: {self.layer_names}")
+        if isinstance(key, nn.Module):
+            for name, module in self._modules.items():
+                if module is key:
+                    return name
+            raise ValueError(
+                f"{what}: the given {type(key).__name__} is not one of the regularised layers "
+                f"{self.layer_names}"
+            )
+        raise TypeError(f"{what}: expected a layer name or module, got {type(key).__name__}")
+
+    def _per_layer(self, value, what: str, check) -> dict[str, float | int]:
+        if not isinstance(value, Mapping):
+            checked = check(value, what)
+            return {name: checked for name in self.layer_names}
+        settings = {}
+        for key, v in value.items():
+            name = self._layer_name(key, f"{what} (mapping key)")
+            if name in settings:
+                raise ValueError(f"{what}: layer {name!r} is given twice in the mapping")
+            settings[name] = check(v, f"{what}[{name!r}]")
+        missing = [n for n in self.layer_names if n not in settings]
+        if missing:
+            raise ValueError(f"{what}: the mapping has no value for layers {missing}")
+        return settings
+
+    def _make_hook(self, name: str):
+        def hook(module, args, output):
+            sink = self._refresh_sink
+            if sink is not None:
+                sink(name, output)
+            elif module.training and torch.is_grad_enabled():
+                self._captured[name] = output
+
+        return hook
+
+    # ----------------------------------------------------------------------------------------
+    # Settings and state
+    def settings(self, layer) -> dict:
+        """``{"alpha", "tau", "beta"}`` used for ``layer`` (a name or module)."""
+        name = self._layer_name(layer, "layer")
+        return {"alpha": self._alpha[name], "tau": self._tau[name], "beta": self._beta[name]}
+
+    @property
+    def refreshed(self) -> bool:
+        """True once :meth:`refresh` (or :meth:`load_state_dict`) has provided the eigenbases."""
+        return bool(self._basis)
+
+    def basis(self, layer) -> torch.Tensor:
+        """``V [N, N]`` float32 of ``layer``: eigenvectors as columns, descending eigenvalues."""
+        name = self._layer_name(layer, "layer")
+        self._require_refreshed()
+        return self._basis[name]
+
+    def eigenvalues(self, layer) -> torch.Tensor:
+        """Eigenvalues ``[N]`` float64, descending, of ``layer``'s covariance over the data set."""
+        name = self._layer_name(layer, "layer")
+        self._require_refreshed()
+        return self._eigenvalues[name]
+
+    def spectra(self) -> dict[str, torch.Tensor]:
+        """Name -> the per-batch spectrum ``[N]`` of the latest :meth:`penalty` call, sorted in
+        descending order and detached (float32; float64 for float64 activations), for logging.
+        Layers whose penalty has not been computed since the last refresh are absent."""
+        return {
+            name: lam.sort(descending=True).values
+            for name, lam in self._latest_spectrum.items()
+        }
+
+    def state_dict(self) -> dict:
+        """The refresh state (eigenbases and eigenvalues per layer) for a checkpoint."""
+        self._require_refreshed()
+        return {
+            "format": _STATE_FORMAT,
+            "layers": {
+                name: {"basis": self._basis[name], "eigenvalues": self._eigenvalues[name]}
+                for name in self.layer_names
+            },
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        """Restore the eigenbases of :meth:`state_dict` exactly (bitwise), each moved to its
+        layer's device (the device of the layer's parameters, else of the model's)."""
+        if not isinstance(state, Mapping) or "layers" not in state:
+            raise TypeError("state: expected a mapping from SpectralRegularizer.state_dict()")
+        if state.get("format") != _STATE_FORMAT:
+            raise ValueError(f"state: expected format {_STATE_FORMAT}, got {state.get('format')!r}")
+        entries = state["layers"]
+        if set(entries) != set(self.layer_names):
+            raise ValueError(
+                f"state: expected layers {sorted(self.layer_names)}, got {sorted(entries)}"
+            )
+        basis, values = {}, {}
+        fallback = model_device(self._model)
+        for name in self.layer_names:
+            V, lam = entries[name]["basis"], entries[name]["eigenvalues"]
+            if not (isinstance(V, torch.Tensor) and isinstance(lam, torch.Tensor)):
+                raise TypeError(f"state: layer {name!r}: expected tensors for basis and eigenvalues")
+            N = lam.shape[0] if lam.dim() == 1 else -1
+            if V.dtype != torch.float32 or lam.dtype != torch.float64 or V.shape != (N, N):
+                raise ValueError(
+                    f"state: layer {name!r}: expected basis float32 [N, N] and eigenvalues float64 "
+                    f"[N], got {V.dtype} {tuple(V.shape)} and {lam.dtype} {tuple(lam.shape)}"
+                )
+            self._check_tau(name, N)
+            device = _module_device(self._modules[name], fallback)
+            basis[name] = V.detach().to(device, copy=True)
+            values[name] = lam.detach().to(device, copy=True)
+        self._install(basis, values)
+
+    def remove(self) -> None:
+        """Take the forward hooks off the model and drop every kept tensor."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+        self._captured.clear()
+
+    def __enter__(self) -> SpectralRegularizer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    def _require_refreshed(self) -> None:
+        if not self._basis:
+            raise RuntimeError(
+                "SpectralRegularizer: no eigenbasis yet; call reg.refresh(train_loader) (at each "
+                "epoch start) or reg.load_state_dict(...) before reg.penalty()"
+            )
+
+    def _check_tau(self, name: str, N: int) -> None:
+        try:
+            _anchor_index(N, self._tau[name], self.convention)
+        except ValueError as err:
+            raise ValueError(f"tau for layer {name!r} (N = {N} features): {err}") from None
+
+    def _install(self, basis: dict, values: dict) -> None:
+        self._basis = basis
+        self._eigenvalues = values
+        self._cast_basis.clear()
+        self._latest_spectrum.clear()
+
+    # ----------------------------------------------------------------------------------------
+    # Refresh
+    def refresh(self, data, *, batch_size: int = 1000) -> None:
+        """Recompute every layer's eigenbasis from one pass over ``data``.
+
+        The model runs in eval mode (each submodule's training flag is restored afterwards, also
+        on an error) without gradients; each layer's covariance over all rows is accumulated in
+        float64 around a shift (:class:`~powerlaw_fast.spectra.CovarianceAccumulator`, so
+        ``[dataset, N]`` is never held), then ``torch.linalg.eigh`` in float64. The forward is
+        cut short once every regularised layer has run. The previous bases stay in place if
+        the pass fails.
+
+        Args:
+            data: an iterable of batches ``x`` or ``(x, y, ...)`` (e.g. a DataLoader; a partial
+                last batch is fine), or a tensor ``[M, ...]`` of inputs split into
+                ``batch_size`` rows. Inputs are moved to the model's device.
+            batch_size: rows per forward pass when ``data`` is a tensor.
+        """
+        batch_size = check_int_range(batch_size, "batch_size", 1, 1 << 30)
+        device = model_device(self._model)
+        accumulators: dict[str, CovarianceAccumulator] = {}
+        fired: set[str] = set()
+        wanted = len(self._modules)
+
+        def sink(name: str, output) -> None:
+            if not isinstance(output, torch.Tensor):
+                raise TypeError(
+                    f"layer {name!r}: expected the layer to output a tensor, got "
+                    f"{type(output).__name__}"
+                )
+            if name in fired:
+                raise ValueError(
+                    f"layer {name!r} ran twice in one forward pass; a module reused within the "
+                    f"forward cannot be regularised (wrap each use in its own module)"
+                )
+            fired.add(name)
+            rows = output.detach().reshape(output.shape[0], -1)
+            acc = accumulators.get(name)
+            if acc is None:
+                acc = accumulators[name] = CovarianceAccumulator(rows.shape[1], device=rows.device)
+            elif rows.shape[1] != acc.num_features:
+                raise ValueError(
+                    f"layer {name!r}: expected {acc.num_features} features per sample as in the "
+                    f"first batch, got {rows.shape[1]}"
+                )
+            acc.update(rows)
+            if len(fired) == wanted:
+                raise _AllLayersCaptured
+
+        total = None
+        if isinstance(data, torch.Tensor):
+            total = math.ceil(data.shape[0] / batch_size) if data.dim() >= 1 else None
+        elif hasattr(data, "__len__"):
+            try:
+                total = len(data)
+            except TypeError:
+                total = None
+        batches = tqdm(
+            iterate_inputs(data, batch_size), total=total, desc="spectral refresh",
+            unit="batch", disable=not self.progress, leave=False,
+        )
+        self._refresh_sink = sink
+        try:
+            with eval_mode(self._model), torch.no_grad():
+                for inputs in batches:
+                    fired.clear()
+                    try:
+                        self._model(inputs.to(device, non_blocking=True))
+                    except _AllLayersCaptured:
+                        pass
+                    if len(fired) != wanted:
+                        missing = [n for n in self.layer_names if n not in fired]
+                        raise ValueError(
+                            f"layers {missing} did not run during the model's forward pass"
+                        )
+        finally:
+            self._refresh_sink = None
+            batches.close()
+        if not accumulators:
+            raise ValueError("data: no batches to refresh the eigenbases from")
+
+        basis, values = {}, {}
+        for name in self.layer_names:
+            acc = accumulators[name]
+            self._check_tau(name, acc.num_features)
+            lam, vectors = eigh_descending(acc.covariance())
+            basis[name] = vectors.to(torch.float32)
+            values[name] = lam
+        self._install(basis, values)
+
+    # ----------------------------------------------------------------------------------------
+    # Penalty
+    def _basis_like(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        # Under autocast the activations are bfloat16/float16: one cast per dtype and refresh.
+        key = (name, x.dtype, x.device)
+        V = self._cast_basis.get(key)
+        if V is None:
+            V = self._basis[name].to(device=x.device, dtype=x.dtype)
+            self._cast_basis[key] = V
+        return V
+
+    def penalty(self) -> torch.Tensor:
+        """Sum over the layers of the spectral penalty on the latest training forward pass.
+
+        Each layer contributes ``spec_penalty(x, V; alpha, tau, beta, convention)`` with its own
+        settings, ``x`` its output ``[B, *]`` flattened to ``[B, N]``. Differentiable in the
+        activations (hence in the model's parameters); the bases are constants. The kept
+        activations are released, so each forward pass can be penalised once.
+
+        Returns a 0-dim tensor (float32; float64 when every layer's activations are float64).
+
+        Raises:
+            RuntimeError: no refresh yet, or a layer has no activations from a training forward
+                pass (with gradients, in training mode) since the last ``penalty()``.
+        """
+        captured, self._captured = self._captured, {}
+        self._require_refreshed()
+        missing = [n for n in self.layer_names if n not in captured]
+        if missing:
+            raise RuntimeError(
+                f"SpectralRegularizer: no activations for layers {missing}: call penalty() once "
+                f"after each training forward pass (model in training mode, gradients enabled); "
+                f"the activations of a forward pass are released by the first penalty() call"
+            )
+        total = None
+        for name in self.layer_names:
+            out = captured.pop(name)
+            if not isinstance(out, torch.Tensor):
+                raise TypeError(
+                    f"layer {name!r}: expected the layer to output a tensor, got {type(out).__name__}"
+                )
+            term = self._layer_penalty(name, out)
+            total = term if total is None else total + term.to(torch.promote_types(total.dtype, term.dtype))
+            del out
+        return total
+
+    def _layer_penalty(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        x = out.reshape(out.shape[0], -1)
+        N = self._basis[name].shape[0]
+        if x.shape[1] != N:
+            raise ValueError(
+                f"layer {name!r}: expected {N} features per sample (as at the last refresh), got "
+                f"{x.shape[1]} from output shape {tuple(out.shape)}"
+            )
+        B = x.shape[0]
+        if B < N and name not in self._small_batch_warned:
+            self._small_batch_warned.add(name)
+            warnings.warn(
+                f"layer {name!r}: batch of B = {B} rows for N = {N} features; the per-batch "
+                f"spectrum is rank-deficient below B = N and noisy below B = 1.5 N (the paper "
+                f"uses B >= 1.5 x the widest regularised layer)",
+                stacklevel=3,
+            )
+        V = self._basis_like(name, x)
+        settings = self.settings(name)
+        # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
+        with torch.autocast(x.device.type, enabled=False):
+            lam = projected_spectrum(x, V, backend=self.backend, validate=False)
+            try:
+                value = powerlaw_penalty(
+                    lam, **settings, convention=self.convention, backend=self.backend,
+                    validate=self.validate,
+                )
+            except ValueError as err:
+                raise ValueError(f"layer {name!r}: {err}") from None
+        self._latest_spectrum[name] = lam.detach()
+        return value
+
+    def __repr__(self) -> str:
+        layers = ", ".join(
+            f"{n}(alpha={self._alpha[n]}, tau={self._tau[n]}, beta={self._beta[n]})"
+            for n in self.layer_names
+        )
+        return f"SpectralRegularizer([{layers}], convention={self.convention!r})"

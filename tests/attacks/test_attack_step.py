@@ -1,0 +1,196 @@
+"""The fused PGD/FGSM update: Triton (interpreter on CPU) against the torch reference and the
+literal float64 formula."""
+
+import math
+
+import pytest
+import torch
+
+from powerlaw_fast._backend import triton_available
+from powerlaw_fast.ops.attack_step import pgd_update, pgd_update_reference
+
+needs_triton = pytest.mark.skipif(not triton_available(), reason="triton not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def literal(x_adv, x_nat, grad, eps_rows, step, lo, hi):
+    """Float64, rows replicated explicitly, torch.max/min in place of clamp."""
+    R = eps_rows.shape[0]
+    xa = x_adv.double().repeat(R // x_adv.shape[0], 1)
+    xn = x_nat.double().repeat(R // x_nat.shape[0], 1)
+    g = grad.double().repeat(R // grad.shape[0], 1)
+    e = eps_rows.double()[:, None]
+    x = xa + step * torch.sign(g)
+    x = torch.min(torch.max(x, xn - e), xn + e)
+    return torch.min(torch.max(x, torch.tensor(lo, dtype=x.dtype)), torch.tensor(hi, dtype=x.dtype))
+
+
+def make_inputs(R, S, D, dtype=torch.float32, seed=0, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    x_nat = torch.rand((S, D), generator=g)
+    x_adv = (x_nat.repeat(R // S, 1) + 0.3 * torch.randn((R, D), generator=g)).clamp(0, 1)
+    grad = torch.randn((R, D), generator=g)
+    grad[grad.abs() < 0.3] = 0.0  # exercise sign(0) = 0
+    eps = torch.rand((R,), generator=g) * 0.2
+    eps[0] = 0.0
+    return (x_adv.to(device, dtype), x_nat.to(device, dtype), grad.to(device, dtype),
+            eps.to(device))
+
+
+def test_reference_matches_literal_formula_float64():
+    xa, xn, g, e = make_inputs(12, 4, 37, torch.float64, device="cpu")
+    out = pgd_update(xa, xn, g, e, 0.05, (0.0, 1.0), backend="torch")
+    torch.testing.assert_close(out, literal(xa, xn, g, e, 0.05, 0.0, 1.0), rtol=0, atol=0)
+
+
+def test_reference_float32_matches_literal_to_rounding():
+    xa, xn, g, e = make_inputs(10, 5, 50, device="cpu")
+    out = pgd_update(xa, xn, g, e, 0.03, (0.0, 1.0), backend="torch")
+    torch.testing.assert_close(out.double(), literal(xa, xn, g, e, 0.03, 0.0, 1.0),
+                               rtol=0, atol=2e-7)
+
+
+def test_docstring_example_and_sign_zero():
+    x = torch.tensor([[0.5, 0.5, 0.0]])
+    g = torch.tensor([[1.0, -2.0, 0.0]])
+    out = pgd_update(x, x, g, torch.tensor([0.1]), 0.3, (0.0, 1.0), backend="torch")
+    assert out.tolist() == [[pytest.approx(0.6), pytest.approx(0.4), 0.0]]
+
+
+@needs_triton
+@pytest.mark.parametrize(
+    "R,S,D",
+    [(1, 1, 1), (7, 7, 3), (33, 11, 129), (6, 2, 784), (5, 1, 1000)],
+)
+def test_triton_equals_torch_bit_for_bit_float32(R, S, D):
+    xa, xn, g, e = make_inputs(R, S, D)
+    out = torch.full((R, D), math.nan, device=DEVICE)  # every element must be written
+    pgd_update(xa, xn, g, e, 0.07, (0.0, 1.0), backend="triton", out=out)
+    ref = pgd_update(xa, xn, g, e, 0.07, (0.0, 1.0), backend="torch")
+    assert torch.equal(out, ref)
+
+
+@needs_triton
+def test_triton_float16_bit_for_bit_and_bfloat16_within_one_ulp():
+    xa, xn, g, e = make_inputs(9, 3, 77)
+    for dtype in (torch.float16, torch.bfloat16):
+        a, n_, gr = xa.to(dtype), xn.to(dtype), g.to(dtype)
+        out = torch.full(a.shape, math.nan, dtype=dtype, device=DEVICE)
+        pgd_update(a, n_, gr, e, 0.07, (0.0, 1.0), backend="triton", out=out)
+        ref = pgd_update_reference(a, n_, gr, e, 0.07, 0.0, 1.0)
+        assert not out.isnan().any()
+        if dtype == torch.float16 or DEVICE == "cuda":
+            assert torch.equal(out, ref), dtype
+        else:
+            # triton 3.9's interpreter truncates float32 -> bfloat16 (GPUs round to nearest)
+            ulp = 2.0 ** (torch.floor(torch.log2(ref.float().abs().clamp_min(1e-30))) - 7)
+            assert ((out.float() - ref.float()).abs() <= ulp).all()
+
+
+@needs_triton
+def test_triton_non_contiguous_and_broadcast_inputs():
+    R, S, D = 12, 4, 45
+    xa, xn, g, e = make_inputs(R, S, D)
+    xa_t = xa.t().contiguous().t()  # column-major [R, D]
+    g_wide = torch.zeros((R, 2 * D), device=DEVICE)
+    g_wide[:, ::2] = g
+    g_strided = g_wide[:, ::2]  # column stride 2
+    xn_bcast = xn[:1].expand(R, D)  # row stride 0: the same image for every row
+    e_strided = torch.stack([e, e], 1)[:, 0]  # stride 2
+    assert not xa_t.is_contiguous() and not g_strided.is_contiguous()
+    out = torch.full((D, R), math.nan, device=DEVICE).t()  # non-contiguous destination
+    pgd_update(xa_t, xn_bcast, g_strided, e_strided, 0.05, (0.0, 1.0), backend="triton", out=out)
+    ref = pgd_update_reference(xa, xn[:1].repeat(R, 1), g, e, 0.05, 0.0, 1.0)
+    assert torch.equal(out, ref)
+
+
+@needs_triton
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_in_place_update(backend):
+    xa, xn, g, e = make_inputs(8, 4, 30)
+    expected = pgd_update_reference(xa, xn, g, e, 0.05, 0.0, 1.0)
+    ptr = xa.data_ptr()
+    res = pgd_update(xa, xn, g, e, 0.05, (0.0, 1.0), backend=backend, out=xa)
+    assert res.data_ptr() == ptr and torch.equal(xa, expected)
+
+
+@needs_triton
+def test_shared_gradient_rows_and_no_bounds():
+    """FGSM's layout: x and the gradient have n rows, the output E * n rows."""
+    n, E, D = 5, 3, 20
+    xa, xn, g, _ = make_inputs(n, n, D)
+    eps = torch.tensor([0.0, 0.1, 0.2], device=DEVICE).repeat_interleave(n)
+    for bounds in [(0.0, 1.0), None]:
+        out = pgd_update(xn, xn, g, eps, 0.2, bounds, backend="triton")
+        ref = pgd_update(xn, xn, g, eps, 0.2, bounds, backend="torch")
+        assert out.shape == (E * n, D) and torch.equal(out, ref)
+    unclamped = pgd_update(xn, xn, g, eps, 0.2, None, backend="torch")
+    assert torch.equal(unclamped, (xn.repeat(E, 1) + eps[:, None] * g.repeat(E, 1).sign()))
+
+
+@needs_triton
+def test_nan_in_iterate_stays_nan_like_torch_clamp():
+    xa, xn, g, e = make_inputs(4, 4, 16)
+    xa[1, 3] = math.nan
+    g[2, 5] = math.nan  # sign(NaN) = 0, as torch.sign
+    out = pgd_update(xa, xn, g, e, 0.05, (0.0, 1.0), backend="triton")
+    ref = pgd_update(xa, xn, g, e, 0.05, (0.0, 1.0), backend="torch")
+    assert torch.equal(out.isnan(), ref.isnan()) and out[1, 3].isnan()
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+def test_float_eps_and_float64():
+    xa, xn, g, _ = make_inputs(6, 6, 10, torch.float64, device="cpu")
+    out = pgd_update(xa, xn, g, 0.1, 0.02, backend="auto")
+    e = torch.full((6,), 0.1, dtype=torch.float64)
+    assert torch.equal(out, literal(xa, xn, g, e, 0.02, 0.0, 1.0))
+
+
+def test_float64_rejected_by_triton():
+    xa, xn, g, e = make_inputs(2, 2, 3, torch.float64, device="cpu")
+    with pytest.raises(TypeError, match="float64"):
+        pgd_update(xa, xn, g, e, 0.1, backend="triton")
+
+
+@pytest.mark.parametrize(
+    "change,exc,match",
+    [
+        (dict(x_adv=torch.zeros(4, 3, 2)), ValueError, "x_adv"),
+        (dict(x_nat=torch.zeros(3, 5)), ValueError, "x_nat"),
+        (dict(grad=torch.zeros(4, 4)), ValueError, "grad"),
+        (dict(grad=torch.zeros(4, 5, dtype=torch.float64)), TypeError, "grad"),
+        (dict(eps_per_row=torch.zeros(4, 1)), ValueError, "eps_per_row"),
+        (dict(eps_per_row=torch.zeros(3)), ValueError, "x_adv"),
+        (dict(eps_per_row="0.1"), TypeError, "eps_per_row"),
+        (dict(eps_per_row=-0.1), ValueError, "eps_per_row"),
+        (dict(step_size=-1.0), ValueError, "step_size"),
+        (dict(step_size=math.nan), ValueError, "step_size"),
+        (dict(bounds=(1.0, 0.0)), ValueError, "bounds"),
+        (dict(bounds=(0.0,)), ValueError, "bounds"),
+        (dict(out=torch.zeros(4, 4)), ValueError, "out"),
+        (dict(x_adv=torch.zeros(4, 5, dtype=torch.int64)), TypeError, "x_adv"),
+        (dict(backend="numpy"), ValueError, "backend"),
+    ],
+)
+def test_bad_input(change, exc, match):
+    args = dict(x_adv=torch.zeros(4, 5), x_nat=torch.zeros(2, 5), grad=torch.zeros(4, 5),
+                eps_per_row=torch.zeros(4), step_size=0.1, bounds=(0.0, 1.0))
+    kw = {k: change.pop(k) for k in ("backend", "out") if k in change}
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        pgd_update(**args, **kw)
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    x = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="cuda"):
+        pgd_update(x, x, x, 0.1, 0.1, backend="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_gpu_triton_equals_torch_bit_for_bit(dtype):
+    xa, xn, g, e = make_inputs(3000, 1000, 784, device="cuda")
+    a, n_, gr = xa.to(dtype), xn.to(dtype), g.to(dtype)
+    out = pgd_update(a, n_, gr, e, 0.01, backend="triton")
+    assert torch.equal(out, pgd_update_reference(a, n_, gr, e, 0.01, 0.0, 1.0))
