@@ -1,0 +1,100 @@
+"""batch_covariance and column_mean against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from powerlaw_fast import batch_covariance
+from powerlaw_fast.ops import _alloc
+from powerlaw_fast.ops.centring import column_mean
+
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+def reference_covariance(x):
+    x = x.flatten(1).double()
+    c = x - x.mean(0)
+    return c.T @ c / (x.shape[0] - 1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,N", [(2, 3), (37, 100), (257, 129), (100, 37)])
+def test_matches_float64(backend, B, N):
+    x = torch.randn(B, N) * torch.linspace(0.1, 3, N)
+    out = batch_covariance(x, backend=backend)
+    assert out.shape == (N, N) and out.dtype == torch.float32
+    ref = reference_covariance(x)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes(backend, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("float64 runs on the torch backend")
+    x = torch.randn(150, 70).to(dtype)
+    out = batch_covariance(x, backend=backend)
+    ref = reference_covariance(x)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_and_non_contiguous(backend):
+    base = 5.0 + 0.1 * torch.randn(200, 80)
+    x = base[:, ::2]
+    assert not x.is_contiguous()
+    out = batch_covariance(x, backend=backend)
+    ref = reference_covariance(x)
+    assert float((out.double() - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_matches_float64(backend):
+    x = torch.randn(40, 13)
+    w = torch.randn(13, 13, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    (batch_covariance(leaf, backend=backend).double() * w).sum().backward()
+    ref = x.double().requires_grad_()
+    (reference_covariance(ref) * w).sum().backward()
+    torch.testing.assert_close(leaf.grad.double(), ref.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: batch_covariance(t, backend="torch"), (x,))
+
+
+def test_triton_outputs_fully_written(monkeypatch):
+    def nan_empty(shape, *, device, dtype):
+        return torch.full(shape, float("nan"), device=device, dtype=dtype)
+
+    monkeypatch.setattr(_alloc, "empty", nan_empty)
+    x = torch.randn(131, 133)
+    assert torch.isfinite(batch_covariance(x, backend="triton")).all()
+    assert torch.isfinite(column_mean(x, backend="triton")).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_column_mean(backend):
+    x = (5 + torch.randn(301, 67))[:, 1:]
+    torch.testing.assert_close(column_mean(x, backend=backend).double(), x.double().mean(0),
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="x: expected at least 2 dims"):
+        batch_covariance(torch.randn(5))
+    with pytest.raises(ValueError, match="B = 1"):
+        batch_covariance(torch.randn(1, 5))
+    with pytest.raises(TypeError, match="x: expected a floating dtype"):
+        batch_covariance(torch.ones(4, 5, dtype=torch.int32))
+
+
+def test_opcheck():
+    from powerlaw_fast.ops import covariance
+
+    x = torch.randn(20, 6, requires_grad=True)
+    for backend in BACKENDS:
+        torch.library.opcheck(covariance._batch_covariance_op, (x, backend))
