@@ -1,0 +1,156 @@
+"""Forward+backward of the spectral penalty: powerlaw_fast against the baselines, on a GPU.
+
+    python benchmarks/bench_penalty.py                 # full sweep, writes results JSON
+    python benchmarks/bench_penalty.py --sizes 1024    # one width
+    python benchmarks/bench_penalty.py --smoke         # tiny CPU run of the torch paths, no file
+
+Implementations (DESIGN.md section 5): ``triton`` and ``cuda`` (this library), ``torch_projection``
+(plain torch, projection form), ``torch_covariance`` (Sigma first, then diag(V^T Sigma V)),
+``authors_loop`` (the authors' per-eigenvalue loop; N <= 2048), ``eigvalsh`` (exact per-batch
+eigenvalues) and ``gemm_floor`` (the two cuBLAS GEMMs of the same shapes, the roofline).
+Batch B = 1.5 N. Dtypes: float32 at matmul precision "highest" and "high", and bfloat16.
+Writes ``benchmarks/results/<gpu-name>/penalty.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks._common import median_ms, peak_memory_mb, print_table, write_results  # noqa: E402
+from powerlaw_fast import spec_penalty  # noqa: E402
+from powerlaw_fast.baselines import (  # noqa: E402
+    authors_loop_penalty,
+    covariance_penalty,
+    eigvalsh_penalty,
+    projection_penalty,
+)
+
+SIZES = (1024, 2048, 4096, 8192, 16384)
+SETTINGS = (("float32", "highest"), ("float32", "high"), ("bfloat16", "high"))
+TAU = 10
+
+
+def make_inputs(N: int, dtype: torch.dtype, device: str, seed: int = 0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    B = (3 * N) // 2
+    scales = torch.arange(1, N + 1, device=device, dtype=torch.float32) ** -0.5
+    x = (torch.randn(B, N, device=device, generator=g) * scales).to(dtype)
+    V, _ = torch.linalg.qr(torch.randn(N, N, device=device, generator=g))
+    return x, V.to(dtype)
+
+
+def implementations(N: int, include_cuda: bool):
+    impls = {
+        "triton": lambda x, V: spec_penalty(x, V, tau=TAU, backend="triton"),
+        "torch_projection": lambda x, V: projection_penalty(x, V, tau=TAU),
+        "torch_covariance": lambda x, V: covariance_penalty(x, V, tau=TAU),
+        "eigvalsh": lambda x, V: eigvalsh_penalty(x, tau=TAU),
+    }
+    if include_cuda:
+        impls["cuda"] = lambda x, V: spec_penalty(x, V, tau=TAU, backend="cuda")
+    if N <= 2048:
+        impls["authors_loop"] = lambda x, V: authors_loop_penalty(x, V, tau=TAU - 1)
+    return impls
+
+
+def forward_backward(fn, x, V):
+    leaf = x.detach().requires_grad_(True)
+
+    def run():
+        leaf.grad = None
+        fn(leaf, V).backward()
+
+    return run
+
+
+def gemm_floor(x, V):
+    """The two GEMMs every implementation needs: Z = x V and grad = Z V^T."""
+    def run():
+        z = x @ V
+        return z @ V.T
+
+    return run
+
+
+def cuda_backend_available() -> bool:
+    try:
+        from powerlaw_fast.cuda import require_cuda_backend
+
+        require_cuda_backend(torch.device("cuda"), torch.float32)
+        return True
+    except Exception as err:  # reported, not hidden
+        print(f"cuda backend skipped: {err}")
+        return False
+
+
+def run(sizes, settings, device: str, rep: int):
+    rows = []
+    include_cuda = device == "cuda" and cuda_backend_available()
+    for dtype_name, precision in settings:
+        dtype = getattr(torch, dtype_name)
+        torch.set_float32_matmul_precision(precision)
+        for N in sizes:
+            x, V = make_inputs(N, dtype, device)
+            B = x.shape[0]
+            impls = implementations(N, include_cuda)
+            if device == "cpu":
+                impls.pop("triton", None)
+            for name, fn in impls.items():
+                step = forward_backward(fn, x, V)
+                ms = median_ms(step, rep=rep)
+                rows.append(dict(op="spec_penalty", mode="fwd+bwd", B=B, N=N, dtype=dtype_name,
+                                 precision=precision, impl=name, median_ms=ms,
+                                 peak_mem_mb=peak_memory_mb(step),
+                                 tflops=4 * B * N * N / ms / 1e9))
+                print_table(rows[-1:], ["impl", "N", "dtype", "precision", "median_ms"])
+            floor = gemm_floor(x, V)
+            ms = median_ms(floor, rep=rep)
+            rows.append(dict(op="spec_penalty", mode="fwd+bwd", B=B, N=N, dtype=dtype_name,
+                             precision=precision, impl="gemm_floor", median_ms=ms,
+                             peak_mem_mb=peak_memory_mb(floor), tflops=4 * B * N * N / ms / 1e9))
+            del x, V
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    torch.set_float32_matmul_precision("highest")
+    return rows
+
+
+def add_ratios(rows):
+    """speedup of ``triton`` over each baseline, same (N, dtype, precision)."""
+    ours = {(r["N"], r["dtype"], r["precision"]): r["median_ms"] for r in rows if r["impl"] == "triton"}
+    for r in rows:
+        key = (r["N"], r["dtype"], r["precision"])
+        if key in ours and r["impl"] != "triton":
+            r["triton_speedup"] = r["median_ms"] / ours[key]
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument("--rep", type=int, default=100, help="milliseconds of timing per case")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU run, writes nothing")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        rows = run([64], [("float32", "highest")], "cpu", rep=20)
+        print_table(rows, ["impl", "N", "median_ms"])
+        return rows
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_penalty needs a CUDA GPU (use --smoke for a CPU check)")
+    rows = add_ratios(run(args.sizes, SETTINGS, "cuda", args.rep))
+    print_table(rows, ["impl", "N", "dtype", "precision", "median_ms", "tflops", "peak_mem_mb",
+                       "triton_speedup"])
+    path = write_results("penalty", rows, args.out)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
