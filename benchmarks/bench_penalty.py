@@ -71,6 +71,7 @@ def forward_backward(fn, x, V):
 
 def gemm_floor(x, V):
     """The two GEMMs every implementation needs: Z = x V and grad = Z V^T."""
+
     def run():
         z = x @ V
         return z @ V.T
@@ -104,16 +105,37 @@ def run(sizes, settings, device: str, rep: int):
             for name, fn in impls.items():
                 step = forward_backward(fn, x, V)
                 ms = median_ms(step, rep=rep)
-                rows.append(dict(op="spec_penalty", mode="fwd+bwd", B=B, N=N, dtype=dtype_name,
-                                 precision=precision, impl=name, median_ms=ms,
-                                 peak_mem_mb=peak_memory_mb(step),
-                                 tflops=4 * B * N * N / ms / 1e9))
+                rows.append(
+                    dict(
+                        op="spec_penalty",
+                        mode="fwd+bwd",
+                        B=B,
+                        N=N,
+                        dtype=dtype_name,
+                        precision=precision,
+                        impl=name,
+                        median_ms=ms,
+                        peak_mem_mb=peak_memory_mb(step),
+                        tflops=4 * B * N * N / ms / 1e9,
+                    )
+                )
                 print_table(rows[-1:], ["impl", "N", "dtype", "precision", "median_ms"])
             floor = gemm_floor(x, V)
             ms = median_ms(floor, rep=rep)
-            rows.append(dict(op="spec_penalty", mode="fwd+bwd", B=B, N=N, dtype=dtype_name,
-                             precision=precision, impl="gemm_floor", median_ms=ms,
-                             peak_mem_mb=peak_memory_mb(floor), tflops=4 * B * N * N / ms / 1e9))
+            rows.append(
+                dict(
+                    op="spec_penalty",
+                    mode="fwd+bwd",
+                    B=B,
+                    N=N,
+                    dtype=dtype_name,
+                    precision=precision,
+                    impl="gemm_floor",
+                    median_ms=ms,
+                    peak_mem_mb=peak_memory_mb(floor),
+                    tflops=4 * B * N * N / ms / 1e9,
+                )
+            )
             del x, V
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -123,7 +145,9 @@ def run(sizes, settings, device: str, rep: int):
 
 def add_ratios(rows):
     """speedup of ``triton`` over each baseline, same (N, dtype, precision)."""
-    ours = {(r["N"], r["dtype"], r["precision"]): r["median_ms"] for r in rows if r["impl"] == "triton"}
+    ours = {
+        (r["N"], r["dtype"], r["precision"]): r["median_ms"] for r in rows if r["impl"] == "triton"
+    }
     for r in rows:
         key = (r["N"], r["dtype"], r["precision"])
         if key in ours and r["impl"] != "triton":
@@ -145,8 +169,10 @@ def main(argv=None):
     if not torch.cuda.is_available():
         raise SystemExit("bench_penalty needs a CUDA GPU (use --smoke for a CPU check)")
     rows = add_ratios(run(args.sizes, SETTINGS, "cuda", args.rep))
-    print_table(rows, ["impl", "N", "dtype", "precision", "median_ms", "tflops", "peak_mem_mb",
-                       "triton_speedup"])
+    print_table(
+        rows,
+        ["impl", "N", "dtype", "precision", "median_ms", "tflops", "peak_mem_mb", "triton_speedup"],
+    )
     path = write_results("penalty", rows, args.out)
     print(f"wrote {path}")
     return rows

@@ -42,7 +42,9 @@ def as_batch_matrix(x, name: str = "x", *, min_batch: int = 2) -> torch.Tensor:
     if x.dim() > 2:
         x = x.flatten(1)
     if x.shape[1] < 1:
-        raise ValueError(f"{name}: expected at least one feature per sample, got shape {tuple(x.shape)}")
+        raise ValueError(
+            f"{name}: expected at least one feature per sample, got shape {tuple(x.shape)}"
+        )
     return x
 
 
@@ -62,7 +64,11 @@ def check_basis(V, x: torch.Tensor, name: str = "V") -> None:
 
 
 def check_real(value, name: str, *, low: float, low_inclusive: bool) -> float:
-    if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real) or isinstance(value, bool):
+    if (
+        isinstance(value, torch.Tensor)
+        or not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+    ):
         raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
     value = float(value)
     ok = value >= low if low_inclusive else value > low

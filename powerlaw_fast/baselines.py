@@ -33,7 +33,7 @@ def penalty_from_spectrum(lam: torch.Tensor, *, alpha=1.0, tau=10, beta=1.0) -> 
     s = torch.sort(lam, descending=True).values
     n = torch.arange(1, N + 1, device=lam.device, dtype=lam.dtype)
     gam = s[tau - 1].detach() * (tau / n) ** alpha
-    r = s[tau - 1:] / gam[tau - 1:]
+    r = s[tau - 1 :] / gam[tau - 1 :]
     return beta / N * ((r - 1) ** 2 + torch.relu(r - 1)).sum()
 
 

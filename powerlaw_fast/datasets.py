@@ -73,9 +73,7 @@ def read_idx(raw_dir: Path, name: str, *, magic: int, ndim: int) -> np.ndarray:
         raise MNISTFileError(f"{path}: truncated IDX header ({len(data)} bytes)")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        raise MNISTFileError(
-            f"{path}: bad IDX magic number 0x{found:08x}, expected 0x{magic:08x}"
-        )
+        raise MNISTFileError(f"{path}: bad IDX magic number 0x{found:08x}, expected 0x{magic:08x}")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     expected = header + int(np.prod(dims))
     if len(data) != expected:
@@ -94,7 +92,8 @@ def read_mnist_raw(raw_dir, *, train: bool = True) -> tuple[np.ndarray, np.ndarr
     labels = read_idx(raw_dir, label_name, magic=LABELS_MAGIC, ndim=1)
     if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise MNISTFileError(
-            f"{raw_dir / image_name}: expected 28x28 images, got {images.shape[1]}x{images.shape[2]}"
+            f"{raw_dir / image_name}: expected 28x28 images, got "
+            f"{images.shape[1]}x{images.shape[2]}"
         )
     if images.shape[0] != labels.shape[0]:
         raise MNISTFileError(
@@ -102,7 +101,9 @@ def read_mnist_raw(raw_dir, *, train: bool = True) -> tuple[np.ndarray, np.ndarr
             f"{labels.shape[0]} labels"
         )
     if labels.size and int(labels.max()) > 9:
-        raise MNISTFileError(f"{raw_dir / label_name}: labels must be 0..9, found {int(labels.max())}")
+        raise MNISTFileError(
+            f"{raw_dir / label_name}: labels must be 0..9, found {int(labels.max())}"
+        )
     return images, labels
 
 

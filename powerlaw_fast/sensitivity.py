@@ -43,7 +43,10 @@ def _check_ranks(ranks, width: int) -> list[int]:
         ranks = [ranks]
     if not isinstance(ranks, Sequence) or len(ranks) == 0:
         raise ValueError(f"ranks: expected a non-empty sequence of 1-indexed ranks, got {ranks!r}")
-    return [check_int_range(r, "ranks[i]", 1, width, f" (1-indexed, layer width {width})") for r in ranks]
+    return [
+        check_int_range(r, "ranks[i]", 1, width, f" (1-indexed, layer width {width})")
+        for r in ranks
+    ]
 
 
 def sensitivity_maps(

@@ -48,7 +48,7 @@ class CovarianceAccumulator:
         >>> x = torch.randn(103, 5, dtype=torch.float64)
         >>> acc = CovarianceAccumulator(5)
         >>> for chunk in x.split(25):
-        ...     acc.update(chunk)
+        ...     _ = acc.update(chunk)
         >>> torch.allclose(acc.covariance(), torch.cov(x.T)), acc.count
         (True, 103)
     """
@@ -72,6 +72,12 @@ class CovarianceAccumulator:
         self.shift: torch.Tensor | None = None
         if shift is not None:
             self.shift = self._as_vector(shift, "shift")
+
+    def __repr__(self) -> str:
+        return (
+            f"CovarianceAccumulator(num_features={self.num_features}, count={self.count}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
 
     def _as_vector(self, v, name: str) -> torch.Tensor:
         check_tensor(v, name)
@@ -141,6 +147,34 @@ class CovarianceAccumulator:
         self.sum_outer += moved.sum_outer
         return self
 
+    def all_reduce(self, group=None) -> CovarianceAccumulator:
+        """Combine the accumulators of all processes of ``group`` in place (torch.distributed).
+
+        Every rank first re-bases its sums on a common shift (the count-weighted mean of the
+        ranks' shifts, itself one all-reduce of N + 1 numbers), then ``count``, ``S1`` and ``S2``
+        are summed: O(N^2) communication once. Ranks that saw no rows take part with zeros.
+        Without an initialised process group (or with one process) this does nothing.
+        """
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return self
+        if dist.get_world_size(group) == 1:
+            return self
+        weighted = torch.zeros(self.num_features + 1, device=self.device, dtype=self.dtype)
+        if self.count > 0:
+            weighted[:-1] = self.count * self.shift
+            weighted[-1] = self.count
+        dist.all_reduce(weighted, group=group)
+        total = int(round(float(weighted[-1])))
+        if total == 0:
+            return self
+        self.rebase(weighted[:-1] / weighted[-1])
+        dist.all_reduce(self.sum, group=group)
+        dist.all_reduce(self.sum_outer, group=group)
+        self.count = total
+        return self
+
     @property
     def mean(self) -> torch.Tensor:
         """``[N]`` mean of all rows seen (``dtype`` of the accumulator)."""
@@ -195,7 +229,9 @@ def resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
             return layer, model.get_submodule(layer)
         except AttributeError:
             known = list(hidden) or [n for n, _ in model.named_modules() if n][:20]
-            raise ValueError(f"layer: no submodule {layer!r} in the model; known: {known}") from None
+            raise ValueError(
+                f"layer: no submodule {layer!r} in the model; known: {known}"
+            ) from None
     if isinstance(layer, nn.Module):
         for name, module in model.named_modules():
             if module is layer:
@@ -224,7 +260,9 @@ def iterate_inputs(data, batch_size: int) -> Iterator[torch.Tensor]:
         yield from data.split(batch_size)
         return
     if not isinstance(data, Iterable):
-        raise TypeError(f"data: expected a tensor or an iterable of batches, got {type(data).__name__}")
+        raise TypeError(
+            f"data: expected a tensor or an iterable of batches, got {type(data).__name__}"
+        )
     for batch in data:
         yield _first_input(batch)
 
@@ -348,7 +386,9 @@ def _as_spectrum(eigenvalues, name: str = "eigenvalues") -> torch.Tensor:
                 f"{type(eigenvalues).__name__}"
             ) from None
     if eigenvalues.dim() != 1 or eigenvalues.numel() < 1:
-        raise ValueError(f"{name}: expected a non-empty 1-D spectrum, got shape {tuple(eigenvalues.shape)}")
+        raise ValueError(
+            f"{name}: expected a non-empty 1-D spectrum, got shape {tuple(eigenvalues.shape)}"
+        )
     lam = eigenvalues.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(lam).all()):
         raise ValueError(f"{name}: contains NaN or infinite values")
@@ -387,7 +427,9 @@ def fit_power_law(
                 f"eigenvalues: fewer than 2 positive values from rank start = {start}; cannot fit"
             )
     else:
-        stop = check_int_range(stop, "stop", start + 1, size, f" (1-indexed, after start = {start})")
+        stop = check_int_range(
+            stop, "stop", start + 1, size, f" (1-indexed, after start = {start})"
+        )
         if bool((lam[start - 1 : stop] <= 0).any()):
             raise ValueError(
                 f"eigenvalues: ranks {start}..{stop} include non-positive values; a log-log fit "

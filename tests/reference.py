@@ -29,7 +29,7 @@ def literal_penalty_from_spectrum(lam, *, alpha=1.0, tau=10, beta=1.0):
     gam = lam_tau * (tau / n) ** alpha
     r = s / gam
     terms = (r - 1) ** 2 + torch.relu(r - 1)
-    return beta / N * terms[tau - 1:].sum()
+    return beta / N * terms[tau - 1 :].sum()
 
 
 def literal_penalty(x, V, *, alpha=1.0, tau=10, beta=1.0):

@@ -15,8 +15,9 @@ from powerlaw_fast.baselines import (
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(90, 30, generator=g, dtype=torch.float64) * torch.linspace(2, 0.1, 30,
-                                                                              dtype=torch.float64)
+    x = torch.randn(90, 30, generator=g, dtype=torch.float64) * torch.linspace(
+        2, 0.1, 30, dtype=torch.float64
+    )
     V = torch.linalg.eigh(torch.cov(x.T))[1].flip(1)
     return x, V
 
@@ -45,6 +46,8 @@ def test_authors_loop_equals_authors_convention(batch):
 def test_eigvalsh_equals_projection_on_the_batch_eigenbasis(batch):
     x, V = batch  # V is the batch's own eigenbasis, so diag(V^T Sigma V) are its eigenvalues
     torch.testing.assert_close(
-        eigvalsh_penalty(x.float(), tau=4).double(), spec_penalty(x, V, tau=4, backend="torch"),
-        rtol=1e-4, atol=1e-6,
+        eigvalsh_penalty(x.float(), tau=4).double(),
+        spec_penalty(x, V, tau=4, backend="torch"),
+        rtol=1e-4,
+        atol=1e-6,
     )

@@ -43,9 +43,7 @@ def test_estimator_is_unbiased():
     logits = net(x)
     exact = float(jacobian_penalty(x, logits, exact=True).detach())
     g = torch.Generator().manual_seed(123)
-    draws = torch.stack(
-        [jacobian_penalty(x, logits, generator=g).detach() for _ in range(3000)]
-    )
+    draws = torch.stack([jacobian_penalty(x, logits, generator=g).detach() for _ in range(3000)])
     mean, std = float(draws.mean()), float(draws.std())
     assert std > 0  # a genuine random estimate
     assert abs(mean - exact) < 4 * std / len(draws) ** 0.5
@@ -77,8 +75,9 @@ def test_penalty_trains_parameters(exact):
     torch.manual_seed(0)
     lin = nn.Linear(6, 3, bias=True).double()
     x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
-    R = jacobian_penalty(x, lin(x), beta=0.5, exact=exact, projections=1,
-                         generator=torch.Generator().manual_seed(0))
+    R = jacobian_penalty(
+        x, lin(x), beta=0.5, exact=exact, projections=1, generator=torch.Generator().manual_seed(0)
+    )
     R.backward()
     if exact:
         torch.testing.assert_close(lin.weight.grad, 2 * 0.5 * lin.weight.detach())

@@ -56,7 +56,10 @@ def test_mlp_structure_matches_the_paper():
     net = MLP(whiten_layer=2)
     linears = [m for m in net.modules() if isinstance(m, nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [
-        (784, 1000), (1000, 1000), (1000, 1000), (1000, 10)
+        (784, 1000),
+        (1000, 1000),
+        (1000, 1000),
+        (1000, 10),
     ]
     assert isinstance(net.hidden_layers()["hidden2"][-1], Whiten)
     assert not any(isinstance(m, Whiten) for m in net.hidden_layers()["hidden1"])
@@ -81,7 +84,8 @@ def test_cnn_structure():
     net = CNN()
     convs = [m for m in net.modules() if isinstance(m, nn.Conv2d)]
     assert [(c.in_channels, c.out_channels, c.kernel_size) for c in convs] == [
-        (1, 16, (3, 3)), (16, 32, (3, 3))
+        (1, 16, (3, 3)),
+        (16, 32, (3, 3)),
     ]
     assert sum(isinstance(m, nn.MaxPool2d) for m in net.modules()) == 2
 

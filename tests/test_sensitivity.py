@@ -50,8 +50,9 @@ def test_maps_match_finite_differences(whiten, sample):
     module = model[5] if whiten else model[4]  # the last hidden layer (tanh after Linear(5, 6))
     ranks = [1, 3, 6]
     model.train()
-    got = sensitivity_maps(model, module, data, ranks, sample=sample, image_shape=(4, 4),
-                           batch_size=10)
+    got = sensitivity_maps(
+        model, module, data, ranks, sample=sample, image_shape=(4, 4), batch_size=10
+    )
     assert model.training and all(m.training for m in model.modules())
     assert got.shape == (3, 4, 4) and got.dtype == torch.float64
     ref = finite_difference_maps(model, module, data, ranks, sample, 10).reshape(3, 4, 4)

@@ -103,7 +103,7 @@ def test_eigh_descending():
 def test_accumulator_errors():
     acc = CovarianceAccumulator(3)
     with pytest.raises(ValueError, match="no rows"):
-        acc.mean
+        _ = acc.mean
     with pytest.raises(ValueError, match="at least 2 rows"):
         acc.update(torch.randn(1, 3)).covariance()
     with pytest.raises(ValueError, match="expected 3 features"):
@@ -154,8 +154,9 @@ def test_layer_spectrum_matches_full_batch_reference():
     )
     batches = [(x[i : i + 40], torch.zeros(len(x[i : i + 40]))) for i in range(0, 157, 40)]
     last = layer_spectrum(net, None, batches)
-    torch.testing.assert_close(last, reference_spectrum(net, net.hidden_layers()["hidden3"], x),
-                               rtol=1e-5, atol=1e-9)
+    torch.testing.assert_close(
+        last, reference_spectrum(net, net.hidden_layers()["hidden3"], x), rtol=1e-5, atol=1e-9
+    )
 
 
 def test_layer_covariance_stops_after_the_layer():
@@ -258,3 +259,44 @@ def test_effective_dimension():
         effective_dimension([1.0], threshold=1.5)
     with pytest.raises(ValueError, match="zero"):
         effective_dimension([0.0, 0.0])
+
+
+def _all_reduce_worker(rank, world, init_file, rows, result_file):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    acc = CovarianceAccumulator(rows.shape[1])
+    mine = rows[:7] if rank == 0 else rows[7:]  # uneven split, different first-batch shifts
+    for chunk in mine.split(4):
+        acc.update(chunk)
+    acc.all_reduce()
+    if rank == 0:
+        torch.save({"cov": acc.covariance(), "mean": acc.mean, "count": acc.count}, result_file)
+    dist.destroy_process_group()
+
+
+def test_all_reduce_over_two_processes(tmp_path):
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed not available")
+    rows = data(30, 4, offset=5.0)
+    out = tmp_path / "result.pt"
+    mp.spawn(
+        _all_reduce_worker,
+        args=(2, str(tmp_path / "init"), rows, str(out)),
+        nprocs=2,
+        join=True,
+    )
+    got = torch.load(out)
+    assert got["count"] == 30
+    torch.testing.assert_close(got["cov"], torch.cov(rows.T), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got["mean"], rows.mean(0), rtol=1e-12, atol=1e-12)
+
+
+def test_all_reduce_without_process_group_is_a_no_op():
+    acc = CovarianceAccumulator(3).update(torch.randn(5, 3, dtype=torch.float64))
+    before = acc.covariance()
+    assert acc.all_reduce() is acc
+    torch.testing.assert_close(acc.covariance(), before)

@@ -26,7 +26,9 @@ def test_batch_covariance_is_identity(dtype, tol):
     assert y.dtype == dtype and y.shape == x.shape
     cov = torch.cov(y.double().T)
     torch.testing.assert_close(cov, torch.eye(7, dtype=torch.float64), atol=tol, rtol=0)
-    torch.testing.assert_close(y.double().mean(0), torch.zeros(7, dtype=torch.float64), atol=tol, rtol=0)
+    torch.testing.assert_close(
+        y.double().mean(0), torch.zeros(7, dtype=torch.float64), atol=tol, rtol=0
+    )
 
 
 def test_matches_literal_formula_with_eps():

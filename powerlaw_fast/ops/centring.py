@@ -27,8 +27,14 @@ if triton_available():
 
     @triton.jit
     def _column_mean_kernel(
-        x_ptr, mean_ptr, B, N, stride_b, stride_n,
-        BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        x_ptr,
+        mean_ptr,
+        B,
+        N,
+        stride_b,
+        stride_n,
+        BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr,
     ):
         pid = tl.program_id(0)
         cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)

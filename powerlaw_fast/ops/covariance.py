@@ -25,8 +25,14 @@ import torch
 from powerlaw_fast._backend import resolve_backend, triton_available, triton_interpreter_active
 from powerlaw_fast._validation import as_batch_matrix
 from powerlaw_fast.ops import _alloc
-from powerlaw_fast.ops.centring import column_mean, column_mean_torch
-from powerlaw_fast.ops.spec_penalty import _dot_in_fp32, _dot_precision
+from powerlaw_fast.ops.centring import column_mean
+from powerlaw_fast.ops.spec_penalty import (
+    _dot_in_fp32,
+    _dot_precision,
+    global_mean,
+    group_name_of,
+    resolve_group,
+)
 
 if triton_available():
     import triton
@@ -36,18 +42,33 @@ if triton_available():
         if triton_interpreter_active():
             return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128})]
         return [
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3),
+            triton.Config(
+                {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32}, num_warps=8, num_stages=3
+            ),
             triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+            triton.Config(
+                {"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3
+            ),
         ]
 
     @triton.autotune(configs=_covariance_configs(), key=["B", "N", "IN_PRECISION"])
     @triton.jit
     def _centred_gram_kernel(
-        x_ptr, mean_ptr, out_ptr, B, N, scale,
-        stride_xb, stride_xn, stride_oi, stride_oj,
-        IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        mean_ptr,
+        out_ptr,
+        B,
+        N,
+        scale,
+        stride_xb,
+        stride_xn,
+        stride_oi,
+        stride_oj,
+        IN_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
     ):
         """out[i, j] = scale * sum_b (x[b, i] - mean[i]) (x[b, j] - mean[j])."""
         pid_i = tl.program_id(0)
@@ -63,13 +84,15 @@ if triton_available():
             bs = b0 + tl.arange(0, BLOCK_K)
             b_ok = bs < B
             a_mask = i_ok[:, None] & b_ok[None, :]
-            a = tl.load(x_ptr + bs[None, :] * stride_xb + ii[:, None] * stride_xn,
-                        mask=a_mask, other=0.0)
+            a = tl.load(
+                x_ptr + bs[None, :] * stride_xb + ii[:, None] * stride_xn, mask=a_mask, other=0.0
+            )
             in_dtype = a.dtype
             a = tl.where(a_mask, a.to(tl.float32) - mu_i[:, None], 0.0)
             c_mask = b_ok[:, None] & j_ok[None, :]
-            c = tl.load(x_ptr + bs[:, None] * stride_xb + jj[None, :] * stride_xn,
-                        mask=c_mask, other=0.0).to(tl.float32)
+            c = tl.load(
+                x_ptr + bs[:, None] * stride_xb + jj[None, :] * stride_xn, mask=c_mask, other=0.0
+            ).to(tl.float32)
             c = tl.where(c_mask, c - mu_j[None, :], 0.0)
             a = a.to(in_dtype)
             c = c.to(in_dtype)
@@ -77,74 +100,119 @@ if triton_available():
                 a = a.to(tl.float32)
                 c = c.to(tl.float32)
             acc = tl.dot(a, c, acc, input_precision=IN_PRECISION)
-        tl.store(out_ptr + ii[:, None] * stride_oi + jj[None, :] * stride_oj, acc * scale,
-                 mask=i_ok[:, None] & j_ok[None, :])
+        tl.store(
+            out_ptr + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
+            acc * scale,
+            mask=i_ok[:, None] & j_ok[None, :],
+        )
 
 
-def batch_covariance_triton(x: torch.Tensor) -> torch.Tensor:
-    """Launcher: ``x [B, N]`` (any strides; float32/float16/bfloat16) -> float32 ``[N, N]``."""
+def centred_gram_triton(x: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
+    """Launcher: ``scale (x - mean)^T (x - mean)`` for ``x [B, N]`` (any strides; float32,
+    float16 or bfloat16) and ``mean [N]`` float32 -> float32 ``[N, N]``."""
     B, N = x.shape
-    mean = column_mean(x, backend="triton")
     out = _alloc.empty((N, N), device=x.device, dtype=torch.float32)
-    precision = _dot_precision(x.dtype)
 
     def grid(meta):
         return (triton.cdiv(N, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))
 
     _centred_gram_kernel[grid](
-        x, mean, out, B, N, 1.0 / (B - 1), x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-        IN_PRECISION=precision, DOT_IN_FP32=_dot_in_fp32(x.dtype),
+        x,
+        mean,
+        out,
+        B,
+        N,
+        scale,
+        x.stride(0),
+        x.stride(1),
+        out.stride(0),
+        out.stride(1),
+        IN_PRECISION=_dot_precision(x.dtype),
+        DOT_IN_FP32=_dot_in_fp32(x.dtype),
     )
     return out
 
 
-def batch_covariance_torch(x: torch.Tensor) -> torch.Tensor:
+def centred_gram_torch(x: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference: centre in the accumulation dtype, round to x's dtype, one GEMM."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    centred = (x.to(acc) - column_mean_torch(x)).to(x.dtype).to(acc)
-    return centred.T @ centred / (x.shape[0] - 1)
+    centred = (x.to(acc) - mean).to(x.dtype).to(acc)
+    return centred.T @ centred * scale
+
+
+def _centred_gram(x, mean, scale, backend):
+    if backend == "triton":
+        return centred_gram_triton(x, mean, scale)
+    if backend == "cuda":
+        from powerlaw_fast.cuda import centred_gram_cuda
+
+        return centred_gram_cuda(x, mean, scale)
+    return centred_gram_torch(x, mean, scale)
 
 
 @torch.library.custom_op("powerlaw_fast::batch_covariance", mutates_args=())
-def _batch_covariance_op(x: torch.Tensor, backend: str) -> torch.Tensor:
-    if backend == "triton":
-        return batch_covariance_triton(x)
-    if backend == "cuda":
-        from powerlaw_fast.cuda import batch_covariance_cuda
+def _batch_covariance_op(
+    x: torch.Tensor, backend: str, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    B = x.shape[0]
+    mean = column_mean_cuda(x) if backend == "cuda" else column_mean(x, backend=backend)
+    group = resolve_group(group_name)
+    if group is None:
+        sigma = _centred_gram(x, mean, 1.0 / (B - 1), backend)
+        return sigma, mean, torch.tensor(float(B), dtype=torch.float64, device=x.device)
+    mean, count = global_mean(mean, B, group)
+    sigma = _centred_gram(x, mean, 1.0, backend)
+    torch.distributed.all_reduce(sigma, group=group)
+    return sigma / (count - 1).to(sigma.dtype), mean, count
 
-        return batch_covariance_cuda(x)
-    return batch_covariance_torch(x)
+
+def column_mean_cuda(x):
+    from powerlaw_fast.cuda import column_mean_cuda as impl
+
+    return impl(x)
 
 
 @_batch_covariance_op.register_fake
-def _(x, backend):
+def _(x, backend, group_name):
     N = x.shape[1]
-    return x.new_empty((N, N), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return (
+        x.new_empty((N, N), dtype=acc),
+        x.new_empty((N,), dtype=acc),
+        x.new_empty((), dtype=torch.float64),
+    )
 
 
 def _covariance_setup(ctx, inputs, output):
-    x, _ = inputs
-    ctx.save_for_backward(x)
+    x = inputs[0]
+    _, mean, count = output
+    ctx.save_for_backward(x, mean, count)
+    ctx.mark_non_differentiable(mean, count)
 
 
-def _covariance_backward(ctx, grad_sigma):
-    (x,) = ctx.saved_tensors
+def _covariance_backward(ctx, grad_sigma, grad_mean, grad_count):
+    # The global mean's own contribution vanishes (the global centred columns sum to zero),
+    # so each rank's gradient needs only its rows: no communication.
+    x, mean, count = ctx.saved_tensors
     acc = grad_sigma.dtype
-    centred = x.to(acc) - x.to(acc).mean(0)
-    grad_x = centred @ ((grad_sigma + grad_sigma.T) / (x.shape[0] - 1))
-    return grad_x.to(x.dtype), None
+    centred = x.to(acc) - mean.to(acc)
+    grad_x = centred @ ((grad_sigma + grad_sigma.T) / (count - 1).to(acc))
+    return grad_x.to(x.dtype), None, None
 
 
 _batch_covariance_op.register_autograd(_covariance_backward, setup_context=_covariance_setup)
 
 
-def batch_covariance(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+def batch_covariance(x: torch.Tensor, *, backend: str = "auto", process_group=None) -> torch.Tensor:
     """Unbiased covariance of a batch, differentiable in ``x``.
 
     Args:
         x: ``[B, N]`` or ``[B, *]`` (flattened per sample), B >= 2; float16, bfloat16, float32
             or float64.
         backend: "auto", "torch", "triton" or "cuda".
+        process_group: a ``torch.distributed`` group over which the batch is sharded: the
+            covariance of the global batch on every rank (all-reduces of N + 1 and N * N
+            floats); the backward pass needs no communication.
 
     Returns:
         ``[N, N]`` float32 (float64 for float64 input).
@@ -155,6 +223,7 @@ def batch_covariance(x: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
         >>> torch.allclose(batch_covariance(x), torch.cov(x.T), atol=1e-5)
         True
     """
-    x = as_batch_matrix(x, "x")
+    group_name = group_name_of(process_group)
+    x = as_batch_matrix(x, "x", min_batch=1 if group_name else 2)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
-    return _batch_covariance_op(x, name)
+    return _batch_covariance_op(x, name, group_name)[0]

@@ -65,7 +65,7 @@ from powerlaw_fast._validation import (
     check_tensor,
 )
 from powerlaw_fast.ops import _alloc
-from powerlaw_fast.ops.centring import column_mean, column_mean_torch
+from powerlaw_fast.ops.centring import column_mean
 
 CONVENTIONS = ("paper", "authors")
 
@@ -108,11 +108,24 @@ if triton_available():
     @triton.autotune(configs=_gemm_configs(), key=["B", "N", "IN_PRECISION"])
     @triton.jit
     def _centred_projection_kernel(
-        x_ptr, mean_ptr, v_ptr, z_ptr, partial_ptr,
-        B, N,
-        stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
-        IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        x_ptr,
+        mean_ptr,
+        v_ptr,
+        z_ptr,
+        partial_ptr,
+        B,
+        N,
+        stride_xb,
+        stride_xk,
+        stride_vk,
+        stride_vn,
+        stride_zb,
+        stride_zn,
+        IN_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
         """Z = (x - mean) V and partial[pid_m, :] = column sums of Z * Z over this row-block."""
@@ -128,31 +141,51 @@ if triton_available():
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < N
             a_mask = row_ok[:, None] & k_ok[None, :]
-            a = tl.load(x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk,
-                        mask=a_mask, other=0.0).to(tl.float32)
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk, mask=a_mask, other=0.0
+            ).to(tl.float32)
             mu = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
             # Padding rows must stay exactly zero, or they would add mu^2 terms to the sums.
             a = tl.where(a_mask, a - mu[None, :], 0.0)
-            b = tl.load(v_ptr + ks[:, None] * stride_vk + cols[None, :] * stride_vn,
-                        mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+            b = tl.load(
+                v_ptr + ks[:, None] * stride_vk + cols[None, :] * stride_vn,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
             a = a.to(b.dtype)
             if DOT_IN_FP32:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc, input_precision=IN_PRECISION)
         out_mask = row_ok[:, None] & col_ok[None, :]
-        tl.store(z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
-                 acc.to(z_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(
+            z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
+            acc.to(z_ptr.dtype.element_ty),
+            mask=out_mask,
+        )
         tl.store(partial_ptr + pid_m * N + cols, tl.sum(acc * acc, axis=0), mask=col_ok)
 
     @triton.autotune(configs=_gemm_configs(), key=["B", "N", "IN_PRECISION"])
     @triton.jit
     def _scaled_backprojection_kernel(
-        z_ptr, coef_ptr, v_ptr, out_ptr,
-        B, N, scale,
-        stride_zb, stride_zn, stride_vk, stride_vn, stride_ob, stride_ok,
-        IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        z_ptr,
+        coef_ptr,
+        v_ptr,
+        out_ptr,
+        B,
+        N,
+        scale,
+        stride_zb,
+        stride_zn,
+        stride_vk,
+        stride_vn,
+        stride_ob,
+        stride_ok,
+        IN_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
         GROUP_M: tl.constexpr,
     ):
         """out = scale * (Z * coef[None, :]) V^T, the reduction running over V's columns."""
@@ -167,25 +200,43 @@ if triton_available():
         for n0 in range(0, N, BLOCK_K):
             ns = n0 + tl.arange(0, BLOCK_K)
             n_ok = ns < N
-            z = tl.load(z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
-                        mask=row_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
+                mask=row_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
             c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0).to(tl.float32)
             # V^T tile [n, k] read straight from V's strides: no transposed copy.
-            vt = tl.load(v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
-                         mask=n_ok[:, None] & out_ok[None, :], other=0.0)
+            vt = tl.load(
+                v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
+                mask=n_ok[:, None] & out_ok[None, :],
+                other=0.0,
+            )
             a = (z * (c * scale)[None, :]).to(vt.dtype)
             if DOT_IN_FP32:
                 a = a.to(tl.float32)
                 vt = vt.to(tl.float32)
             acc = tl.dot(a, vt, acc, input_precision=IN_PRECISION)
-        tl.store(out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
-                 acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
+        tl.store(
+            out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & out_ok[None, :],
+        )
 
     @triton.jit
     def _powerlaw_penalty_kernel(
-        sorted_ptr, order_ptr, penalty_ptr, grad_ptr, status_ptr,
-        N, anchor, alpha, beta, tiny,
-        SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
+        sorted_ptr,
+        order_ptr,
+        penalty_ptr,
+        grad_ptr,
+        status_ptr,
+        N,
+        anchor,
+        alpha,
+        beta,
+        tiny,
+        SKIP_NONPOSITIVE: tl.constexpr,
+        BLOCK: tl.constexpr,
     ):
         """Penalty over the descending spectrum and dR/dlam scattered back to V's order.
 
@@ -241,10 +292,12 @@ def _spectrum_dtype(dtype: torch.dtype) -> torch.dtype:
 # --------------------------------------------------------------------------------------------
 # Launchers (Triton) and references (plain torch); same signatures, same outputs
 # --------------------------------------------------------------------------------------------
-def projected_spectrum_triton(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [B, N]`` (any strides), ``V [N, N]`` -> ``lam [N]`` float32, ``Z [B, N]`` in x's dtype."""
+def centred_projection_triton(
+    x: torch.Tensor, V: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [B, N]`` (any strides), ``V [N, N]``, ``mean [N]`` float32 ->
+    (column sums of Z * Z ``[N]`` float32, ``Z = (x - mean) V`` ``[B, N]`` in x's dtype)."""
     B, N = x.shape
-    mean = column_mean(x, backend="triton")
     z = _alloc.empty((B, N), device=x.device, dtype=x.dtype)
     num_m = triton.cdiv(B, _PROJECTION_BLOCK_M)
     partial = _alloc.empty((num_m, N), device=x.device, dtype=torch.float32)
@@ -253,27 +306,41 @@ def projected_spectrum_triton(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.T
         return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _centred_projection_kernel[grid](
-        x, mean, V, z, partial, B, N,
-        x.stride(0), x.stride(1), V.stride(0), V.stride(1), z.stride(0), z.stride(1),
-        IN_PRECISION=_dot_precision(x.dtype), DOT_IN_FP32=_dot_in_fp32(x.dtype),
+        x,
+        mean,
+        V,
+        z,
+        partial,
+        B,
+        N,
+        x.stride(0),
+        x.stride(1),
+        V.stride(0),
+        V.stride(1),
+        z.stride(0),
+        z.stride(1),
+        IN_PRECISION=_dot_precision(x.dtype),
+        DOT_IN_FP32=_dot_in_fp32(x.dtype),
         BLOCK_M=_PROJECTION_BLOCK_M,
     )
-    lam = partial.sum(0) if num_m > 1 else partial[0]
-    return lam / (B - 1), z
+    return (partial.sum(0) if num_m > 1 else partial[0]), z
 
 
-def projected_spectrum_torch(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reference for :func:`projected_spectrum_triton`, the same rounding steps in plain torch."""
-    B = x.shape[0]
+def centred_projection_torch(
+    x: torch.Tensor, V: torch.Tensor, mean: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference for :func:`centred_projection_triton`, the same rounding steps in plain torch."""
     acc = _spectrum_dtype(x.dtype)
-    centred = (x.to(acc) - column_mean_torch(x)).to(x.dtype)
+    centred = (x.to(acc) - mean).to(x.dtype)
     z_acc = centred.to(acc) @ V.to(acc)
-    lam = (z_acc * z_acc).sum(0) / (B - 1)
-    return lam, z_acc.to(x.dtype)
+    return (z_acc * z_acc).sum(0), z_acc.to(x.dtype)
 
 
-def spectrum_backward_triton(coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
-    """``grad_x [B, N] = 2 / (B - 1) (Z * coef) V^T`` with ``coef [N]`` = dLoss/dlam."""
+def spectrum_backward_triton(
+    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """``grad_x [B, N] = scale (Z * coef) V^T`` with ``coef [N]`` = dLoss/dlam and
+    ``scale = 2 / (B - 1)`` for a batch of B rows."""
     B, N = z.shape
     out = _alloc.empty((B, N), device=z.device, dtype=z.dtype)
     num_m = triton.cdiv(B, _PROJECTION_BLOCK_M)
@@ -282,19 +349,32 @@ def spectrum_backward_triton(coef: torch.Tensor, z: torch.Tensor, V: torch.Tenso
         return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _scaled_backprojection_kernel[grid](
-        z, coef, V, out, B, N, 2.0 / (B - 1),
-        z.stride(0), z.stride(1), V.stride(0), V.stride(1), out.stride(0), out.stride(1),
-        IN_PRECISION=_dot_precision(z.dtype), DOT_IN_FP32=_dot_in_fp32(z.dtype),
+        z,
+        coef,
+        V,
+        out,
+        B,
+        N,
+        scale,
+        z.stride(0),
+        z.stride(1),
+        V.stride(0),
+        V.stride(1),
+        out.stride(0),
+        out.stride(1),
+        IN_PRECISION=_dot_precision(z.dtype),
+        DOT_IN_FP32=_dot_in_fp32(z.dtype),
         BLOCK_M=_PROJECTION_BLOCK_M,
     )
     return out
 
 
-def spectrum_backward_torch(coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+def spectrum_backward_torch(
+    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, scale: float
+) -> torch.Tensor:
     """Reference for :func:`spectrum_backward_triton`."""
-    B = z.shape[0]
     acc = _spectrum_dtype(z.dtype)
-    scaled = (z.to(acc) * (coef.to(acc) * (2.0 / (B - 1)))).to(z.dtype)
+    scaled = (z.to(acc) * (coef.to(acc) * scale)).to(z.dtype)
     return (scaled.to(acc) @ V.to(acc).T).to(z.dtype)
 
 
@@ -309,8 +389,18 @@ def powerlaw_penalty_triton(
     status = _alloc.empty((2,), device=lam.device, dtype=torch.int32)
     block = min(_PENALTY_BLOCK, triton.next_power_of_2(N))
     _powerlaw_penalty_kernel[(1,)](
-        ordered, order, penalty, grad, status, N, anchor, alpha, beta,
-        torch.finfo(lam.dtype).eps, SKIP_NONPOSITIVE=skip_nonpositive, BLOCK=block,
+        ordered,
+        order,
+        penalty,
+        grad,
+        status,
+        N,
+        anchor,
+        alpha,
+        beta,
+        torch.finfo(lam.dtype).eps,
+        SKIP_NONPOSITIVE=skip_nonpositive,
+        BLOCK=block,
     )
     return penalty, grad, status
 
@@ -346,11 +436,11 @@ def _cuda_ops():
     return cuda
 
 
-_PROJECTED_SPECTRUM = {"torch": projected_spectrum_torch}
+_CENTRED_PROJECTION = {"torch": centred_projection_torch}
 _SPECTRUM_BACKWARD = {"torch": spectrum_backward_torch}
 _POWERLAW_PENALTY = {"torch": powerlaw_penalty_torch}
 if triton_available():
-    _PROJECTED_SPECTRUM["triton"] = projected_spectrum_triton
+    _CENTRED_PROJECTION["triton"] = centred_projection_triton
     _SPECTRUM_BACKWARD["triton"] = spectrum_backward_triton
     _POWERLAW_PENALTY["triton"] = powerlaw_penalty_triton
 
@@ -361,52 +451,123 @@ def _implementation(table: dict, name: str, backend: str):
     return table[backend]
 
 
+def spectrum_forward(
+    x: torch.Tensor, V: torch.Tensor, backend: str, group=None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Projected spectrum of the (global) batch: ``(lam [N], Z [B, N], count [] float64)``.
+
+    With a process group, the count and column sums are all-reduced before the GEMM (for the
+    global mean) and the column sums of Z * Z after it: ``N + 1`` and ``N`` floats.
+    """
+    B = x.shape[0]
+    if backend == "cuda":
+        mean = _cuda_ops().column_mean_cuda(x)
+    else:
+        mean = column_mean(x, backend=backend)
+    if group is None:
+        count = torch.tensor(float(B), dtype=torch.float64, device=x.device)
+    else:
+        mean, count = global_mean(mean, B, group)
+    sumsq, z = _implementation(_CENTRED_PROJECTION, "centred_projection_cuda", backend)(x, V, mean)
+    if group is not None:
+        torch.distributed.all_reduce(sumsq, group=group)
+    return sumsq / (count - 1).to(sumsq.dtype), z, count
+
+
+def global_mean(local_mean: torch.Tensor, local_count: int, group):
+    """All-reduce (column sums, count) in float64: one message of ``N + 1`` values."""
+    stats = torch.cat(
+        [
+            local_mean.to(torch.float64) * local_count,
+            torch.tensor([float(local_count)], dtype=torch.float64, device=local_mean.device),
+        ]
+    )
+    torch.distributed.all_reduce(stats, group=group)
+    count = stats[-1]
+    return (stats[:-1] / count).to(local_mean.dtype), count
+
+
+def resolve_group(group_name: str):
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def group_name_of(process_group) -> str:
+    """The name that custom ops carry for ``process_group`` ("" for a single process).
+
+    A group of one process needs no communication and is treated as none.
+    """
+    if process_group is None:
+        return ""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (init_process_group)")
+    if dist.get_world_size(process_group) == 1:
+        return ""
+    return process_group.group_name
+
+
 # --------------------------------------------------------------------------------------------
 # torch.library custom ops: opaque to torch.compile, autograd registered
 # --------------------------------------------------------------------------------------------
 @torch.library.custom_op("powerlaw_fast::projected_spectrum", mutates_args=())
 def _projected_spectrum_op(
-    x: torch.Tensor, V: torch.Tensor, backend: str, validate: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    lam, z = _implementation(_PROJECTED_SPECTRUM, "projected_spectrum_cuda", backend)(x, V)
+    x: torch.Tensor, V: torch.Tensor, backend: str, validate: bool, group_name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lam, z, count = spectrum_forward(x, V, backend, resolve_group(group_name))
     if validate:
         bad = int((~torch.isfinite(lam)).sum())
         if bad:
             raise ValueError(_nonfinite_message("x", bad))
-    return lam, z
+    return lam, z, count
 
 
 @_projected_spectrum_op.register_fake
-def _(x, V, backend, validate):
+def _(x, V, backend, validate, group_name):
     B, N = x.shape
-    return x.new_empty(N, dtype=_spectrum_dtype(x.dtype)), x.new_empty((B, N))
+    return (
+        x.new_empty(N, dtype=_spectrum_dtype(x.dtype)),
+        x.new_empty((B, N)),
+        x.new_empty((), dtype=torch.float64),
+    )
 
 
 @torch.library.custom_op("powerlaw_fast::projected_spectrum_backward", mutates_args=())
 def _spectrum_backward_op(
-    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, backend: str
+    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, backend: str, scale: float
 ) -> torch.Tensor:
-    return _implementation(_SPECTRUM_BACKWARD, "spectrum_backward_cuda", backend)(coef, z, V)
+    impl = _implementation(_SPECTRUM_BACKWARD, "spectrum_backward_cuda", backend)
+    return impl(coef, z, V, scale)
 
 
 @_spectrum_backward_op.register_fake
-def _(coef, z, V, backend):
+def _(coef, z, V, backend, scale):
     return torch.empty_like(z, memory_format=torch.contiguous_format)
 
 
 def _projected_spectrum_setup(ctx, inputs, output):
-    x, V, backend, _ = inputs
-    _, z = output
-    ctx.save_for_backward(z, V)
+    _, V, backend, _, group_name = inputs
+    _, z, count = output
+    ctx.save_for_backward(z, V, count)
     ctx.backend = backend
-    ctx.x_dtype = x.dtype
-    ctx.mark_non_differentiable(z)
+    ctx.distributed = bool(group_name)
+    ctx.mark_non_differentiable(z, count)
 
 
-def _projected_spectrum_backward(ctx, grad_lam, grad_z):
-    z, V = ctx.saved_tensors
-    grad_x = _spectrum_backward_op(grad_lam.contiguous(), z, V, ctx.backend)
-    return grad_x, None, None, None
+def _projected_spectrum_backward(ctx, grad_lam, grad_z, grad_count):
+    z, V, count = ctx.saved_tensors
+    if ctx.distributed:
+        # 2 / (global count - 1) stays on the device: no host synchronisation
+        coef, scale = grad_lam * (2.0 / (count - 1)).to(grad_lam.dtype), 1.0
+    else:
+        coef, scale = grad_lam, 2.0 / (z.shape[0] - 1)
+    # No communication: g is the same on every rank and the global Z columns sum to zero.
+    grad_x = _spectrum_backward_op(coef.contiguous(), z, V, ctx.backend, scale)
+    return grad_x, None, None, None, None
 
 
 _projected_spectrum_op.register_autograd(
@@ -416,8 +577,15 @@ _projected_spectrum_op.register_autograd(
 
 @torch.library.custom_op("powerlaw_fast::powerlaw_penalty", mutates_args=())
 def _powerlaw_penalty_op(
-    lam: torch.Tensor, alpha: float, anchor: int, beta: float, skip_nonpositive: bool,
-    backend: str, validate: bool, source: str, tau: int,
+    lam: torch.Tensor,
+    alpha: float,
+    anchor: int,
+    beta: float,
+    skip_nonpositive: bool,
+    backend: str,
+    validate: bool,
+    source: str,
+    tau: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     impl = _implementation(_POWERLAW_PENALTY, "powerlaw_penalty_cuda", backend)
     penalty, grad, status = impl(lam, alpha, anchor, beta, skip_nonpositive)
@@ -473,11 +641,18 @@ def _anchor_index(N: int, tau: int, convention: str) -> int:
         raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
     if convention == "paper":
         return check_int_range(tau, "tau", 1, N, f" (1-indexed rank, N = {N})") - 1
-    return check_int_range(tau, "tau", 0, N - 1, f" (0-indexed rank, convention='authors', N = {N})")
+    return check_int_range(
+        tau, "tau", 0, N - 1, f" (0-indexed rank, convention='authors', N = {N})"
+    )
 
 
 def projected_spectrum(
-    x: torch.Tensor, V: torch.Tensor, *, backend: str = "auto", validate: bool = True
+    x: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """Per-batch spectrum ``diag(V^T Sigma V)`` through the projection form, differentiable in x.
 
@@ -488,6 +663,10 @@ def projected_spectrum(
         backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton" or "cuda".
         validate: raise on non-finite results (one host synchronisation). Turn off inside CUDA
             graphs; then non-finite activations give a non-finite spectrum.
+        process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
+            batch (shards may differ in size, B >= 1 per rank): the spectrum is that of the
+            global batch, at the cost of two all-reduces of N + 1 and N floats. Every rank
+            gets the same ``lam``; the backward pass needs no communication.
 
     Returns:
         ``lam [N]`` in V's column order (float32; float64 for float64 input), with
@@ -500,10 +679,11 @@ def projected_spectrum(
         >>> torch.allclose(projected_spectrum(x, V), x.var(0), atol=1e-5)
         True
     """
-    x = as_batch_matrix(x, "x")
+    group_name = group_name_of(process_group)
+    x = as_batch_matrix(x, "x", min_batch=1 if group_name else 2)
     check_basis(V, x, "V")
     name = resolve_backend(backend, x.device, dtype=x.dtype)
-    lam, _ = _projected_spectrum_op(x, V.detach(), name, validate)
+    lam, _, _ = _projected_spectrum_op(x, V.detach(), name, validate, group_name)
     return lam
 
 
@@ -558,6 +738,7 @@ def spec_penalty(
     convention: str = "paper",
     backend: str = "auto",
     validate: bool = True,
+    process_group=None,
 ) -> torch.Tensor:
     """The 1/n spectral penalty, eq. (2) of Nassar et al. (2020), differentiable in ``x``.
 
@@ -592,6 +773,13 @@ def spec_penalty(
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "triton", "cuda".
         validate: one host synchronisation to raise on non-finite activations and on a zero
             anchor eigenvalue (rank-deficient batch). Set False inside CUDA graphs.
+        process_group: a ``torch.distributed`` group over which the batch is sharded (shards
+            may differ in size): the penalty of the global batch, identical on every rank, each
+            rank's gradient being its rows of the global gradient. Communication per step: one
+            all-reduce of N + 1 floats (count and column sums) before the GEMM and one of N
+            floats (column sums of Z * Z) after it; none in the backward pass. Under
+            DistributedDataParallel, which averages gradients over ranks, add
+            ``world_size * penalty`` to each rank's loss to get the single-process gradient.
 
     Returns:
         A 0-dim tensor (float32; float64 for float64 input).
@@ -603,10 +791,10 @@ def spec_penalty(
         >>> R = spec_penalty(x, V, tau=10)
         >>> R.backward()
     """
-    x = as_batch_matrix(x, "x")
+    group_name = group_name_of(process_group)
+    x = as_batch_matrix(x, "x", min_batch=1 if group_name else 2)
     check_basis(V, x, "V")
-    N = x.shape[1]
-    _anchor_index(N, tau, convention)
+    _anchor_index(x.shape[1], tau, convention)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
-    lam, _ = _projected_spectrum_op(x, V.detach(), name, False)
+    lam, _, _ = _projected_spectrum_op(x, V.detach(), name, False, group_name)
     return _penalty(lam, alpha, tau, beta, convention, name, validate, "x")

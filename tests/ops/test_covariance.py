@@ -79,8 +79,9 @@ def test_triton_outputs_fully_written(monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_column_mean(backend):
     x = (5 + torch.randn(301, 67))[:, 1:]
-    torch.testing.assert_close(column_mean(x, backend=backend).double(), x.double().mean(0),
-                               rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        column_mean(x, backend=backend).double(), x.double().mean(0), rtol=1e-6, atol=1e-6
+    )
 
 
 def test_bad_input():
@@ -97,4 +98,4 @@ def test_opcheck():
 
     x = torch.randn(20, 6, requires_grad=True)
     for backend in BACKENDS:
-        torch.library.opcheck(covariance._batch_covariance_op, (x, backend))
+        torch.library.opcheck(covariance._batch_covariance_op, (x, backend, ""))

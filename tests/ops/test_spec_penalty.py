@@ -169,7 +169,9 @@ def test_conv_shaped_input_is_flattened(backend):
 def test_authors_convention_matches_their_loop(backend):
     x, V = make_batch(80, 50, seed=6)
     for tau in (0, 10, 48):
-        ref_v, ref_g = value_and_grad(authors_loop_penalty, x.double(), V.double(), tau=tau, beta=5.0)
+        ref_v, ref_g = value_and_grad(
+            authors_loop_penalty, x.double(), V.double(), tau=tau, beta=5.0
+        )
         val, grad = value_and_grad(
             spec_penalty, x, V, tau=tau, beta=5.0, convention="authors", backend=backend
         )
@@ -194,7 +196,7 @@ def test_authors_convention_skips_non_positive_values():
 def test_exact_power_law_costs_nothing_and_anchor_has_no_gradient(backend):
     lam = 3.0 / torch.arange(1, 41, dtype=torch.float32) ** 1.7
     assert float(powerlaw_penalty(lam, alpha=1.7, tau=5, backend=backend)) < 1e-6  # float32 eps
-    noisy = (lam * (1 + 0.3 * torch.rand(40, generator=torch.Generator().manual_seed(3))))
+    noisy = lam * (1 + 0.3 * torch.rand(40, generator=torch.Generator().manual_seed(3)))
     noisy = noisy.sort(descending=True).values.requires_grad_()
     powerlaw_penalty(noisy, alpha=1.7, tau=5, backend=backend).backward()
     assert float(noisy.grad[4]) == 0.0  # the anchor: kappa carries no gradient
@@ -209,7 +211,9 @@ def test_powerlaw_penalty_matches_literal_on_shuffled_spectrum(backend):
     g = torch.Generator().manual_seed(7)
     lam = torch.rand(300, generator=g, dtype=torch.float64) ** 3 + 1e-3
     ref_v, ref_g = value_and_grad(literal_penalty_from_spectrum, lam, alpha=0.8, tau=17, beta=3.0)
-    val, grad = value_and_grad(powerlaw_penalty, lam.float(), alpha=0.8, tau=17, beta=3.0, backend=backend)
+    val, grad = value_and_grad(
+        powerlaw_penalty, lam.float(), alpha=0.8, tau=17, beta=3.0, backend=backend
+    )
     assert math.isclose(float(val), float(ref_v), rel_tol=1e-5)
     assert rel_err(grad, ref_g) < 1e-5
 
@@ -224,8 +228,13 @@ def test_gradcheck_float64_torch_backend():
 
     def with_fixed_anchor(t):
         # the anchor (largest, rank 1) is held out of t, so the function has no kappa path
-        return powerlaw_penalty(torch.cat([torch.tensor([5.0], dtype=t.dtype), t]), alpha=1.2,
-                                tau=1, beta=0.7, backend="torch")
+        return powerlaw_penalty(
+            torch.cat([torch.tensor([5.0], dtype=t.dtype), t]),
+            alpha=1.2,
+            tau=1,
+            beta=0.7,
+            backend="torch",
+        )
 
     assert torch.autograd.gradcheck(with_fixed_anchor, (lam,))
 
@@ -264,7 +273,9 @@ def test_triton_follows_matmul_precision(precision):
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        assert sp_module._dot_precision(torch.float32) == ("ieee" if precision == "highest" else "tf32")
+        assert sp_module._dot_precision(torch.float32) == (
+            "ieee" if precision == "highest" else "tf32"
+        )
         x, V = make_batch(64, 40, seed=11)
         ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double())
         val, grad = value_and_grad(spec_penalty, x, V, backend="triton")
@@ -362,14 +373,14 @@ def test_validate_false_skips_the_check():
 def test_opcheck(backend):
     x, V = make_batch(40, 24, seed=13)
     x.requires_grad_()
-    torch.library.opcheck(sp_module._projected_spectrum_op, (x, V, backend, True))
+    torch.library.opcheck(sp_module._projected_spectrum_op, (x, V, backend, True, ""))
     lam = projected_spectrum(x.detach(), V).requires_grad_()
     torch.library.opcheck(
         sp_module._powerlaw_penalty_op, (lam, 1.0, 9, 1.0, False, backend, True, "lam", 10)
     )
     z = torch.randn(40, 24)
     coef = torch.randn(24)
-    torch.library.opcheck(sp_module._spectrum_backward_op, (coef, z, V, backend))
+    torch.library.opcheck(sp_module._spectrum_backward_op, (coef, z, V, backend, 0.5))
 
 
 def test_torch_compile_fullgraph_torch_backend():
