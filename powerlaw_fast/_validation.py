@@ -22,12 +22,13 @@ def check_tensor(t, name: str) -> torch.Tensor:
 def check_float_dtype(t: torch.Tensor, name: str) -> None:
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(
-            f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), got {t.dtype}"
+            f"{name}: expected a floating dtype (float16, bfloat16, float32, float64), "
+            f"got {t.dtype}"
         )
 
 
 def as_batch_matrix(x, name: str = "x", *, min_batch: int = 2) -> torch.Tensor:
-    """Return ``x`` as ``[B, N]``: a ``[B, *]`` tensor is flattened per sample (a view when possible)."""
+    """``x`` as ``[B, N]``: a ``[B, *]`` tensor is flattened per sample (a view when possible)."""
     check_tensor(x, name)
     if x.dim() < 2:
         raise ValueError(
@@ -54,7 +55,8 @@ def check_basis(V, x: torch.Tensor, name: str = "V") -> None:
     n = x.shape[1]
     if V.dim() != 2 or V.shape[0] != n or V.shape[1] != n:
         raise ValueError(
-            f"{name}: expected shape [N, N] = [{n}, {n}] (eigenvectors as columns, N = features of x), "
+            f"{name}: expected shape [N, N] = [{n}, {n}] (eigenvectors as columns, "
+            f"N = features of x), "
             f"got {tuple(V.shape)}"
         )
     if V.dtype != x.dtype:

@@ -213,7 +213,8 @@ def robustness_curve(
             check_inputs(x, y, bounds)
             if attack == "pgd":
                 if max_batch is None:  # size the chunks once, on the first batch
-                    max_batch = _auto_rows(model, x, y, kwargs.get("memory_budget"))
+                    max_batch = _auto_rows(model, x, y, kwargs.get("memory_budget"),
+                                           kwargs.get("cuda_graph", True))
                 _, success = _pgd_validated(
                     model, x, y, eps_list, steps=kwargs.get("steps", 40),
                     step_size=kwargs.get("step_size", 0.01),

@@ -112,7 +112,8 @@ class _ChunkRunner:
         return _WARMUP_STEPS
 
 
-def _auto_rows(model, x: torch.Tensor, y: torch.Tensor, memory_budget: int | None) -> int:
+def _auto_rows(model, x: torch.Tensor, y: torch.Tensor, memory_budget: int | None,
+               cuda_graph: bool = True) -> int:
     """Rows per forward pass: the CPU default, or on CUDA what fits in ``memory_budget`` bytes
     (default: half the free device memory), from the peak memory of one probe step."""
     if x.device.type != "cuda":
@@ -129,6 +130,8 @@ def _auto_rows(model, x: torch.Tensor, y: torch.Tensor, memory_budget: int | Non
     input_gradient(model, x_in, y[:probe].long())
     torch.cuda.synchronize(device)
     per_row = (torch.cuda.max_memory_allocated(device) - base) / probe
+    if cuda_graph:  # the graph's private pool holds a second copy of a step's activations
+        per_row *= 2
     # the attack's own buffers: iterate, gradient, best restart, output slice
     per_row += 4 * x[0].numel() * x.element_size()
     return max(1, int(memory_budget // max(per_row, 1.0)))
@@ -289,7 +292,9 @@ def _pgd_validated(model, x, y, eps, *, steps, step_size, random_start, restarts
     resolved = resolve_step_backend(backend, x.device, x.dtype)
     gen = make_generator(generator, x.device) if random_start else None
     with eval_mode(model):
-        rows = max_batch if max_batch is not None else _auto_rows(model, x, y, memory_budget)
+        rows = max_batch
+        if rows is None:
+            rows = _auto_rows(model, x, y, memory_budget, cuda_graph)
         adv, success = pgd_sweep(
             model, x.detach(), y, eps_list, steps=steps, step_size=step_size,
             random_start=random_start, restarts=restarts, bounds=bounds, generator=gen,

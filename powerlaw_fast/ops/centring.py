@@ -50,7 +50,7 @@ if triton_available():
 
 
 def column_mean_torch(x: torch.Tensor) -> torch.Tensor:
-    """Reference: ``x.mean(0)`` accumulated in float32 (float64 for float64 input). ``[B, N] -> [N]``."""
+    """Reference: ``x.mean(0)`` accumulated in float32 (float64 for float64 input), ``[N]``."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     return x.mean(0, dtype=acc)
 

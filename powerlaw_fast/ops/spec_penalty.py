@@ -595,7 +595,8 @@ def _powerlaw_penalty_op(
             raise ValueError(_nonfinite_message(source, nonfinite))
         if anchor_bad:
             raise ValueError(
-                f"{source}: the batch is rank-deficient for tau = {tau}: the {anchor + 1}-th largest "
+                f"{source}: the batch is rank-deficient for tau = {tau}: the {anchor + 1}-th "
+                f"largest "
                 f"value of its projected spectrum is zero (to rounding), so the power-law target "
                 f"is undefined; use a larger or more varied batch, or a smaller tau"
             )

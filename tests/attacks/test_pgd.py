@@ -1,0 +1,307 @@
+"""Batched PGD against the plain per-epsilon loop, plus its contracts (modes, grads, RNG)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+from attack_helpers import make_data, make_mlp, reference_pgd
+
+from powerlaw_fast._backend import triton_available
+from powerlaw_fast.attacks import pgd
+
+EPS = [0.0, 0.03, 0.1, 0.3]
+
+
+def wrong(model, x, y):
+    with torch.no_grad():
+        return model(x).argmax(1) != y
+
+
+@pytest.mark.parametrize("max_batch", [None, 7, 25])
+def test_matches_per_eps_loop_float64(max_batch):
+    model, (x, y) = make_mlp(), make_data(n=10)
+    adv = pgd(model, x, y, EPS, steps=6, step_size=0.02, max_batch=max_batch)
+    assert adv.shape == (len(EPS), *x.shape) and adv.dtype == x.dtype
+    for e, a in zip(EPS, adv, strict=True):
+        ref = reference_pgd(model, x, y, e, 6, 0.02)
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-12)
+        assert torch.equal(wrong(model, a, y), wrong(model, ref, y))
+
+
+def test_matches_per_eps_loop_float32_success_masks():
+    model, (x, y) = make_mlp(torch.float32, seed=3), make_data(n=16, dtype=torch.float32)
+    adv = pgd(model, x, y, EPS, steps=5, step_size=0.03)
+    for e, a in zip(EPS, adv, strict=True):
+        ref = reference_pgd(model, x, y, e, 5, 0.03)
+        # a gradient component near 0 may flip sign with a different batch size: one step off
+        assert ((a - ref).abs() <= 2 * 0.03 + 1e-6).all()
+        assert torch.equal(wrong(model, a, y), wrong(model, ref, y))
+
+
+def test_attack_lowers_accuracy_and_eps_zero_is_clean():
+    model, (x, y) = make_mlp(), make_data(n=40)
+    adv = pgd(model, x, y, [0.0, 0.3], steps=10, step_size=0.05)
+    assert torch.equal(adv[0], x)
+    clean_wrong = wrong(model, x, y)
+    assert torch.equal(wrong(model, adv[0], y), clean_wrong)
+    assert wrong(model, adv[1], y).sum() > clean_wrong.sum()
+
+
+def test_single_eps_returns_shape_of_x():
+    model, (x, y) = make_mlp(), make_data(n=5)
+    adv = pgd(model, x, y, 0.1, steps=3)
+    assert adv.shape == x.shape
+    torch.testing.assert_close(adv, reference_pgd(model, x, y, 0.1, 3, 0.01), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_eps_ball_and_bounds_never_left(dtype):
+    model, (x, y) = make_mlp(dtype), make_data(n=20, dtype=dtype)
+    eps = [0.0, 0.05, 0.2, 0.7]
+    adv = pgd(model, x, y, eps, steps=8, step_size=0.1, random_start=True, generator=3)
+    tol = 1e-6 if dtype == torch.float32 else 1e-12
+    for e, a in zip(eps, adv, strict=True):
+        assert ((a - x).abs() <= e + tol).all()
+        assert (a >= 0).all() and (a <= 1).all()
+
+
+def test_custom_bounds():
+    model, (x, y) = make_mlp(), make_data(n=6)
+    x = x * 0.5 - 0.25  # in [-0.25, 0.25]
+    adv = pgd(model, x, y, [0.5], steps=5, step_size=0.2, bounds=(-0.25, 0.25))
+    assert adv.min() >= -0.25 and adv.max() <= 0.25 and (adv != x).any()
+
+
+def test_model_modes_restored_and_param_grads_untouched():
+    model = make_mlp()
+    model.insert(2, torch.nn.Dropout(0.5))
+    model.train()
+    model[1].eval()  # mixed modes must come back exactly
+    modes = [m.training for m in model.modules()]
+    model[4].weight.grad = torch.ones_like(model[4].weight)
+    x, y = make_data(n=8)
+    pgd(model, x, y, [0.1], steps=2)
+    assert [m.training for m in model.modules()] == modes
+    assert model[1].weight.grad is None and model[1].bias.grad is None
+    assert torch.equal(model[4].weight.grad, torch.ones_like(model[4].weight))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not x.requires_grad
+
+
+def test_dropout_is_off_during_the_attack():
+    """Eval mode: with dropout active the result would depend on the global RNG."""
+    model = make_mlp()
+    model.insert(2, torch.nn.Dropout(0.5))
+    model.train()
+    x, y = make_data(n=8)
+    a = pgd(model, x, y, 0.1, steps=3)
+    model.eval()
+    torch.testing.assert_close(a, reference_pgd(model, x, y, 0.1, 3, 0.01), rtol=0, atol=1e-12)
+
+
+class Exploding(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(64, 10).double()
+
+    def forward(self, x):
+        raise RuntimeError("boom")
+
+
+def test_modes_restored_on_exception():
+    model = Exploding().train()
+    x, y = make_data(n=3)
+    with pytest.raises(RuntimeError, match="boom"):
+        pgd(model, x, y, 0.1, steps=2)
+    assert model.training and model.lin.training
+
+
+def test_random_start_seeded_and_global_rng_untouched():
+    model, (x, y) = make_mlp(), make_data(n=10)
+    state = torch.get_rng_state()
+    a = pgd(model, x, y, [0.1, 0.2], steps=3, random_start=True, generator=7)
+    b = pgd(model, x, y, [0.1, 0.2], steps=3, random_start=True,
+            generator=torch.Generator().manual_seed(7))
+    c = pgd(model, x, y, [0.1, 0.2], steps=3, random_start=True, generator=8)
+    d = pgd(model, x, y, [0.1, 0.2], steps=3, random_start=True)  # default seed: reproducible
+    e = pgd(model, x, y, [0.1, 0.2], steps=3, random_start=True)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c) and torch.equal(d, e)
+
+
+def test_random_start_matches_reference_from_same_start():
+    model, (x, y) = make_mlp(), make_data(n=6)
+    eps = 0.2
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand((6, 64), generator=g, dtype=torch.float64).view_as(x)
+    start = (x + (2 * u - 1) * eps).clamp(0, 1)
+    adv = pgd(model, x, y, eps, steps=4, step_size=0.05, random_start=True, generator=5)
+    ref = reference_pgd(model, x, y, eps, 4, 0.05, x_start=start)
+    torch.testing.assert_close(adv, ref, rtol=0, atol=1e-12)
+
+
+def test_restarts_keep_the_first_fooling_restart():
+    model, (x, _) = make_mlp(seed=4), make_data(n=30)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample starts correctly classified
+    kw = dict(steps=1, step_size=0.01, random_start=True, generator=11)
+    one = pgd(model, x, y, [0.05], restarts=1, **kw)[0]
+    three = pgd(model, x, y, [0.05], restarts=3, **kw)[0]
+    fooled_one, fooled_three = wrong(model, one, y), wrong(model, three, y)
+    assert (fooled_three | ~fooled_one).all()  # restart 0 is the same run
+    assert torch.equal(three[fooled_one], one[fooled_one])
+    assert fooled_three.sum() > fooled_one.sum()  # weak attack: later restarts add successes
+    assert ((three - x).abs() <= 0.05 + 1e-12).all()
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+def test_triton_backend_equals_torch_backend():
+    model, (x, y) = make_mlp(torch.float32), make_data(n=6, dtype=torch.float32)
+    a = pgd(model, x, y, [0.0, 0.1], steps=3, backend="triton")
+    b = pgd(model, x, y, [0.0, 0.1], steps=3, backend="torch")
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(eps=-0.1), ValueError, "eps"),
+        (dict(eps=[0.1, -0.1]), ValueError, r"eps\[1\]"),
+        (dict(eps=[]), ValueError, "eps"),
+        (dict(eps=math.nan), ValueError, "eps"),
+        (dict(eps="0.1"), TypeError, "eps"),
+        (dict(y=torch.zeros(5, dtype=torch.long)), ValueError, "y"),
+        (dict(y=torch.zeros(4)), TypeError, "y"),
+        (dict(x=torch.full((4, 1, 8, 8), 1.5, dtype=torch.float64)), ValueError, "x"),
+        (dict(x=torch.full((4, 1, 8, 8), math.nan, dtype=torch.float64)), ValueError, "x"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(steps=2.5), TypeError, "steps"),
+        (dict(step_size=0.0), ValueError, "step_size"),
+        (dict(restarts=0), ValueError, "restarts"),
+        (dict(restarts=2), ValueError, "random_start"),
+        (dict(bounds=(1.0, 0.0)), ValueError, "bounds"),
+        (dict(max_batch=0), ValueError, "max_batch"),
+        (dict(generator="seed", random_start=True), TypeError, "generator"),
+        (dict(backend="jax"), ValueError, "backend"),
+        (dict(model=lambda t: t), TypeError, "model"),
+    ],
+)
+def test_bad_input(kw, exc, match):
+    x, y = make_data(n=4)
+    args = dict(model=make_mlp(), x=x, y=y, eps=0.1)
+    args.update(kw)
+    with pytest.raises(exc, match=match):
+        pgd(args.pop("model"), args.pop("x"), args.pop("y"), args.pop("eps"), **args)
+
+
+def test_against_torchattacks():
+    torchattacks = pytest.importorskip("torchattacks")
+    model, (x, y) = make_mlp(torch.float32), make_data(n=20, dtype=torch.float32)
+    atk = torchattacks.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False)
+    theirs = atk(x, y)
+    ours = pgd(model, x, y, 0.1, steps=10, step_size=0.01)
+    assert ((ours - theirs).abs() <= 2 * 0.01 + 1e-6).all()
+    agree = (wrong(model, ours, y) == wrong(model, theirs, y)).float().mean()
+    assert agree >= 0.9
+
+
+# ----------------------------------------------------------------------------- GPU only
+def _cuda_model_and_data(n=64):
+    model = make_mlp(torch.float32).cuda()
+    x, y = make_data(n=n, dtype=torch.float32)
+    return model, x.cuda(), y.cuda()
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_equals_eager():
+    model, x, y = _cuda_model_and_data()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the capture must succeed for this model
+        graphed = pgd(model, x, y, EPS, steps=10, cuda_graph=True, max_batch=100)
+    eager = pgd(model, x, y, EPS, steps=10, cuda_graph=False, max_batch=100)
+    # same kernels on the same shapes: expected bit-equal; cuBLAS may pick another algorithm
+    # under capture, so allow a flipped sign of a near-zero gradient (two steps of 0.01)
+    assert ((graphed - eager).abs() <= 0.02 + 1e-6).all()
+    for g_, e_ in zip(graphed, eager, strict=True):
+        assert torch.equal(wrong(model, g_, y), wrong(model, e_, y))
+
+
+class HostSyncing(torch.nn.Module):
+    """Not capturable: reads a value back to the host every forward."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if float(x.sum()) < -1.0:
+            return -self.inner(x)
+        return self.inner(x)
+
+
+@pytest.mark.gpu
+def test_gpu_capture_failure_falls_back_with_warning():
+    model, x, y = _cuda_model_and_data()
+    wrapped = HostSyncing(model)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
+        out = pgd(wrapped, x, y, EPS, steps=6, cuda_graph=True)
+    assert torch.equal(out, pgd(model, x, y, EPS, steps=6, cuda_graph=False))
+
+
+@pytest.mark.gpu
+def test_gpu_step_loop_never_syncs_with_host():
+    from powerlaw_fast.attacks.pgd import _ChunkRunner, _Config
+
+    model, x, y = _cuda_model_and_data(n=32)
+    for graph in (False, True):
+        cfg = _Config(steps=8, step_size=0.01, bounds=(0.0, 1.0), backend="triton",
+                      cuda_graph=graph)
+        run = _ChunkRunner(model.eval(), (1, 8, 8), 64, 32, torch.float32, x.device, cfg)
+        run.load(x.reshape(32, -1), y, torch.full((64,), 0.1, device="cuda"))
+        run.x.copy_(run.x_nat.repeat(2, 1))
+        run.run(4)  # warm-up and capture happen here
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            run.run(8)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.gpu
+def test_gpu_matches_per_eps_loop():
+    model, x, y = _cuda_model_and_data()
+    adv = pgd(model, x, y, EPS, steps=10, step_size=0.02)
+    for e, a in zip(EPS, adv, strict=True):
+        ref = reference_pgd(model, x, y, e, 10, 0.02)
+        assert torch.equal(wrong(model, a, y), wrong(model, ref, y))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_stays_in_ball_up_to_rounding(dtype):
+    model, (x, y) = make_mlp(dtype), make_data(n=6, dtype=dtype)
+    adv = pgd(model, x, y, [0.0, 0.1], steps=3, step_size=0.05)
+    assert adv.dtype == dtype and torch.equal(adv[0], x)
+    ulp = 2.0**-8 if dtype == torch.bfloat16 else 2.0**-11  # relative rounding, values <= 1
+    assert ((adv[1].float() - x.float()).abs() <= 0.1 + ulp).all()
+    assert adv.min() >= 0 and adv.max() <= 1
+
+
+def test_cuda_graph_flag_is_ignored_on_cpu_and_progress_bar_runs():
+    model, (x, y) = make_mlp(), make_data(n=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a = pgd(model, x, y, EPS, steps=2, cuda_graph=True, max_batch=6, progress=True)
+    assert torch.equal(a, pgd(model, x, y, EPS, steps=2, cuda_graph=False))
+
+
+@pytest.mark.gpu
+def test_gpu_memory_budget_splits_into_chunks_with_same_result():
+    from powerlaw_fast.attacks.pgd import _auto_rows
+
+    model, x, y = _cuda_model_and_data(n=256)
+    rows = _auto_rows(model.eval(), x, y, memory_budget=2**20)
+    assert 1 <= rows < len(EPS) * 256
+    small = pgd(model, x, y, EPS, steps=5, memory_budget=2**20, cuda_graph=False)
+    whole = pgd(model, x, y, EPS, steps=5, max_batch=len(EPS) * 256, cuda_graph=False)
+    assert ((small - whole).abs() <= 2 * 0.01 + 1e-6).all()
