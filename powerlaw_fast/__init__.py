@@ -7,14 +7,48 @@
 >>> spec_penalty(x, V).backward()
 """
 
+from powerlaw_fast.attacks import RobustnessCurve, fgsm, pgd, robustness_curve, white_noise
+from powerlaw_fast.datasets import MNISTFileError, load_mnist, mnist_loaders
+from powerlaw_fast.jacobian import jacobian_penalty
+from powerlaw_fast.models import CNN, MLP, ShallowNet
+from powerlaw_fast.ops.attack_step import pgd_update
 from powerlaw_fast.ops.covariance import batch_covariance
 from powerlaw_fast.ops.spec_penalty import powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast.regularizer import SpectralRegularizer
+from powerlaw_fast.sensitivity import sensitivity_maps
+from powerlaw_fast.spectra import (
+    CovarianceAccumulator,
+    effective_dimension,
+    fit_power_law,
+    layer_spectrum,
+)
+from powerlaw_fast.whitening import Whiten
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CNN",
+    "MLP",
+    "CovarianceAccumulator",
+    "MNISTFileError",
+    "RobustnessCurve",
+    "ShallowNet",
+    "SpectralRegularizer",
+    "Whiten",
     "batch_covariance",
+    "effective_dimension",
+    "fgsm",
+    "fit_power_law",
+    "jacobian_penalty",
+    "layer_spectrum",
+    "load_mnist",
+    "mnist_loaders",
+    "pgd",
+    "pgd_update",
     "powerlaw_penalty",
     "projected_spectrum",
+    "robustness_curve",
+    "sensitivity_maps",
     "spec_penalty",
+    "white_noise",
 ]

@@ -261,10 +261,7 @@ def test_effective_dimension():
         effective_dimension([0.0, 0.0])
 
 
-def _all_reduce_worker(rank, world, init_file, rows, result_file):
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _all_reduce_body(rank, world, rows, result_file):
     acc = CovarianceAccumulator(rows.shape[1])
     mine = rows[:7] if rank == 0 else rows[7:]  # uneven split, different first-batch shifts
     for chunk in mine.split(4):
@@ -272,23 +269,14 @@ def _all_reduce_worker(rank, world, init_file, rows, result_file):
     acc.all_reduce()
     if rank == 0:
         torch.save({"cov": acc.covariance(), "mean": acc.mean, "count": acc.count}, result_file)
-    dist.destroy_process_group()
 
 
 def test_all_reduce_over_two_processes(tmp_path):
-    import torch.distributed as dist
-    import torch.multiprocessing as mp
+    from tests.distributed_utils import run_on_processes
 
-    if not dist.is_available():
-        pytest.skip("torch.distributed not available")
     rows = data(30, 4, offset=5.0)
     out = tmp_path / "result.pt"
-    mp.spawn(
-        _all_reduce_worker,
-        args=(2, str(tmp_path / "init"), rows, str(out)),
-        nprocs=2,
-        join=True,
-    )
+    run_on_processes(_all_reduce_body, 2, tmp_path, rows, str(out))
     got = torch.load(out)
     assert got["count"] == 30
     torch.testing.assert_close(got["cov"], torch.cov(rows.T), rtol=1e-12, atol=1e-12)
