@@ -58,11 +58,61 @@ __device__ __forceinline__ bfloat16_t from_float<bfloat16_t>(float v) {
     return h;
 }
 
-__device__ __forceinline__ bool is_nan(float v) { return v != v; }
+// Bit tests, not float compares, so they hold under -ftz=true too.
+__device__ __forceinline__ bool is_nan(float v) {
+    return (__float_as_uint(v) & 0x7fffffffu) > 0x7f800000u;
+}
 
 __device__ __forceinline__ bool is_nonfinite(float v) {
-    return v != v || fabsf(v) == __int_as_float(0x7f800000);
+    return (__float_as_uint(v) & 0x7f800000u) == 0x7f800000u;
 }
+
+// IEEE float32 operations written as PTX without the .ftz modifier. CuPy compiles every
+// RawModule with -ftz=true, which would flush subnormal inputs and results to zero and make
+// `g > 0.0f` false for a subnormal g; torch's kernels keep subnormals. Where bitwise agreement
+// with torch matters (the PGD step, the penalty's sign tests) the kernels use these instead of
+// the C operators. Not volatile: they are pure, so the compiler may schedule them freely.
+__device__ __forceinline__ float ieee_add(float a, float b) {
+    float r;
+    asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float ieee_sub(float a, float b) {
+    float r;
+    asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float ieee_mul(float a, float b) {
+    float r;
+    asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+// fmaxf / fminf as torch's kernels compile them (max.f32 / min.f32: a NaN operand yields the
+// other operand; callers deal with NaN first, as torch.clamp does).
+__device__ __forceinline__ float ieee_max(float a, float b) {
+    float r;
+    asm("max.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ float ieee_min(float a, float b) {
+    float r;
+    asm("min.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+    return r;
+}
+
+__device__ __forceinline__ bool ieee_gt(float a, float b) {
+    unsigned int r;
+    asm("{\n\t.reg .pred p;\n\tsetp.gt.f32 p, %1, %2;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(r)
+        : "f"(a), "f"(b));
+    return r != 0u;
+}
+
+__device__ __forceinline__ bool ieee_lt(float a, float b) { return ieee_gt(b, a); }
 
 // Tree sum over a full warp; every lane must be active. The order of additions is fixed, so
 // the result is bitwise reproducible.
@@ -76,8 +126,10 @@ __device__ __forceinline__ T warp_sum(T v) {
 }
 
 // Sum over a 1-D block of kThreads threads (a multiple of 32, at most 1024). Every thread must
-// call it; the total is valid in thread 0 only. `scratch` holds at least kThreads / 32 values.
-// Deterministic: warp trees, then warp 0 sums the warp totals in a fixed tree.
+// call it; the total is valid in thread 0 only. `scratch` holds at least kThreads / 32 values
+// and must not be reused by another block_sum without a __syncthreads() in between (warp 0 may
+// still be reading it). Deterministic: warp trees, then warp 0 sums the warp totals in a fixed
+// tree.
 template <int kThreads, typename T>
 __device__ __forceinline__ T block_sum(T v, T* scratch) {
     static_assert(kThreads % 32 == 0 && kThreads <= 1024, "block size must be 32k <= 1024");

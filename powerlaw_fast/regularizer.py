@@ -188,6 +188,8 @@ class SpectralRegularizer:
     def _resolve(self, entry) -> tuple[str, nn.Module]:
         model = self._model
         if isinstance(entry, str):
+            if not entry:
+                raise ValueError("layers: the model itself ('') cannot be a regularised layer")
             hidden = model.hidden_layers() if hasattr(model, "hidden_layers") else {}
             if entry in hidden:
                 return entry, hidden[entry]
@@ -204,14 +206,18 @@ class SpectralRegularizer:
                     if not name:
                         raise ValueError("layers: the model itself cannot be a regularised layer")
                     return name, module
-            raise ValueError(f"layers: the given {type(entry).__name__} is not a submodule of model")
+            raise ValueError(
+                f"layers: the given {type(entry).__name__} is not a submodule of model"
+            )
         raise TypeError(f"layers: expected module names or modules, got {type(entry).__name__}")
 
     def _layer_name(self, key, what: str) -> str:
         if isinstance(key, str):
             if key in self._modules:
                 return key
-            raise ValueError(f"{what}: unknown layer {key!r}; regularised layers: {self.layer_names}")
+            raise ValueError(
+                f"{what}: unknown layer {key!r}; regularised layers: {self.layer_names}"
+            )
         if isinstance(key, nn.Module):
             for name, module in self._modules.items():
                 if module is key:
@@ -308,7 +314,9 @@ class SpectralRegularizer:
         for name in self.layer_names:
             V, lam = entries[name]["basis"], entries[name]["eigenvalues"]
             if not (isinstance(V, torch.Tensor) and isinstance(lam, torch.Tensor)):
-                raise TypeError(f"state: layer {name!r}: expected tensors for basis and eigenvalues")
+                raise TypeError(
+                    f"state: layer {name!r}: expected tensors for basis and eigenvalues"
+                )
             N = lam.shape[0] if lam.dim() == 1 else -1
             if V.dtype != torch.float32 or lam.dtype != torch.float64 or V.shape != (N, N):
                 raise ValueError(
@@ -482,10 +490,14 @@ class SpectralRegularizer:
             out = captured.pop(name)
             if not isinstance(out, torch.Tensor):
                 raise TypeError(
-                    f"layer {name!r}: expected the layer to output a tensor, got {type(out).__name__}"
+                    f"layer {name!r}: expected the layer to output a tensor, got "
+                    f"{type(out).__name__}"
                 )
             term = self._layer_penalty(name, out)
-            total = term if total is None else total + term.to(torch.promote_types(total.dtype, term.dtype))
+            if total is None:
+                total = term
+            else:
+                total = total + term.to(torch.promote_types(total.dtype, term.dtype))
             del out
         return total
 

@@ -465,13 +465,27 @@ def spectrum_forward(
     else:
         mean = column_mean(x, backend=backend)
     if group is None:
-        count = torch.tensor(float(B), dtype=torch.float64, device=x.device)
+        count = torch.full((), float(B), dtype=torch.float64, device=x.device)
     else:
         mean, count = global_mean(mean, B, group)
     sumsq, z = _implementation(_CENTRED_PROJECTION, "centred_projection_cuda", backend)(x, V, mean)
     if group is not None:
         torch.distributed.all_reduce(sumsq, group=group)
-    return sumsq / (count - 1).to(sumsq.dtype), z, count
+    lam = sumsq / (count - 1).to(sumsq.dtype)
+    return _drop_centring_noise(lam, mean, count), z, count
+
+
+def _drop_centring_noise(lam: torch.Tensor, mean: torch.Tensor, count: torch.Tensor):
+    """Values below the rounding noise of the centring carry no information: report them as 0.
+
+    Subtracting a mean of norm ||mu|| leaves errors of about eps * log2(B) * ||mu|| per row, so
+    a direction with no variance still shows up to ``(4 eps log2 B)^2 ||mu||^2``. Without this,
+    a constant (dead) layer would have a spectrum of pure noise and a meaningless penalty
+    instead of the clear rank-deficiency error.
+    """
+    eps = torch.finfo(lam.dtype).eps
+    floor = (4.0 * eps * torch.log2(count.clamp_min(2.0)).to(lam.dtype)) ** 2 * (mean * mean).sum()
+    return torch.where(lam <= floor, torch.zeros_like(lam), lam)
 
 
 def global_mean(local_mean: torch.Tensor, local_count: int, group):

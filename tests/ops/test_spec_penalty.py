@@ -352,6 +352,12 @@ def test_rank_deficient_batch_raises(backend):
     spec_penalty(x, V, tau=3, backend=backend)  # the 3rd value is fine
     with pytest.raises(ValueError, match="rank-deficient"):
         spec_penalty(torch.ones(8, 12), V, tau=1, backend=backend)
+    # a constant batch whose mean does not round exactly: its spectrum is rounding noise only
+    constant = torch.full((37, 12), 0.1) + torch.arange(12) * 0.3
+    Q = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(0)))[0]
+    assert float(projected_spectrum(constant, Q, backend=backend).abs().max()) == 0.0
+    with pytest.raises(ValueError, match="rank-deficient"):
+        spec_penalty(constant, Q, tau=1, backend=backend)
 
 
 def test_triton_backend_refuses_float64_clearly():

@@ -1,0 +1,232 @@
+"""backend="cuda" (csrc kernels via CuPy) against the torch backend, on a GPU.
+
+Values and gradients must be at most ~2x as far from a float64 evaluation of the literal
+formula (on the same rounded inputs) as the torch backend's own result, plus a small floor;
+the PGD step must agree with the torch reference bit for bit. Skipped without a CUDA device;
+skipped with the reason when CuPy is missing there.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from powerlaw_fast import batch_covariance, powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast.ops import _alloc
+from tests.reference import literal_penalty, literal_spectrum, value_and_grad
+
+pytestmark = pytest.mark.gpu
+
+SHAPES = [(2, 10), (300, 257), (37, 100), (100, 37), (1500, 64)]  # 1500 > 512: chunked sums
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FLOOR = {torch.float32: 1e-6, torch.bfloat16: 2e-2, torch.float16: 3e-3}
+
+
+@pytest.fixture(autouse=True)
+def cuda_backend(monkeypatch):
+    from powerlaw_fast.cuda import CupyNotInstalled, require_cuda_backend
+
+    try:
+        require_cuda_backend(torch.device("cuda"), torch.float32)
+    except CupyNotInstalled as err:
+        pytest.skip(str(err))
+    # Exact float32 GEMMs on both sides, so the comparison measures the kernels.
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")
+
+    def poisoned(shape, *, device, dtype):  # a kernel that skips an element fails the test
+        fill = float("nan") if dtype.is_floating_point else -7
+        return torch.full(shape, fill, device=device, dtype=dtype)
+
+    monkeypatch.setattr(_alloc, "empty", poisoned)
+    yield
+    torch.set_float32_matmul_precision(previous)
+
+
+def make_batch(B, N, dtype, *, transpose=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))
+    scales = torch.arange(1, N + 1, dtype=torch.float64) ** -0.5
+    x = 3.0 + (torch.randn(B, N, generator=g, dtype=torch.float64) * scales) @ q.T
+    x = x.to("cuda", dtype)
+    if transpose:  # same values, column-major storage
+        x = x.T.contiguous().T
+    return x, q.to("cuda", dtype)
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-300))
+
+
+def assert_as_close_as_torch(cuda_val, torch_val, ref, dtype, what):
+    err_cuda, err_torch = rel(cuda_val, ref), rel(torch_val, ref)
+    assert err_cuda <= 2 * err_torch + FLOOR[dtype], f"{what}: cuda {err_cuda}, torch {err_torch}"
+
+
+@pytest.mark.parametrize("transpose", [False, True], ids=["rowmajor", "colmajor"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,N", SHAPES)
+def test_projected_spectrum_and_penalty(B, N, dtype, transpose):
+    x, V = make_batch(B, N, dtype, transpose=transpose)
+    ref = literal_spectrum(x, V)
+    lam_c = projected_spectrum(x, V, backend="cuda")
+    lam_t = projected_spectrum(x, V, backend="torch")
+    assert lam_c.dtype == torch.float32
+    assert_as_close_as_torch(lam_c, lam_t, ref, dtype, "spectrum")
+
+    tau = min(10, B - 1)
+    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), tau=tau)
+    val_c, grad_c = value_and_grad(spec_penalty, x, V, tau=tau, backend="cuda")
+    val_t, grad_t = value_and_grad(spec_penalty, x, V, tau=tau, backend="torch")
+    assert_as_close_as_torch(val_c, val_t, ref_v, dtype, "penalty")
+    assert_as_close_as_torch(grad_c, grad_t, ref_g, dtype, "gradient")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_contiguous_slice(dtype):
+    full, _ = make_batch(64, 90, dtype)
+    x = full[:, ::3]  # [64, 30], stride (90, 3)
+    V = torch.linalg.qr(torch.randn(30, 30, dtype=torch.float64))[0].to("cuda", dtype)
+    assert_as_close_as_torch(
+        projected_spectrum(x, V, backend="cuda"),
+        projected_spectrum(x, V, backend="torch"),
+        literal_spectrum(x, V),
+        dtype,
+        "spectrum of a strided view",
+    )
+
+
+@pytest.mark.parametrize("convention", ["paper", "authors"])
+@pytest.mark.parametrize("N", [10, 257, 3000])
+def test_powerlaw_penalty_kernel(N, convention):
+    g = torch.Generator().manual_seed(N)
+    lam = (torch.rand(N, generator=g, dtype=torch.float64) + 0.1) / torch.arange(1, N + 1)
+    lam = lam[torch.randperm(N, generator=g)].to("cuda", torch.float32)
+    if convention == "authors":
+        lam[-3:] = torch.tensor([0.0, -1e-3, 1e-40])  # skipped terms, a subnormal one included
+    tau = 9 if convention == "paper" else 8
+    v_c, g_c = value_and_grad(
+        powerlaw_penalty, lam, tau=tau, beta=2.0, convention=convention, backend="cuda"
+    )
+    v_t, g_t = value_and_grad(
+        powerlaw_penalty, lam, tau=tau, beta=2.0, convention=convention, backend="torch"
+    )
+    torch.testing.assert_close(v_c, v_t, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(g_c, g_t, rtol=2e-5, atol=1e-7)
+
+
+def test_penalty_status_errors():
+    lam = torch.rand(50, device="cuda") + 0.5
+    bad = lam.clone()
+    bad[7] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        powerlaw_penalty(bad, backend="cuda")
+    zeros = lam.clone()
+    zeros[torch.argsort(lam)[:45]] = 0.0  # the 10th largest value is 0
+    with pytest.raises(ValueError, match="rank-deficient"):
+        powerlaw_penalty(zeros, tau=10, backend="cuda")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,N", SHAPES)
+def test_batch_covariance(B, N, dtype):
+    x, _ = make_batch(B, N, dtype, transpose=True)
+    x64 = x.double()
+    ref = (x64 - x64.mean(0)).T @ (x64 - x64.mean(0)) / (B - 1)
+    cov_c, cov_t = batch_covariance(x, backend="cuda"), batch_covariance(x, backend="torch")
+    assert cov_c.dtype == torch.float32
+    assert_as_close_as_torch(cov_c, cov_t, ref, dtype, "covariance")
+    weight = torch.randn(N, N, device="cuda")
+    _, g_c = value_and_grad(lambda t: (batch_covariance(t, backend="cuda") * weight).sum(), x)
+    _, g_t = value_and_grad(lambda t: (batch_covariance(t, backend="torch") * weight).sum(), x)
+    _, g_r = value_and_grad(lambda t: (torch.cov(t.T) * weight.double()).sum(), x64)
+    assert_as_close_as_torch(g_c, g_t, g_r, dtype, "covariance gradient")
+
+
+def test_column_sums_are_deterministic():
+    from powerlaw_fast.cuda import column_mean_cuda
+
+    x = torch.randn(20000, 300, device="cuda") * 5 + 2
+    first = column_mean_cuda(x)
+    for _ in range(3):
+        assert torch.equal(column_mean_cuda(x), first)
+    exact = x.double().mean(0)
+    err_cuda = float((first.double() - exact).abs().max())
+    err_torch = float((x.mean(0).double() - exact).abs().max())
+    assert err_cuda <= 2 * err_torch + 1e-6
+
+
+# --------------------------------------------------------------------------------------------
+# The fused PGD step: bit for bit the torch reference
+# --------------------------------------------------------------------------------------------
+def _bits(t):
+    view = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+    return t.view(view[t.dtype])
+
+
+def assert_same_bits(a, b):
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    assert torch.equal(nan_a, nan_b)
+    assert torch.equal(_bits(a)[~nan_a], _bits(b)[~nan_b])
+
+
+def pgd_inputs(R, S, D, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x_nat = torch.rand((S, D), generator=g)
+    x_adv = (x_nat.repeat(R // S, 1) + 0.3 * torch.randn((R, D), generator=g)).clamp(0, 1)
+    grad = torch.randn((R, D), generator=g)
+    grad[grad.abs() < 0.3] = 0.0
+    grad[0, :4] = torch.tensor([1e-40, -1e-40, -0.0, float("nan")])  # subnormals, -0, NaN
+    x_adv[1, :3] = torch.tensor([float("nan"), 1e-39, -0.0])
+    x_nat[0, 5] = float("nan")  # a NaN ball bound
+    eps = torch.rand((R,), generator=g) * 0.2
+    eps[0] = 0.0
+    return [t.to("cuda") for t in (x_adv.to(dtype), x_nat.to(dtype), grad.to(dtype))] + [
+        eps.to("cuda")
+    ]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("R,S,D", [(12, 4, 37), (6, 6, 784), (300, 100, 33)])
+def test_pgd_update_bit_exact(R, S, D, dtype):
+    from powerlaw_fast.ops.attack_step import pgd_update, pgd_update_reference
+
+    x_adv, x_nat, grad, eps = pgd_inputs(R, S, D, dtype)
+    for bounds, (lo, hi) in (((0.0, 1.0), (0.0, 1.0)), (None, (-float("inf"), float("inf")))):
+        ref = pgd_update_reference(x_adv, x_nat, grad, eps, 0.0123, lo, hi)
+        got = pgd_update(x_adv, x_nat, grad, eps, 0.0123, bounds, backend="cuda")
+        assert_same_bits(got, ref)
+        # FGSM layout: one shared gradient and natural image per sample, cycled over R rows
+        ref = pgd_update_reference(x_nat, x_nat, grad[:S], eps, 0.0123, lo, hi)
+        got = pgd_update(x_nat, x_nat, grad[:S], eps, 0.0123, bounds, backend="cuda")
+        assert_same_bits(got, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pgd_update_strided_and_in_place(dtype):
+    from powerlaw_fast.ops.attack_step import pgd_update, pgd_update_reference
+
+    x_adv, x_nat, grad, eps = pgd_inputs(20, 20, 50, dtype, seed=1)
+    grad_t = grad.T.contiguous().T  # column-major
+    x_nat_s = torch.cat([x_nat, x_nat], 1)[:, ::2]  # strided view
+    ref = pgd_update_reference(x_adv, x_nat_s, grad_t, eps, 0.05, 0.0, 1.0)
+    pgd_update(x_adv, x_nat_s, grad_t, eps, 0.05, (0.0, 1.0), backend="cuda", out=x_adv)
+    assert_same_bits(x_adv, ref)
+
+
+def test_pgd_update_in_a_cuda_graph():
+    from powerlaw_fast.cuda import pgd_update_cuda
+    from powerlaw_fast.ops.attack_step import pgd_update_reference
+
+    x_adv, x_nat, grad, eps = pgd_inputs(64, 64, 100, torch.float32)
+    x_adv = torch.nan_to_num(x_adv)
+    out = torch.empty_like(x_adv)
+    pgd_update_cuda(x_adv, x_nat, grad, eps, 0.01, 0.0, 1.0, out)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        pgd_update_cuda(x_adv, x_nat, grad, eps, 0.01, 0.0, 1.0, out)
+    out.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_same_bits(out, pgd_update_reference(x_adv, x_nat, grad, eps, 0.01, 0.0, 1.0))

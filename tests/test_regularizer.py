@@ -1,0 +1,508 @@
+"""SpectralRegularizer: refresh against a float64 eigendecomposition, penalty against spec_penalty,
+per-layer settings, misuse errors, checkpoints, autocast, torch.compile, hook hygiene."""
+
+from __future__ import annotations
+
+import io
+import warnings
+import weakref
+
+import pytest
+import torch
+from torch import nn
+
+from powerlaw_fast.ops.spec_penalty import projected_spectrum, spec_penalty
+from powerlaw_fast.regularizer import SpectralRegularizer
+
+
+def _bn_mlp(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(12, 24), nn.BatchNorm1d(24), nn.Tanh(),   # "2": 24 wide
+        nn.Linear(24, 16), nn.Tanh(),                       # "4": 16 wide
+        nn.Linear(16, 3),
+    )
+    bn = model[1]
+    # Running statistics far from any batch's own, so eval and train mode differ clearly.
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.linspace(-0.5, 0.5, 24))
+        bn.running_var.copy_(torch.linspace(2.0, 6.0, 24))
+    return model
+
+
+def _batches(sizes, features=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(b, features, generator=g) * 2.0 + 0.3, torch.randint(0, 3, (b,), generator=g))
+        for b in sizes
+    ]
+
+
+def _activations(model, modules, x):
+    """Outputs of ``modules`` for input ``x``, flattened per sample, as float64."""
+    outs = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, o, k=k: outs.__setitem__(k, o.flatten(1)))
+        for k, m in modules.items()
+    ]
+    try:
+        model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.detach().double() for k, v in outs.items()}
+
+
+def _reference_eigh(acts: torch.Tensor):
+    lam, vec = torch.linalg.eigh(torch.cov(acts.T))
+    return lam.flip(0), vec.flip(1)
+
+
+def _assert_same_eigensystem(lam, V, lam_ref, V_ref):
+    assert lam.dtype == torch.float64 and V.dtype == torch.float32
+    assert bool((lam[:-1] >= lam[1:]).all()), "eigenvalues must be descending"
+    torch.testing.assert_close(lam, lam_ref, rtol=1e-5, atol=1e-7 * float(lam_ref[0]))
+    # Eigenvectors up to sign: |<v_n, v_ref_n>| = 1 where the eigenvalue is well separated.
+    gaps = torch.minimum(
+        torch.cat([lam_ref[:-1] - lam_ref[1:], lam_ref.new_full((1,), float("inf"))]),
+        torch.cat([lam_ref.new_full((1,), float("inf")), lam_ref[:-1] - lam_ref[1:]]),
+    ) / lam_ref[0]
+    separated = gaps > 1e-3
+    assert int(separated.sum()) >= lam.numel() // 2  # the check below must cover most columns
+    overlap = (V.double() * V_ref).sum(0).abs()
+    ones = torch.ones_like(overlap[separated])
+    torch.testing.assert_close(overlap[separated], ones, atol=1e-4, rtol=0)
+    # The whole basis reconstructs the reference covariance.
+    cov = V.double() @ torch.diag(lam) @ V.double().T
+    cov_ref = V_ref @ torch.diag(lam_ref) @ V_ref.T
+    torch.testing.assert_close(cov, cov_ref, rtol=0, atol=1e-5 * float(lam_ref[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# refresh
+
+
+@pytest.mark.parametrize("source", ["loader", "tensor"])
+def test_refresh_matches_float64_eigendecomposition_of_all_activations(source):
+    model = _bn_mlp()
+    data = _batches([32, 32, 32, 7])  # partial last batch
+    layers = {"2": model[2], "4": model[4]}
+    model.train()
+    model[1].eval()  # a mixed mode that must come back exactly as it was
+    reg = SpectralRegularizer(model, ["2", model[4]], tau=3, progress=False)
+    if source == "loader":
+        reg.refresh(data)
+    else:
+        reg.refresh(torch.cat([x for x, _ in data]), batch_size=30)
+    assert model.training and not model[1].training and model[0].training
+
+    inputs = torch.cat([x for x, _ in data])
+    model.eval()
+    with torch.no_grad():
+        ref = _activations(model, layers, inputs)
+        model.train()  # batch statistics: what the refresh must NOT use
+        wrong = _activations(model, layers, inputs)
+    for name in ("2", "4"):
+        lam_ref, V_ref = _reference_eigh(ref[name])
+        _assert_same_eigensystem(reg.eigenvalues(name), reg.basis(name), lam_ref, V_ref)
+        lam_wrong, _ = _reference_eigh(wrong[name])
+        assert not torch.allclose(reg.eigenvalues(name), lam_wrong, rtol=1e-2)
+    assert reg.basis(model[2]) is reg.basis("2")
+
+
+def test_refresh_flattens_conv_outputs_and_stops_after_the_last_layer():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.Tanh(),      # [B, 3, 4, 4] -> N = 48
+        nn.Flatten(), nn.Linear(48, 5), nn.Tanh(), nn.Linear(5, 2),
+    )
+    readout_calls = []
+    model[5].register_forward_hook(lambda *a: readout_calls.append(1))
+    x = torch.randn(150, 1, 6, 6)
+    reg = SpectralRegularizer(model, ["1", "4"], tau=3, progress=False)
+    reg.refresh(x, batch_size=64)
+    assert readout_calls == []  # the refresh forward ends once every regularised layer ran
+    with torch.no_grad():
+        model.eval()
+        ref = _activations(model, {"1": model[1], "4": model[4]}, x)
+    for name in ("1", "4"):
+        lam_ref, V_ref = _reference_eigh(ref[name])
+        _assert_same_eigensystem(reg.eigenvalues(name), reg.basis(name), lam_ref, V_ref)
+
+    model.train()
+    xb = x[:100]
+    with torch.no_grad():
+        acts = _activations(model, {"1": model[1], "4": model[4]}, xb)
+    model(xb)
+    expected = sum(spec_penalty(acts[n].float(), reg.basis(n), tau=3) for n in ("1", "4"))
+    torch.testing.assert_close(reg.penalty(), expected, rtol=1e-6, atol=0)
+
+
+def test_refresh_restores_mode_and_keeps_the_old_basis_on_error():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2"], tau=3, progress=False)
+    reg.refresh(_batches([40, 40]))
+    before = reg.basis("2").clone()
+
+    def failing():
+        yield from _batches([40])
+        raise OSError("disk gone")
+
+    model.train()
+    with pytest.raises(OSError, match="disk gone"):
+        reg.refresh(failing())
+    assert model.training and all(m.training for m in model.modules())
+    assert torch.equal(reg.basis("2"), before)
+    # The training capture works again after the failed refresh.
+    model(_batches([40])[0][0])
+    assert torch.isfinite(reg.penalty())
+
+
+def test_refresh_progress_bar_can_be_on():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2"], tau=3, progress=True)
+    reg.refresh(_batches([40, 40]))
+    assert reg.refreshed
+
+
+# --------------------------------------------------------------------------------------------
+# penalty
+
+
+def _training_step_inputs(model, seed=5, B=64):
+    x = _batches([B], seed=seed)[0][0]
+    model.train()
+    return x
+
+
+def test_penalty_is_the_sum_of_spec_penalty_with_per_layer_settings():
+    model = _bn_mlp()
+    alpha = {"2": 1.3, model[4]: 0.8}
+    tau = {model[2]: 4, "4": 2}
+    beta = {"2": 2.0, "4": 0.5}
+    reg = SpectralRegularizer(model, ["2", "4"], alpha=alpha, tau=tau, beta=beta, progress=False)
+    assert reg.settings("4") == {"alpha": 0.8, "tau": 2, "beta": 0.5}
+    reg.refresh(_batches([50, 50, 13]))
+
+    x = _training_step_inputs(model)
+    model(x)
+    got = reg.penalty()
+    got.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert model[5].weight.grad is None and model[0].weight.grad is not None
+    model.zero_grad(set_to_none=True)
+
+    acts = {}
+    hooks = [model[i].register_forward_hook(lambda m, a, o, i=i: acts.__setitem__(str(i), o))
+             for i in (2, 4)]
+    model(x)
+    for h in hooks:
+        h.remove()
+    expected = (
+        spec_penalty(acts["2"], reg.basis("2"), alpha=1.3, tau=4, beta=2.0)
+        + spec_penalty(acts["4"], reg.basis("4"), alpha=0.8, tau=2, beta=0.5)
+    )
+    assert torch.equal(got.detach(), expected.detach())
+    expected.backward()
+    for g, p in zip(grads, model.parameters(), strict=True):
+        assert (g is None and p.grad is None) or torch.equal(g, p.grad)
+    # Different settings give a different value: the test above can fail.
+    plain = spec_penalty(acts["2"], reg.basis("2")) + spec_penalty(acts["4"], reg.basis("4"), tau=2)
+    assert not torch.allclose(plain, expected)
+
+
+def test_authors_convention_is_passed_through():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["4"], tau=3, convention="authors", progress=False)
+    reg.refresh(_batches([60, 60]))
+    x = _training_step_inputs(model)
+    acts = {}
+    model[4].register_forward_hook(lambda m, a, o: acts.__setitem__("4", o))
+    model(x)
+    got = reg.penalty()
+    expected = spec_penalty(acts["4"], reg.basis("4"), tau=3, convention="authors")
+    assert torch.equal(got, expected)
+    assert not torch.equal(got, spec_penalty(acts["4"], reg.basis("4"), tau=3))
+
+
+def test_spectra_are_the_sorted_per_batch_spectra_of_the_latest_penalty():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2", "4"], tau=3, progress=False)
+    reg.refresh(_batches([50, 50]))
+    assert reg.spectra() == {}
+    x = _training_step_inputs(model)
+    acts = {}
+    model[2].register_forward_hook(lambda m, a, o: acts.__setitem__("2", o))
+    model(x)
+    reg.penalty()
+    spectra = reg.spectra()
+    assert set(spectra) == {"2", "4"}
+    expected = projected_spectrum(acts["2"].detach(), reg.basis("2")).sort(descending=True).values
+    assert torch.equal(spectra["2"], expected)
+    assert not spectra["2"].requires_grad
+    reg.refresh(_batches([50, 50]))
+    assert reg.spectra() == {}
+
+
+def test_penalty_releases_the_activations():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2", "4"], tau=3, progress=False)
+    reg.refresh(_batches([50, 50]))
+    refs = []
+    model[4].register_forward_hook(lambda m, a, o: refs.append(weakref.ref(o)))
+    loss = model(_training_step_inputs(model)).sum() + reg.penalty()
+    loss.backward()
+    del loss
+    assert reg._captured == {}
+    assert refs[0]() is None
+
+
+def test_only_training_forward_passes_with_gradients_are_captured():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2"], tau=3, progress=False)
+    reg.refresh(_batches([50, 50]))
+    x = _training_step_inputs(model)
+    with torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="no activations for layers"):
+        reg.penalty()
+    model.eval()
+    model(x)  # e.g. an attack on the eval-mode model
+    with pytest.raises(RuntimeError, match="no activations for layers"):
+        reg.penalty()
+
+
+def test_small_batch_warns_once_per_layer():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2", "4"], tau=3, progress=False)
+    reg.refresh(_batches([50, 50]))
+    model.train()
+    x = _batches([20])[0][0]  # 20 < 24 ("2") but >= 16 ("4")
+    model(x)
+    with pytest.warns(UserWarning, match="layer '2': batch of B = 20") as record:
+        reg.penalty()
+    assert len(record) == 1
+    model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.penalty()
+
+
+# --------------------------------------------------------------------------------------------
+# misuse
+
+
+def test_penalty_errors_before_refresh_and_without_a_new_forward_pass():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2"], tau=3, progress=False)
+    model.train()
+    model(_batches([30])[0][0])
+    with pytest.raises(RuntimeError, match="call reg.refresh"):
+        reg.penalty()
+    with pytest.raises(RuntimeError, match="call reg.refresh"):
+        reg.basis("2")
+    with pytest.raises(RuntimeError, match="call reg.refresh"):
+        reg.state_dict()
+    reg.refresh(_batches([40]))
+    model(_batches([30])[0][0])
+    reg.penalty()
+    with pytest.raises(RuntimeError, match=r"no activations for layers \['2'\]"):
+        reg.penalty()
+
+
+def test_penalty_error_names_a_layer_that_did_not_fire():
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Sequential(nn.Linear(6, 5), nn.Tanh())
+            self.b = nn.Sequential(nn.Linear(6, 5), nn.Tanh())
+            self.use_b = True
+
+        def forward(self, x):
+            return self.a(x) + (self.b(x) if self.use_b else 0)
+
+    torch.manual_seed(0)
+    model = Branchy()
+    reg = SpectralRegularizer(model, ["a", "b"], tau=2, progress=False)
+    reg.refresh(torch.randn(40, 6))
+    model.use_b = False
+    with pytest.raises(ValueError, match=r"layers \['b'\] did not run"):
+        reg.refresh(torch.randn(40, 6))
+    model.train()
+    model(torch.randn(30, 6))
+    with pytest.raises(RuntimeError, match=r"no activations for layers \['b'\]"):
+        reg.penalty()
+
+
+def test_reused_module_and_width_change_are_errors():
+    torch.manual_seed(0)
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh())
+    reg = SpectralRegularizer(model, [shared, "3"], tau=2, progress=False)
+    assert reg.layer_names == ["0", "3"]
+    with pytest.raises(ValueError, match="ran twice in one forward pass"):
+        reg.refresh(torch.randn(20, 4))
+
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh())
+    reg = SpectralRegularizer(conv, ["1"], tau=2, progress=False)
+    reg.refresh(torch.randn(30, 1, 5, 5))
+    conv.train()
+    conv(torch.randn(30, 1, 6, 6))
+    with pytest.raises(ValueError, match="expected 18 features per sample"):
+        reg.penalty()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"layers": "2"}, TypeError, "layers: expected a list"),
+        ({"layers": []}, ValueError, "at least one layer"),
+        ({"layers": ["nope"]}, ValueError, "no submodule 'nope'"),
+        ({"layers": [nn.Linear(2, 2)]}, ValueError, "not a submodule of model"),
+        ({"layers": [3]}, TypeError, "expected module names or modules, got int"),
+        ({"layers": ["2", "2"]}, ValueError, "listed twice"),
+        ({"layers": [""]}, ValueError, "the model itself"),
+        ({"alpha": 0.0}, ValueError, "alpha: expected a finite number > 0"),
+        ({"beta": -1.0}, ValueError, "beta: expected a finite number >= 0"),
+        ({"tau": 2.5}, TypeError, "tau: expected an integer"),
+        ({"tau": {"2": 3}}, ValueError, r"tau: the mapping has no value for layers \['4'\]"),
+        ({"beta": {"2": 1.0, "4": 1.0, "9": 1.0}}, ValueError, "unknown layer '9'"),
+        ({"alpha": {"2": 1.0, "4": float("nan")}}, ValueError, r"alpha\['4'\]"),
+        ({"convention": "nature"}, ValueError, "convention: expected one of"),
+        ({"backend": "gpu"}, ValueError, "backend: expected one of"),
+    ],
+)
+def test_constructor_errors(kwargs, error, match):
+    model = _bn_mlp()
+    args = {"layers": ["2", "4"], **kwargs}
+    with pytest.raises(error, match=match):
+        SpectralRegularizer(model, **args)
+
+
+def test_other_errors():
+    with pytest.raises(TypeError, match="model: expected a torch.nn.Module"):
+        SpectralRegularizer(lambda x: x, ["a"])
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2", "4"], tau={"2": 3, "4": 17}, progress=False)
+    with pytest.raises(ValueError, match="tau for layer '4' \\(N = 16 features\\)"):
+        reg.refresh(_batches([40]))
+    reg = SpectralRegularizer(model, ["2"], tau=3, progress=False)
+    with pytest.raises(ValueError, match="data: no batches"):
+        reg.refresh([])
+    with pytest.raises(ValueError, match="batch_size"):
+        reg.refresh(torch.randn(10, 12), batch_size=0)
+    with pytest.raises(TypeError, match="data: expected batches"):
+        reg.refresh([("not a tensor",)])
+    with pytest.raises(ValueError, match="unknown layer '4'"):
+        reg.eigenvalues("4")
+    reg.refresh(_batches([40]))
+    model.train()
+    model(torch.full((30, 12), float("nan")))
+    with pytest.raises(ValueError, match="layer '2': .*non-finite"):
+        reg.penalty()
+
+
+# --------------------------------------------------------------------------------------------
+# checkpoints, hooks
+
+
+def test_state_dict_round_trip_reproduces_the_penalty_bit_for_bit():
+    model = _bn_mlp()
+    reg = SpectralRegularizer(model, ["2", "4"], tau=3, progress=False)
+    reg.refresh(_batches([50, 50, 9]))
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "reg": reg.state_dict()}, buffer)
+    x = _training_step_inputs(model)
+    model(x)
+    before = reg.penalty()
+    reg.remove()
+
+    buffer.seek(0)
+    saved = torch.load(buffer)
+    restored_model = _bn_mlp(seed=3)
+    restored_model.load_state_dict(saved["model"])
+    restored = SpectralRegularizer(restored_model, ["2", "4"], tau=3, progress=False)
+    restored.load_state_dict(saved["reg"])
+    for name in ("2", "4"):
+        assert torch.equal(restored.basis(name), reg.basis(name))
+        assert torch.equal(restored.eigenvalues(name), reg.eigenvalues(name))
+    restored_model.train()
+    restored_model(x)
+    assert torch.equal(restored.penalty(), before)
+
+    with pytest.raises(ValueError, match="expected layers"):
+        SpectralRegularizer(model, ["2"], progress=False).load_state_dict(saved["reg"])
+    bad = {"format": 1, "layers": {n: dict(v) for n, v in saved["reg"]["layers"].items()}}
+    bad["layers"]["2"]["basis"] = bad["layers"]["2"]["basis"].double()
+    with pytest.raises(ValueError, match="expected basis float32"):
+        restored.load_state_dict(bad)
+    with pytest.raises(TypeError, match="state: expected a mapping"):
+        restored.load_state_dict([1, 2])
+
+
+def test_remove_and_context_manager_take_the_hooks_off():
+    model = _bn_mlp()
+    with SpectralRegularizer(model, ["2"], tau=3, progress=False) as reg:
+        reg.refresh(_batches([40]))
+        assert len(model[2]._forward_hooks) == 1
+    assert len(model[2]._forward_hooks) == 0
+    model.train()
+    model(_batches([30])[0][0])
+    assert reg._captured == {}
+
+
+# --------------------------------------------------------------------------------------------
+# autocast, torch.compile
+
+
+def test_autocast_bfloat16_is_close_to_float32_and_casts_the_basis_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 3)
+    )
+    reg = SpectralRegularizer(model, ["1", "3"], tau=4, progress=False)
+    x = torch.randn(300, 20)
+    reg.refresh(x, batch_size=128)
+    model.train()
+    model(x[:96])
+    reference = reg.penalty()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x[:96])
+        assert out.dtype == torch.bfloat16
+        value = reg.penalty()
+    assert value.dtype == torch.float32
+    torch.testing.assert_close(value, reference, rtol=0.02, atol=0.0)  # measured: 6e-4
+    value.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model[:4].parameters())
+    cast = reg._cast_basis[("1", torch.bfloat16, x.device)]
+    assert cast.dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(x[:96])
+        reg.penalty()
+    assert reg._cast_basis[("1", torch.bfloat16, x.device)] is cast
+
+
+def test_torch_compile_of_the_model_fires_the_hooks():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 2)
+    )
+    x = torch.randn(64, 10)
+    eager = SpectralRegularizer(model, ["1", "3"], tau=3, backend="torch", progress=False)
+    eager.refresh(x)
+    model.train()
+    model(x)
+    expected = eager.penalty()
+    eager.remove()
+
+    compiled = torch.compile(model, backend="aot_eager")
+    reg = SpectralRegularizer(compiled, ["1", model[3]], tau=3, backend="torch", progress=False)
+    assert reg.layer_names == ["1", "3"]
+    reg.refresh(x)  # runs the original module eagerly
+    for name in ("1", "3"):
+        assert torch.equal(reg.basis(name), eager.basis(name))
+    for _ in range(2):
+        loss = compiled(x).sum() + reg.penalty()
+        loss.backward()
+    compiled(x)
+    torch.testing.assert_close(reg.penalty(), expected, rtol=1e-6, atol=0)
