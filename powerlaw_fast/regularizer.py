@@ -109,6 +109,14 @@ class SpectralRegularizer:
         progress: show a tqdm progress bar during :meth:`refresh`.
         validate: let the penalty raise on non-finite activations and on a zero anchor
             eigenvalue (one host synchronisation per layer and step); set False for CUDA graphs.
+        process_group: a ``torch.distributed`` group whose ranks each see a shard of every batch
+            (and of the refresh data, e.g. through a ``DistributedSampler``). The refresh merges
+            the ranks' moments (one all-reduce of N^2 + N + 1 floats per layer and epoch) and
+            broadcasts rank 0's eigenbasis, so every rank holds the same V; the penalty is that
+            of the global batch (all-reduces of N + 1 and N floats per layer and step). Under
+            ``DistributedDataParallel``, which averages gradients over ranks, add
+            ``world_size * reg.penalty()`` to each rank's loss to get the single-process
+            gradient.
 
     Attributes:
         layer_names: the names of the regularised layers, in the order given.
@@ -126,6 +134,7 @@ class SpectralRegularizer:
         backend: str = "auto",
         progress: bool = True,
         validate: bool = True,
+        process_group=None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -138,6 +147,7 @@ class SpectralRegularizer:
         self.backend = backend
         self.progress = bool(progress)
         self.validate = bool(validate)
+        self.process_group = process_group
 
         self._modules: dict[str, nn.Module] = {}
         for entry in self._as_layer_list(layers):
@@ -420,7 +430,7 @@ class SpectralRegularizer:
                 total = None
         batches = tqdm(
             iterate_inputs(data, batch_size), total=total, desc="spectral refresh",
-            unit="batch", disable=not self.progress, leave=False,
+            unit="batch", disable=not self.progress or self._rank() != 0, leave=False,
         )
         self._refresh_sink = sink
         try:
@@ -445,11 +455,34 @@ class SpectralRegularizer:
         basis, values = {}, {}
         for name in self.layer_names:
             acc = accumulators[name]
+            if self.process_group is not None:
+                acc.all_reduce(self.process_group)
             self._check_tau(name, acc.num_features)
             lam, vectors = eigh_descending(acc.covariance())
             basis[name] = vectors.to(torch.float32)
             values[name] = lam
+            if self.process_group is not None:
+                # identical inputs give identical eigenvectors in practice, but eigenvector
+                # signs are not guaranteed across devices: rank 0's basis is the one every
+                # rank uses
+                self._broadcast_from_first_rank(basis[name], values[name])
         self._install(basis, values)
+
+    def _rank(self) -> int:
+        import torch.distributed as dist
+
+        if self.process_group is None or not dist.is_initialized():
+            return 0
+        return dist.get_rank(self.process_group)
+
+    def _broadcast_from_first_rank(self, *tensors: torch.Tensor) -> None:
+        import torch.distributed as dist
+
+        if dist.get_world_size(self.process_group) == 1:
+            return
+        source = dist.get_global_rank(self.process_group, 0)
+        for t in tensors:
+            dist.broadcast(t, src=source, group=self.process_group)
 
     # ----------------------------------------------------------------------------------------
     # Penalty
@@ -510,6 +543,10 @@ class SpectralRegularizer:
                 f"{x.shape[1]} from output shape {tuple(out.shape)}"
             )
         B = x.shape[0]
+        if self.process_group is not None:
+            import torch.distributed as dist
+
+            B *= dist.get_world_size(self.process_group)  # the global batch, roughly
         if B < N and name not in self._small_batch_warned:
             self._small_batch_warned.add(name)
             warnings.warn(
@@ -522,7 +559,9 @@ class SpectralRegularizer:
         settings = self.settings(name)
         # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
         with torch.autocast(x.device.type, enabled=False):
-            lam = projected_spectrum(x, V, backend=self.backend, validate=False)
+            lam = projected_spectrum(
+                x, V, backend=self.backend, validate=False, process_group=self.process_group
+            )
             try:
                 value = powerlaw_penalty(
                     lam, **settings, convention=self.convention, backend=self.backend,
