@@ -44,8 +44,9 @@ def _refresh_body(rank, world):
             reg.eigenvalues(name), single.eigenvalues(name), rtol=1e-10, atol=1e-12
         )
         overlap = (reg.basis(name).double().T @ single.basis(name).double()).abs()
-        torch.testing.assert_close(overlap, torch.eye(overlap.shape[0], dtype=torch.float64),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            overlap, torch.eye(overlap.shape[0], dtype=torch.float64), atol=1e-5, rtol=0
+        )
         gathered = [torch.empty_like(reg.basis(name)) for _ in range(world)]
         dist.all_gather(gathered, reg.basis(name))
         assert all(torch.equal(g, gathered[0]) for g in gathered)  # identical on every rank
@@ -86,7 +87,7 @@ def _ddp_body(rank, world):
     shard = slice(rank * rows, (rank + 1) * rows)
     reg.refresh(x[shard], batch_size=7)
     _train_step(ddp, reg, x[shard], y[shard], scale=world)
-    for got, want in zip(model.parameters(), expected):
+    for got, want in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(got.detach(), want, rtol=1e-9, atol=1e-11)
 
 
