@@ -98,6 +98,18 @@ def peak_memory_mb(fn) -> float | None:
     return (torch.cuda.max_memory_allocated() - before) / 2**20
 
 
+def cuda_backend_available() -> bool:
+    """True when powerlaw_fast's CUDA C++ backend can run here (CuPy and a GPU)."""
+    try:
+        from powerlaw_fast.cuda import require_cuda_backend
+
+        require_cuda_backend(torch.device("cuda"), torch.float32)
+        return True
+    except Exception as err:  # reported, not hidden
+        print(f"cuda backend skipped: {err}")
+        return False
+
+
 def print_table(rows: list[dict], columns: list[str]) -> None:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     print("  ".join(c.ljust(widths[c]) for c in columns))

@@ -25,69 +25,41 @@ Writes ``benchmarks/results/<gpu-name>/attacks.json``.
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import print_table, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    cuda_backend_available,
+    print_table,
+    write_results,
+)
 from powerlaw_fast.attacks import robustness_curve  # noqa: E402
+from powerlaw_fast.datasets import load_mnist  # noqa: E402
+from powerlaw_fast.models import CNN, MLP  # noqa: E402
 
-DEFAULT_DATA = "/work/shared/data/mnist/MNIST/raw"
 EPS_GRID = [round(0.03 * i, 2) for i in range(11)]  # 0, 0.03, ..., 0.3
 PGD_STEP = 0.01
 
 
 # ----------------------------------------------------------------------------- data and models
-def _read_idx_gz(path: Path) -> np.ndarray:
-    with gzip.open(path, "rb") as f:
-        raw = f.read()
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
-
-
 def load_test_set(data_dir: str | None, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first n MNIST test images [n, 1, 28, 28] in [0, 1] and labels [n]."""
-    data_dir = data_dir or os.environ.get("POWERLAW_FAST_DATA") or DEFAULT_DATA
-    try:
-        from powerlaw_fast.datasets import load_mnist
-    except ImportError:
-        load_mnist = None
-    if load_mnist is not None:
-        return load_mnist(data_dir, train=False, limit=n)
-    raw = Path(data_dir)
-    images = _read_idx_gz(raw / "t10k-images-idx3-ubyte.gz")[:n]
-    labels = _read_idx_gz(raw / "t10k-labels-idx1-ubyte.gz")[:n]
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).unsqueeze(1)
-    return x, torch.from_numpy(labels.astype(np.int64))
+    """The first n MNIST test images [n, 1, 28, 28] in [0, 1] and labels [n], from ``--data``
+    or ``$POWERLAW_FAST_DATA`` (torchvision's layout); the shipped subset has only 1000."""
+    return load_mnist(data_dir, train=False, limit=n)
 
 
 def build_model(name: str, seed: int) -> nn.Module:
+    """The paper's MLP or CNN with seeded random weights (the benchmark times the attack)."""
     torch.manual_seed(seed)
-    try:
-        from powerlaw_fast.models import CNN, MLP
-
-        return MLP() if name == "mlp" else CNN()
-    except ImportError:  # stand-alone fallback, same architectures
-        if name == "mlp":
-            return nn.Sequential(
-                nn.Flatten(), nn.Linear(784, 1000), nn.Tanh(), nn.Linear(1000, 1000), nn.Tanh(),
-                nn.Linear(1000, 1000), nn.Tanh(), nn.Linear(1000, 10),
-            )
-        return nn.Sequential(
-            nn.Conv2d(1, 16, 3), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), nn.Tanh(),
-            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 1000), nn.Tanh(), nn.Linear(1000, 10),
-        )
+    return MLP() if name == "mlp" else CNN()
 
 
 # ----------------------------------------------------------------------------- implementations
@@ -141,6 +113,12 @@ def make_sweeps(model, x, y, attack, steps, batch, backend, max_batch):
 
     sweeps = {"ours_graph": ours(True)} if attack == "pgd" and x.is_cuda else {}
     sweeps["ours_eager" if attack == "pgd" else "ours"] = ours(False)
+    if x.is_cuda and cuda_backend_available():
+        cuda_common = dict(common, backend="cuda")
+        if attack == "pgd":
+            cuda_common["cuda_graph"] = True
+        sweeps["ours_cuda"] = lambda: robustness_curve(model, (x, y), EPS_GRID,
+                                                       **cuda_common).accuracy
     sweeps["plain_loop"] = plain
     try:
         import torchattacks
@@ -220,8 +198,8 @@ def run(args) -> list[dict]:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--data", default=None, help="MNIST raw folder (default: $POWERLAW_FAST_DATA "
-                   f"or {DEFAULT_DATA})")
+    p.add_argument("--data", default=None, help="MNIST folder in torchvision's layout "
+                   "(default: $POWERLAW_FAST_DATA, else the shipped 1000-image test subset)")
     p.add_argument("--n", type=int, default=10000, help="test images")
     p.add_argument("--models", type=lambda s: s.split(","), default=["mlp", "cnn"])
     p.add_argument("--attacks", type=lambda s: s.split(","), default=["pgd", "fgsm"])

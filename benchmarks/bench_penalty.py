@@ -22,7 +22,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median_ms, peak_memory_mb, print_table, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    cuda_backend_available,
+    median_ms,
+    peak_memory_mb,
+    print_table,
+    write_results,
+)
 from powerlaw_fast import spec_penalty  # noqa: E402
 from powerlaw_fast.baselines import (  # noqa: E402
     authors_loop_penalty,
@@ -77,17 +83,6 @@ def gemm_floor(x, V):
         return z @ V.T
 
     return run
-
-
-def cuda_backend_available() -> bool:
-    try:
-        from powerlaw_fast.cuda import require_cuda_backend
-
-        require_cuda_backend(torch.device("cuda"), torch.float32)
-        return True
-    except Exception as err:  # reported, not hidden
-        print(f"cuda backend skipped: {err}")
-        return False
 
 
 def run(sizes, settings, device: str, rep: int):
