@@ -85,6 +85,14 @@ def gemm_floor(x, V):
     return run
 
 
+def timed_steps(impls, x, V):
+    """(name, step) for each implementation, then the GEMM floor; made one at a time so that
+    only one step's gradient is held at once."""
+    for name, fn in impls.items():
+        yield name, forward_backward(fn, x, V)
+    yield "gemm_floor", gemm_floor(x, V)
+
+
 def run(sizes, settings, device: str, rep: int):
     rows = []
     include_cuda = device == "cuda" and cuda_backend_available()
@@ -97,8 +105,7 @@ def run(sizes, settings, device: str, rep: int):
             impls = implementations(N, include_cuda)
             if device == "cpu":
                 impls.pop("triton", None)
-            for name, fn in impls.items():
-                step = forward_backward(fn, x, V)
+            for name, step in timed_steps(impls, x, V):
                 ms = median_ms(step, rep=rep)
                 rows.append(
                     dict(
@@ -115,22 +122,6 @@ def run(sizes, settings, device: str, rep: int):
                     )
                 )
                 print_table(rows[-1:], ["impl", "N", "dtype", "precision", "median_ms"])
-            floor = gemm_floor(x, V)
-            ms = median_ms(floor, rep=rep)
-            rows.append(
-                dict(
-                    op="spec_penalty",
-                    mode="fwd+bwd",
-                    B=B,
-                    N=N,
-                    dtype=dtype_name,
-                    precision=precision,
-                    impl="gemm_floor",
-                    median_ms=ms,
-                    peak_mem_mb=peak_memory_mb(floor),
-                    tflops=4 * B * N * N / ms / 1e9,
-                )
-            )
             del x, V
             if device == "cuda":
                 torch.cuda.empty_cache()

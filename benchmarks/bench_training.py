@@ -5,67 +5,46 @@ Rows (median ms and peak memory, same device and run):
 - ``train_step``: one Adam step (lr 1e-4) of the paper's MLP 784-1000-1000-1000-10 (tanh) on a
   batch of 1500 with cross-entropy, ``mode`` =
   ``vanilla`` (no penalty), ``specreg`` (:class:`powerlaw_fast.SpectralRegularizer` on all three
-  hidden layers, backend "auto") and ``authors`` (a re-implementation of the per-eigenvalue loop
-  of josuenassar/power_law's ``eigen_val_regulate``: covariance first, ``diag(V^T Sigma V)``,
-  sort, ``kappa`` from the 0-indexed ``eigs[tau] * (tau + 1)^slope`` under no_grad, a Python loop
-  over n with ``if eigs[n] > 0`` (one host synchronisation per eigenvalue), division by the
-  width, V copied from the host every step). float32 rows, plus bfloat16 autocast rows for
-  ``vanilla`` and ``specreg``.
+  hidden layers, backend "auto") and ``authors``
+  (:func:`powerlaw_fast.baselines.authors_loop_penalty` on each hidden layer, the per-eigenvalue
+  loop of josuenassar/power_law's ``eigen_val_regulate``: covariance first, 0-indexed tau = 10,
+  one host synchronisation per eigenvalue, V copied from the host every step). float32 rows,
+  plus bfloat16 autocast rows for ``vanilla`` and ``specreg``.
 - ``refresh``: :meth:`SpectralRegularizer.refresh` over the 60 000 MNIST training images (already
   on the GPU, batches of 2000) for the MLP (3 layers of 1000) and the CNN (2704, 800, 1000).
-  Real MNIST when found (``--data``, default ``../shared/data/mnist`` next to the repository),
-  otherwise uniform random images of the same shape (the JSON's ``data`` field says which).
+  Real MNIST from ``--data`` or ``$POWERLAW_FAST_DATA`` (torchvision's layout); when neither is
+  given, uniform random images of the same shape (the JSON's ``data`` field says which).
 
-Writes ``benchmarks/results/<gpu name>/training.json`` and prints a table::
+``peak_mem_mb`` is the device memory a call needs beyond what is allocated before it (model,
+optimiser state and data excluded). Writes ``benchmarks/results/<gpu name>/training.json`` and
+prints a table::
 
-    python benchmarks/bench_training.py            # GPU
-    python benchmarks/bench_training.py --smoke    # tiny CPU run, writes nothing
+    python benchmarks/bench_training.py --data /path/to/mnist   # GPU
+    python benchmarks/bench_training.py --smoke                 # tiny CPU run, writes nothing
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
+import os
 import platform
-import statistics
-import subprocess
-import time
+import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from powerlaw_fast.models import CNN, MLP
-from powerlaw_fast.regularizer import SpectralRegularizer
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "mnist"
+from benchmarks._common import median_ms, peak_memory_mb, print_table, write_results  # noqa: E402
+from powerlaw_fast.baselines import authors_loop_penalty  # noqa: E402
+from powerlaw_fast.datasets import ENV_VAR, load_mnist  # noqa: E402
+from powerlaw_fast.models import CNN, MLP  # noqa: E402
+from powerlaw_fast.regularizer import SpectralRegularizer  # noqa: E402
 
-
-# --------------------------------------------------------------------------------------------
-# The authors' per-eigenvalue loop, re-implemented from its description (not their code)
-
-
-def authors_layer_penalty(x, V_host, *, tau=10, slope=1.0, beta=1.0):
-    """josuenassar/power_law's eigen_val_regulate: tau 0-indexed, skip eigs <= 0, / width."""
-    device = x.device
-    v = V_host.to(device)  # their eigenvectors live on the host and are copied every step
-    width = x.shape[1]
-    xt = x - torch.mean(x, 0)
-    cov = xt.transpose(1, 0) @ xt / (x.shape[0] - 1)
-    cov = (cov + cov.transpose(1, 0)) / 2
-    eig = torch.diag(v.transpose(1, 0) @ cov @ v)
-    eigs = torch.sort(eig, descending=True)[0]
-    with torch.no_grad():
-        kappa = eigs[tau] * (tau + 1) ** slope
-    regul = torch.zeros(1, device=device)
-    for n in range(tau, width):
-        if eigs[n] > 0:  # one device-to-host synchronisation per eigenvalue
-            gamma = kappa * (n + 1) ** -slope
-            ratio = eigs[n] / gamma
-            regul = regul + (ratio - 1) ** 2 + torch.relu(ratio - 1)
-    return beta * regul / width
+AUTHORS_TAU = 10  # the authors' default, 0-indexed: anchors on the 11th largest eigenvalue
+SLOPE = 1.0
+BETA = 1.0
 
 
 class _HiddenCapture:
@@ -84,67 +63,30 @@ class _HiddenCapture:
 
 
 # --------------------------------------------------------------------------------------------
-# Timing
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _median_ms(fn, device, *, warmup: int, repeats: int) -> float:
-    if device.type == "cuda" and repeats > 3:
-        import triton.testing
-
-        return float(triton.testing.do_bench(fn, warmup=warmup, rep=max(repeats, 1) * 10,
-                                             return_mode="median"))
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(device)
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def _peak_mem_mb(fn, device) -> float | None:
-    if device.type != "cuda":
-        return None
-    _sync(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    fn()
-    _sync(device)
-    return torch.cuda.max_memory_allocated(device) / 2**20
-
-
-# --------------------------------------------------------------------------------------------
 # Benchmarks
+
+
+def _timing(args, slow: bool) -> dict:
+    """median_ms's warm-up and timing budget (ms): a few calls in a smoke run; on the GPU ~3 s
+    for the slow cases (the authors' loop, a full refresh) so that they get several calls."""
+    if args.smoke:
+        return {"warmup": 1, "rep": 1}
+    return {"warmup": 1, "rep": 3000} if slow else {"warmup": 5, "rep": 500}
 
 
 def _load_images(args, device, count):
     if args.smoke:
         images = torch.rand(count, 1, 28, 28, device=device)
         return images, torch.randint(0, 10, (count,), device=device), "random (smoke)"
-    try:
-        from powerlaw_fast.datasets import load_mnist
-
+    if args.data is not None or os.environ.get(ENV_VAR):
         images, labels = load_mnist(args.data, train=True)
-        return images.to(device), labels.to(device), f"MNIST train ({args.data})"
-    except (FileNotFoundError, ValueError, ImportError) as err:
-        print(f"MNIST not available ({err}); using random images of the same shape")
-        g = torch.Generator().manual_seed(0)
-        images = torch.rand(count, 1, 28, 28, generator=g)
-        labels = torch.randint(0, 10, (count,), generator=g)
-        return images.to(device), labels.to(device), "random uniform [60000, 1, 28, 28]"
+        source = args.data if args.data is not None else f"${ENV_VAR}"
+        return images.to(device), labels.to(device), f"MNIST train ({source})"
+    print(f"no --data and no ${ENV_VAR}: using random images of MNIST's shape")
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(count, 1, 28, 28, generator=g)
+    labels = torch.randint(0, 10, (count,), generator=g)
+    return images.to(device), labels.to(device), f"random uniform [{count}, 1, 28, 28]"
 
 
 def _make_step(model, optimiser, x, y, dtype, reg, capture, V_host):
@@ -158,7 +100,11 @@ def _make_step(model, optimiser, x, y, dtype, reg, capture, V_host):
                 loss = loss + reg.penalty()
             elif capture is not None:
                 for name, V in V_host.items():
-                    loss = loss + authors_layer_penalty(capture.outputs[name], V)
+                    # their eigenvectors live on the host and are copied every step
+                    loss = loss + authors_loop_penalty(
+                        capture.outputs[name], V.to(x.device), tau=AUTHORS_TAU, alpha=SLOPE,
+                        beta=BETA,
+                    )
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
@@ -184,7 +130,7 @@ def bench_train_steps(args, device, images, labels):
         reg = capture = V_host = None
         hidden = model.hidden_layers()
         if mode == "specreg":
-            reg = SpectralRegularizer(model, names, tau=10, beta=1.0, progress=False)
+            reg = SpectralRegularizer(model, names, tau=10, beta=BETA, progress=False)
             reg.refresh(images[: 4 * B], batch_size=2000)
             impl = "powerlaw_fast.SpectralRegularizer"
         elif mode == "authors":
@@ -193,17 +139,15 @@ def bench_train_steps(args, device, images, labels):
             V_host = {n: seed_reg.basis(n).cpu() for n in names}
             seed_reg.remove()
             capture = _HiddenCapture(hidden)
-            impl = "authors' per-eigenvalue loop (re-implemented)"
+            impl = "authors' per-eigenvalue loop (baselines.authors_loop_penalty)"
         else:
             impl = "no penalty"
-        step = _make_step(model, optimiser, x, y, dtype, reg, capture, V_host if capture else None)
-        warmup, repeats = (1, 3) if mode == "authors" or args.smoke else (5, 50)
-        ms = _median_ms(step, device, warmup=warmup, repeats=repeats)
-        peak = _peak_mem_mb(step, device)
+        step = _make_step(model, optimiser, x, y, dtype, reg, capture, V_host)
+        ms = median_ms(step, **_timing(args, slow=mode == "authors"))
         rows.append({
             "op": "train_step", "mode": mode, "B": B, "N": widths[0],
             "dtype": str(dtype).replace("torch.", ""), "precision": precision, "impl": impl,
-            "median_ms": ms, "peak_mem_mb": peak,
+            "median_ms": ms, "peak_mem_mb": peak_memory_mb(step),
         })
         if reg is not None:
             reg.remove()
@@ -216,61 +160,52 @@ def bench_refresh(args, device, images):
     rows = []
     count = images.shape[0]
     models = {
-        "mlp": (MLP(widths=(64, 64, 64) if args.smoke else (1000, 1000, 1000)), None),
-        "cnn": (CNN(fc_width=64 if args.smoke else 1000), None),
+        "mlp": MLP(widths=(64, 64, 64) if args.smoke else (1000, 1000, 1000)),
+        "cnn": CNN(fc_width=64 if args.smoke else 1000),
     }
     batch = 100 if args.smoke else 2000
-    for label, (model, _) in models.items():
+    for label, model in models.items():
         model = model.to(device)
-        names = list(model.hidden_layers())
-        widths = list(model.hidden_widths().values())
+        # a smoke run keeps only the narrow layers: conv1's float64 eigh (N = 2704) alone takes
+        # ~1 min on a CPU
+        hidden = {n: w for n, w in model.hidden_widths().items() if not args.smoke or w <= 64}
+        names, widths = list(hidden), list(hidden.values())
         reg = SpectralRegularizer(model, names, tau=10, progress=False)
 
         def refresh(reg=reg):
             reg.refresh(images, batch_size=batch)
 
-        warmup, repeats = (0, 1) if args.smoke else (1, 3)
-        ms = _median_ms(refresh, device, warmup=warmup, repeats=repeats)
-        peak = _peak_mem_mb(refresh, device)
+        ms = median_ms(refresh, **_timing(args, slow=True))
         rows.append({
             "op": "refresh", "mode": label, "B": count, "N": max(widths), "widths": widths,
             "dtype": "float32", "precision": "float64 accumulation + float64 eigh",
             "impl": f"SpectralRegularizer.refresh (batches of {batch})",
-            "median_ms": ms, "peak_mem_mb": peak,
+            "median_ms": ms, "peak_mem_mb": peak_memory_mb(refresh),
         })
         reg.remove()
     return rows
 
 
-def _print_table(rows):
-    header = (f"{'op':<11}{'mode':<9}{'B':>7}{'N':>6}  {'dtype':<9}{'median ms':>11}"
-              f"{'peak MB':>10}  impl")
-    print(header)
-    print("-" * len(header))
+def _print_rows(rows):
+    """The table, with each train step's time relative to vanilla's (same dtype) for reading."""
     vanilla = {r["dtype"]: r["median_ms"] for r in rows if r["mode"] == "vanilla"}
-    for r in rows:
-        peak = "-" if r["peak_mem_mb"] is None else f"{r['peak_mem_mb']:.0f}"
-        extra = ""
-        if r["op"] == "train_step" and r["mode"] != "vanilla" and r["dtype"] in vanilla:
-            extra = f"  ({r['median_ms'] / vanilla[r['dtype']]:.2f}x vanilla)"
-        print(f"{r['op']:<11}{r['mode']:<9}{r['B']:>7}{r['N']:>6}  {r['dtype']:<9}"
-              f"{r['median_ms']:>11.3f}{peak:>10}  {r['impl']}{extra}")
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    shown = [
+        {**r, "x_vanilla": r["median_ms"] / vanilla[r["dtype"]]}
+        if r["op"] == "train_step" and r["dtype"] in vanilla else r
+        for r in rows
+    ]
+    print_table(
+        shown, ["op", "mode", "B", "N", "dtype", "median_ms", "x_vanilla", "peak_mem_mb", "impl"]
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run, writes nothing")
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="MNIST root folder")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="JSON path (default: benchmarks/results/<gpu>/training.json)")
+    parser.add_argument("--data", default=None,
+                        help=f"MNIST folder in torchvision's layout (default: ${ENV_VAR}, else "
+                             "random images of the same shape)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -283,23 +218,14 @@ def main(argv=None):
     images, labels, data_note = _load_images(args, device, count)
     print(f"data: {data_note}")
     rows = bench_train_steps(args, device, images, labels) + bench_refresh(args, device, images)
-    _print_table(rows)
+    _print_rows(rows)
     if args.smoke:
-        return
-
-    import triton
-
-    gpu = torch.cuda.get_device_name(device)
-    out = args.out or REPO / "benchmarks" / "results" / gpu.replace(" ", "_") / "training.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = {
-        "device": gpu, "torch": torch.__version__, "triton": triton.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "data": data_note, "rows": rows,
-    }
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+        print("smoke run: no results file written")
+        return rows
+    extra = {"python": platform.python_version(), "data": data_note}
+    path = write_results("training", rows, args.out, extra=extra)
+    print(f"wrote {path}")
+    return rows
 
 
 if __name__ == "__main__":

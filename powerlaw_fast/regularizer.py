@@ -51,6 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from powerlaw_fast._backend import BACKENDS
+from powerlaw_fast._modules import find_submodule, module_device
 from powerlaw_fast._validation import check_int_range, check_real
 from powerlaw_fast.ops.spec_penalty import (
     CONVENTIONS,
@@ -79,14 +80,6 @@ def _unwrap_compiled(model: nn.Module) -> nn.Module:
     # refresh runs the original eagerly, so it does not trigger recompilation in eval mode.
     original = getattr(model, "_orig_mod", None)
     return original if isinstance(original, nn.Module) else model
-
-
-def _module_device(module: nn.Module, fallback: torch.device) -> torch.device:
-    for t in module.parameters():
-        return t.device
-    for t in module.buffers():
-        return t.device
-    return fallback
 
 
 class SpectralRegularizer:
@@ -196,30 +189,12 @@ class SpectralRegularizer:
         return layers
 
     def _resolve(self, entry) -> tuple[str, nn.Module]:
-        model = self._model
-        if isinstance(entry, str):
-            if not entry:
-                raise ValueError("layers: the model itself ('') cannot be a regularised layer")
-            hidden = model.hidden_layers() if hasattr(model, "hidden_layers") else {}
-            if entry in hidden:
-                return entry, hidden[entry]
-            try:
-                return entry, model.get_submodule(entry)
-            except AttributeError:
-                known = list(hidden) or [n for n, _ in model.named_modules() if n][:20]
-                raise ValueError(
-                    f"layers: no submodule {entry!r} in the model; known names: {known}"
-                ) from None
-        if isinstance(entry, nn.Module):
-            for name, module in model.named_modules():
-                if module is entry:
-                    if not name:
-                        raise ValueError("layers: the model itself cannot be a regularised layer")
-                    return name, module
-            raise ValueError(
-                f"layers: the given {type(entry).__name__} is not a submodule of model"
-            )
-        raise TypeError(f"layers: expected module names or modules, got {type(entry).__name__}")
+        if isinstance(entry, str) and not entry:
+            raise ValueError("layers: the model itself ('') cannot be a regularised layer")
+        name, module = find_submodule(self._model, entry, "layers")
+        if not name:
+            raise ValueError("layers: the model itself cannot be a regularised layer")
+        return name, module
 
     def _layer_name(self, key, what: str) -> str:
         if isinstance(key, str):
@@ -334,7 +309,7 @@ class SpectralRegularizer:
                     f"[N], got {V.dtype} {tuple(V.shape)} and {lam.dtype} {tuple(lam.shape)}"
                 )
             self._check_tau(name, N)
-            device = _module_device(self._modules[name], fallback)
+            device = module_device(self._modules[name], fallback)
             basis[name] = V.detach().to(device, copy=True)
             values[name] = lam.detach().to(device, copy=True)
         self._install(basis, values)

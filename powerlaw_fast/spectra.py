@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from ._modules import find_submodule, module_device
 from ._validation import check_float_dtype, check_int_range, check_real, check_tensor
 
 # --------------------------------------------------------------------------------------------
@@ -214,30 +215,19 @@ class _StopForward(Exception):
 def resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
     """``layer`` as (name, module): a module of ``model``, a name from ``model.hidden_layers()``
     or a dotted submodule name, or ``None`` for the last of ``model.hidden_layers()``."""
-    hidden = model.hidden_layers() if hasattr(model, "hidden_layers") else {}
     if layer is None:
+        hidden = model.hidden_layers() if hasattr(model, "hidden_layers") else {}
         if not hidden:
             raise ValueError(
                 "layer: None means the last hidden layer, but the model has no hidden_layers()"
             )
         name = next(reversed(hidden))
         return name, hidden[name]
-    if isinstance(layer, str):
-        if layer in hidden:
-            return layer, hidden[layer]
-        try:
-            return layer, model.get_submodule(layer)
-        except AttributeError:
-            known = list(hidden) or [n for n, _ in model.named_modules() if n][:20]
-            raise ValueError(
-                f"layer: no submodule {layer!r} in the model; known: {known}"
-            ) from None
-    if isinstance(layer, nn.Module):
-        for name, module in model.named_modules():
-            if module is layer:
-                return name, module
-        raise ValueError("layer: the given module is not a submodule of model")
-    raise TypeError(f"layer: expected a str, an nn.Module or None, got {type(layer).__name__}")
+    if not isinstance(layer, (str, nn.Module)):
+        raise TypeError(
+            f"layer: expected a str, an nn.Module or None, got {type(layer).__name__}"
+        )
+    return find_submodule(model, layer, "layer")
 
 
 def _first_input(batch):
@@ -268,11 +258,8 @@ def iterate_inputs(data, batch_size: int) -> Iterator[torch.Tensor]:
 
 
 def model_device(model: nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
+    """The device of the model's parameters (else buffers); the CPU when it has neither."""
+    return module_device(model, torch.device("cpu"))
 
 
 @contextmanager

@@ -149,11 +149,3 @@ def misclassified(model, x: torch.Tensor, y: torch.Tensor, max_batch: int | None
         for i in range(0, x.shape[0], step)
     ]
     return torch.cat(parts)
-
-
-def model_device(model: torch.nn.Module) -> torch.device | None:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return None

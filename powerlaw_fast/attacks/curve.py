@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from powerlaw_fast._modules import module_device
 from powerlaw_fast._validation import check_int_range
 from powerlaw_fast.attacks._common import (
     check_bounds,
@@ -20,7 +21,6 @@ from powerlaw_fast.attacks._common import (
     eval_mode,
     make_generator,
     misclassified,
-    model_device,
 )
 from powerlaw_fast.attacks.fgsm import fgsm_sweep
 from powerlaw_fast.attacks.noise import white_noise
@@ -197,7 +197,7 @@ def robustness_curve(
                         f"expected some of {sorted(allowed)}")
     bounds = check_bounds(kwargs.get("bounds", (0.0, 1.0)))
     max_batch = check_max_batch(kwargs.get("max_batch"))
-    device = model_device(model)
+    device = module_device(model)
     noise_gen = pgd_gen = None
     if attack == "pgd" and kwargs.get("random_start", False):
         # one generator across batches, so every batch gets fresh random starts
