@@ -1,0 +1,323 @@
+"""The experiment runner: configs, models, one run's JSON, atomic writes, resumable sweeps."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+from powerlaw_fast import experiments as ex
+from powerlaw_fast.experiments import RunConfig
+from powerlaw_fast.whitening import Whiten
+
+TINY = dict(
+    epochs=1, width=16, lr=1e-3, limit_train=120, limit_test=40, fgsm_eps=(0.0, 0.1),
+    pgd_eps=(0.0, 0.1), noise_sigma=(0.3,), pgd_steps=2, sensitivity_ranks=(1, 3, 50),
+    eval_batch=64,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return ex.load_data("shipped", 120, 40)
+
+
+@pytest.fixture(scope="module")
+def shallow_result(data, tmp_path_factory):
+    cfg = RunConfig("shallow", "shallow", "specreg", seed=0, beta=2.0, batch_size=40, **TINY)
+    path = tmp_path_factory.mktemp("run") / f"{cfg.name}.json"
+    result = ex.run_experiment(cfg, data, device="cpu", out_path=path, progress=False)
+    return cfg, path, result
+
+
+# ------------------------------------------------------------------------------------------------
+# Configs
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(experiment="nope", arch="mlp", variant="vanilla"), "experiment"),
+        (dict(experiment="shallow", arch="cnn", variant="vanilla"), "arch"),
+        (dict(experiment="whitening", arch="shallow", variant="vanilla"), "arch"),
+        (dict(experiment="whitening", arch="mlp", variant="jacobian"), "variant"),
+        (dict(experiment="whitening", arch="tcn", variant="vanilla"), "arch"),
+        (dict(experiment="shallow", arch="shallow", variant="specreg"), "beta"),
+        (dict(experiment="shallow", arch="shallow", variant="specreg", beta=-1.0), "beta"),
+        (dict(experiment="shallow", arch="shallow", variant="vanilla", epochs=0), "epochs"),
+    ],
+)
+def test_run_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig(**kwargs)
+
+
+def test_run_config_roundtrip_and_name():
+    cfg = RunConfig("whitening", "cnn", "whiten+specreg-last", seed=2, beta=5.0, epochs=3)
+    assert cfg.name == "whitening-cnn-whiten_specreg-last-beta5-seed2"
+    again = RunConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again == cfg
+    # beta is meaningless for an unregularised variant, so it cannot split its runs
+    assert RunConfig("shallow", "shallow", "vanilla", beta=3.0).beta is None
+
+
+@pytest.mark.parametrize(
+    "experiment, arch, per_seed",
+    [("shallow", None, 1 + 2), ("whitening", "mlp", 2 + 2 * 2), ("all-layers", "cnn", 2 + 2)],
+)
+def test_sweep_configs_cover_every_variant(experiment, arch, per_seed):
+    configs = ex.sweep_configs(experiment, arch=arch, seeds=2, betas=[1, 5], epochs=1)
+    assert len(configs) == 2 * per_seed
+    assert len({c.name for c in configs}) == len(configs)
+    assert [c.seed for c in configs] == sorted(c.seed for c in configs)  # seed-major
+    assert {c.variant for c in configs} == set(ex.EXPERIMENTS[experiment])
+    with pytest.raises(ValueError, match="seeds"):
+        ex.sweep_configs(experiment, arch=arch, seeds=0)
+
+
+@pytest.mark.parametrize(
+    "experiment, arch, variant, layers, batch",
+    [
+        ("shallow", "shallow", "specreg", ["hidden1"], 3000),
+        ("shallow", "shallow", "vanilla", [], 3000),
+        ("whitening", "mlp", "specreg-last", ["hidden3"], 1500),
+        ("whitening", "mlp", "whiten", [], 1500),
+        ("all-layers", "mlp", "specreg-all", ["hidden1", "hidden2", "hidden3"], 1500),
+        ("all-layers", "cnn", "specreg-all", ["conv1", "conv2", "fc"], math.ceil(1.5 * 2704)),
+        ("whitening", "cnn", "whiten+specreg-last", ["fc"], math.ceil(1.5 * 2704)),
+    ],
+)
+def test_build_model_layers_and_paper_batch_rule(experiment, arch, variant, layers, batch):
+    cfg = RunConfig(experiment, arch, variant, beta=1.0)
+    model, regularised = ex.build_model(cfg)
+    assert regularised == layers
+    assert ex.batch_size_for(cfg, model) == batch
+    whitened = [m for m in model.modules() if isinstance(m, Whiten)]
+    assert len(whitened) == (1 if variant.startswith("whiten") else 0)
+    if whitened:
+        assert whitened[0].eval_mode == "running"
+        second = list(model.hidden_layers().values())[1]
+        assert any(m is whitened[0] for m in second.modules())
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+
+
+def test_run_experiment_writes_a_complete_json(shallow_result):
+    cfg, path, result = shallow_result
+    on_disk = json.loads(path.read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    assert on_disk["status"] == "complete" and on_disk["config"] == cfg.to_dict()
+    assert on_disk["model"]["regularised_layers"] == ["hidden1"]
+    assert on_disk["model"]["batch_size"] == 40
+    history = on_disk["history"]
+    assert len(history) == 1 and history[0]["steps"] == 3  # 120 // 40
+    assert history[0]["penalty"] > 0.0
+    assert 0.0 <= on_disk["test_accuracy"] <= 1.0
+    for attack, grid in (("fgsm", [0.0, 0.1]), ("pgd", [0.0, 0.1]), ("noise", [0.3])):
+        curve = on_disk["robustness"][attack]
+        assert curve["eps"] == grid and len(curve["accuracy"]) == len(grid)
+        assert curve["n_samples"] == 40 and "success" not in curve
+    # eps = 0 is the clean accuracy, whatever the attack
+    assert on_disk["robustness"]["fgsm"]["accuracy"][0] == pytest.approx(on_disk["test_accuracy"])
+    spec = on_disk["spectra"]["hidden1"]
+    lam = spec["eigenvalues"]
+    assert len(lam) == 16 and lam == sorted(lam, reverse=True)
+    assert 1 <= spec["effective_dimension"] <= 16
+    sens = on_disk["sensitivity"]
+    assert sens["layer"] == "hidden1" and sens["ranks"] == [1, 3]  # rank 50 > width dropped
+    assert [len(sens["maps"]), len(sens["maps"][0]), len(sens["maps"][0][0])] == [2, 28, 28]
+
+
+def test_run_is_reproducible_for_a_seed(data, shallow_result):
+    cfg, _, result = shallow_result
+    again = ex.run_experiment(cfg, data, device="cpu", progress=False)
+    assert again["history"][0]["loss"] == pytest.approx(result["history"][0]["loss"], rel=1e-5)
+    assert again["spectra"]["hidden1"]["eigenvalues"] == pytest.approx(
+        result["spectra"]["hidden1"]["eigenvalues"], rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "experiment, arch, variant",
+    [("all-layers", "mlp", "jacobian"), ("all-layers", "mlp", "specreg-all"),
+     ("whitening", "mlp", "whiten+specreg-last"), ("whitening", "cnn", "whiten")],
+)
+def test_each_variant_trains(data, experiment, arch, variant):
+    cfg = RunConfig(experiment, arch, variant, beta=1.0, batch_size=60, refresh_every=1,
+                    **{**TINY, "sensitivity_ranks": (1,), "fgsm_eps": (0.1,), "pgd_eps": (),
+                       "noise_sigma": ()})
+    result = ex.run_experiment(cfg, data, device="cpu", progress=False)
+    assert sorted(result["robustness"]) == ["fgsm"]
+    assert math.isfinite(result["history"][0]["loss"])
+    penalised = variant != "whiten"
+    assert (result["history"][0]["penalty"] > 0) == penalised
+    assert set(result["spectra"]) == set(result["model"]["hidden_widths"])
+
+
+def test_batch_larger_than_the_data_is_capped(data):
+    cfg = RunConfig("shallow", "shallow", "vanilla", batch_size=500,
+                    **{**TINY, "pgd_eps": (), "fgsm_eps": (), "noise_sigma": ()})
+    with pytest.warns(UserWarning, match="exceeds"):
+        result = ex.run_experiment(cfg, data, device="cpu", progress=False)
+    assert result["model"]["batch_size"] == 120 and result["history"][0]["steps"] == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# Files
+
+
+def test_write_json_atomic_leaves_no_partial_file(tmp_path):
+    target = tmp_path / "sub" / "run.json"
+    ex.write_json_atomic(target, {"a": 1})
+    with pytest.raises(TypeError):
+        ex.write_json_atomic(target, {"a": object()})  # fails half-way through json.dump
+    assert json.loads(target.read_text()) == {"a": 1}  # the old file is untouched
+    assert [p.name for p in target.parent.iterdir()] == ["run.json"]
+    with pytest.raises(ValueError):
+        ex.write_json_atomic(tmp_path / "nan.json", {"a": float("nan")})
+    assert not (tmp_path / "nan.json").exists()
+
+
+def test_read_result_accepts_only_complete_runs(tmp_path, shallow_result):
+    _, path, _ = shallow_result
+    assert ex.read_result(path) is not None
+    text = path.read_text()
+    (tmp_path / "partial.json").write_text(text[: len(text) // 2])
+    (tmp_path / "running.json").write_text(json.dumps({"status": "running", "config": {}}))
+    assert ex.read_result(tmp_path / "partial.json") is None
+    assert ex.read_result(tmp_path / "running.json") is None
+    assert ex.read_result(tmp_path / "missing.json") is None
+    with pytest.raises(FileNotFoundError):
+        ex.load_results(tmp_path / "missing")
+
+
+def _tiny_sweep(**kw):
+    overrides = {**TINY, "pgd_eps": (0.1,), "noise_sigma": (), "batch_size": 60, **kw}
+    return ex.sweep_configs("shallow", seeds=2, betas=[1.0], **overrides)
+
+
+def test_sweep_resumes_only_missing_or_partial_runs(tmp_path, data):
+    configs = _tiny_sweep()
+    first = ex.run_sweep(configs, tmp_path, data, device="cpu", progress=False)
+    assert [w for _, w in first] == ["ran"] * 4
+    paths = [tmp_path / f"{c.name}.json" for c in configs]
+    assert all(p.exists() for p in paths)
+    stamps = {p: p.stat().st_mtime_ns for p in paths}
+
+    # an interruption: one run never written, one written non-atomically and cut off,
+    # and the temporary file of a killed writer left behind
+    paths[1].unlink()
+    paths[2].write_text(paths[2].read_text()[:100])
+    (tmp_path / f".{paths[3].name}.999.tmp").write_text("{")
+    again = ex.run_sweep(configs, tmp_path, data, device="cpu", progress=False)
+    assert [w for _, w in again] == ["skipped", "ran", "ran", "skipped"]
+    assert paths[0].stat().st_mtime_ns == stamps[paths[0]]
+    assert paths[3].stat().st_mtime_ns == stamps[paths[3]]
+    assert all(ex.read_result(p) is not None for p in paths)
+
+    # a changed config under the same name is not "complete": it is run again
+    changed = _tiny_sweep(lr=5e-4)
+    third = ex.run_sweep(changed[:1], tmp_path, data, device="cpu", progress=False)
+    assert third == [(changed[0].name, "ran")]
+    assert json.loads(paths[0].read_text())["config"]["lr"] == 5e-4
+
+
+def test_sweep_under_torchrun_runs_its_share(tmp_path, data, monkeypatch):
+    configs = _tiny_sweep()
+    calls = []
+
+    def fake_run(cfg, data, *, device, out_path, progress, parallel):
+        assert parallel is None  # "runs" mode: no process group
+        calls.append((cfg.name, device))
+        ex.write_json_atomic(out_path, {"format": ex.RESULT_FORMAT, "status": "complete",
+                                        "config": cfg.to_dict()})
+
+    monkeypatch.setattr(ex, "run_experiment", fake_run)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    outcome = ex.run_sweep(configs, tmp_path, data, device="cpu", progress=False)
+    assert [n for n, _ in outcome] == [configs[1].name, configs[3].name]
+    assert all(device == torch.device("cpu") for _, device in calls)
+    if torch.cuda.is_available():
+        assert ex.sweep_device("cuda") == torch.device("cuda", 1)
+    monkeypatch.setenv("RANK", "2")
+    with pytest.raises(ValueError, match="RANK"):
+        ex.run_sweep(configs, tmp_path, data, device="cpu", progress=False)
+    assert sorted(os.listdir(tmp_path)) == sorted(f"{configs[i].name}.json" for i in (1, 3))
+
+
+# ------------------------------------------------------------------------------------------------
+# Data-parallel runs (2 CPU processes joined by gloo)
+
+
+def _data_parallel_body(rank, world, cfg_dict, out_path):
+    cfg = RunConfig.from_dict(cfg_dict)
+    data = ex.load_data("shipped", cfg.limit_train, cfg.limit_test)
+    parallel = ex.DataParallel.initialise(torch.device("cpu"))
+    assert (parallel.rank, parallel.world) == (rank, world)
+    result = ex.run_experiment(cfg, data, device="cpu", out_path=out_path if rank == 0 else None,
+                               progress=False, parallel=parallel)
+    assert (result is None) == (rank != 0)
+
+
+@pytest.mark.parametrize("variant", ["specreg-all", "jacobian"])
+def test_data_parallel_run_matches_one_process(tmp_path, data, variant):
+    from tests.distributed_utils import run_on_processes
+
+    cfg = RunConfig("all-layers", "mlp", variant, seed=3, beta=2.0, batch_size=60,
+                    refresh_every=1, **{**TINY, "epochs": 2, "pgd_eps": (), "noise_sigma": (),
+                                        "sensitivity_ranks": ()})
+    path = tmp_path / "ddp.json"
+    run_on_processes(_data_parallel_body, 2, tmp_path, cfg.to_dict(), str(path))
+    parallel = json.loads(path.read_text())
+    single = ex.run_experiment(cfg, data, device="cpu", progress=False)
+    assert parallel["parallel"] == {"mode": "data", "world_size": 2}
+    for a, b in zip(parallel["history"], single["history"], strict=True):
+        # the Jacobian estimator draws different random projections per rank
+        rel = 1e-4 if variant == "specreg-all" else 0.2
+        assert a["cross_entropy"] == pytest.approx(b["cross_entropy"], rel=rel)
+        assert a["penalty"] == pytest.approx(b["penalty"], rel=rel)
+    if variant == "specreg-all":
+        for layer in ("hidden1", "hidden3"):
+            assert parallel["spectra"][layer]["eigenvalues"] == pytest.approx(
+                single["spectra"][layer]["eigenvalues"], rel=1e-3, abs=1e-7)
+
+
+def test_data_parallel_refuses_what_it_cannot_do():
+    with pytest.raises(ValueError, match="whitening"):
+        ex.check_data_parallel(RunConfig("whitening", "mlp", "whiten"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="SyncBatchNorm"):
+        ex.check_data_parallel(RunConfig("shallow", "shallow", "vanilla"), torch.device("cpu"))
+    ex.check_data_parallel(RunConfig("shallow", "shallow", "vanilla", batch_norm=False),
+                           torch.device("cpu"))
+
+
+def _data_parallel_sweep_body(rank, world, cfg_dicts, out_dir):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    configs = [RunConfig.from_dict(d) for d in cfg_dicts]
+    data = ex.load_data("shipped", configs[0].limit_train, configs[0].limit_test)
+    first = ex.run_sweep(configs, out_dir, data, device="cpu", progress=False, parallel="data")
+    assert [w for _, w in first] == ["ran"] * len(configs)
+    if rank == 0:
+        os.remove(os.path.join(out_dir, f"{configs[0].name}.json"))
+    ex.DataParallel.initialise(torch.device("cpu")).barrier()
+    again = ex.run_sweep(configs, out_dir, data, device="cpu", progress=False, parallel="data")
+    assert [w for _, w in again] == ["ran"] + ["skipped"] * (len(configs) - 1)
+
+
+def test_data_parallel_sweep_resumes_on_every_rank(tmp_path):
+    from tests.distributed_utils import run_on_processes
+
+    configs = ex.sweep_configs("all-layers", arch="mlp", seeds=1, betas=[1.0], batch_size=60,
+                               **{**TINY, "pgd_eps": (), "noise_sigma": (),
+                                  "sensitivity_ranks": ()})
+    run_on_processes(_data_parallel_sweep_body, 2, tmp_path,
+                     [c.to_dict() for c in configs], str(tmp_path / "out"))
+    results = ex.load_results(tmp_path / "out")
+    assert sorted(r["name"] for r in results) == sorted(c.name for c in configs)
+    assert all(r["parallel"]["world_size"] == 2 for r in results)
