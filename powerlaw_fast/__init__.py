@@ -9,6 +9,7 @@
 
 from powerlaw_fast.attacks import RobustnessCurve, fgsm, pgd, robustness_curve, white_noise
 from powerlaw_fast.datasets import MNISTFileError, load_mnist, mnist_loaders
+from powerlaw_fast.experiments import RunConfig, run_experiment, run_sweep, sweep_configs
 from powerlaw_fast.jacobian import jacobian_penalty
 from powerlaw_fast.models import CNN, MLP, ShallowNet
 from powerlaw_fast.ops.attack_step import pgd_update
@@ -32,6 +33,7 @@ __all__ = [
     "CovarianceAccumulator",
     "MNISTFileError",
     "RobustnessCurve",
+    "RunConfig",
     "ShallowNet",
     "SpectralRegularizer",
     "Whiten",
@@ -48,7 +50,10 @@ __all__ = [
     "powerlaw_penalty",
     "projected_spectrum",
     "robustness_curve",
+    "run_experiment",
+    "run_sweep",
     "sensitivity_maps",
     "spec_penalty",
+    "sweep_configs",
     "white_noise",
 ]
