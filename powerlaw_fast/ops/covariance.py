@@ -38,6 +38,8 @@ if triton_available():
     import triton
     import triton.language as tl
 
+    from powerlaw_fast.ops.spec_penalty import accumulate_dot
+
     def _covariance_configs():
         if triton_interpreter_active():
             return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 128})]
@@ -94,12 +96,7 @@ if triton_available():
                 x_ptr + bs[:, None] * stride_xb + jj[None, :] * stride_xn, mask=c_mask, other=0.0
             ).to(tl.float32)
             c = tl.where(c_mask, c - mu_j[None, :], 0.0)
-            a = a.to(in_dtype)
-            c = c.to(in_dtype)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                c = c.to(tl.float32)
-            acc = tl.dot(a, c, acc, input_precision=IN_PRECISION)
+            acc = accumulate_dot(a.to(in_dtype), c.to(in_dtype), acc, IN_PRECISION, DOT_IN_FP32)
         tl.store(
             out_ptr + ii[:, None] * stride_oi + jj[None, :] * stride_oj,
             acc * scale,

@@ -95,6 +95,14 @@ if triton_available():
         ]
 
     @triton.jit
+    def accumulate_dot(a, b, acc, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+        """acc + a @ b; with DOT_IN_FP32 the (already rounded) operands are widened first."""
+        if DOT_IN_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision=IN_PRECISION)
+
+    @triton.jit
     def _grouped_tile(pid, num_m, num_n, GROUP_M: tl.constexpr):
         # Row-blocks sharing the same columns of V run together, so V tiles stay in L2.
         width = GROUP_M * num_n
@@ -152,11 +160,7 @@ if triton_available():
                 mask=k_ok[:, None] & col_ok[None, :],
                 other=0.0,
             )
-            a = a.to(b.dtype)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=IN_PRECISION)
+            acc = accumulate_dot(a.to(b.dtype), b, acc, IN_PRECISION, DOT_IN_FP32)
         out_mask = row_ok[:, None] & col_ok[None, :]
         tl.store(
             z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
@@ -213,10 +217,7 @@ if triton_available():
                 other=0.0,
             )
             a = (z * (c * scale)[None, :]).to(vt.dtype)
-            if DOT_IN_FP32:
-                a = a.to(tl.float32)
-                vt = vt.to(tl.float32)
-            acc = tl.dot(a, vt, acc, input_precision=IN_PRECISION)
+            acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
         tl.store(
             out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
             acc.to(out_ptr.dtype.element_ty),
