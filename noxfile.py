@@ -14,6 +14,7 @@ TORCH = "torch==2.13.0"
 def tests(session):
     session.install(TORCH)
     session.install("-e", ".[test,plot]")
+    session.install("--no-deps", "torchattacks")  # the PGD cross-check; no torchvision
     session.run("python", "-m", "pytest", "tests", *session.posargs)
 
 
