@@ -373,7 +373,8 @@ def train_model(
         start = time.perf_counter()
         model.train()
         perm = torch.randperm(n, generator=order).to(device)
-        sums = {"loss": 0.0, "cross_entropy": 0.0, "penalty": 0.0}
+        # summed on the device, read once per epoch: no host synchronisation per step
+        running = torch.zeros(3, dtype=torch.float64, device=device)
         for i in range(steps_per_epoch):
             if reg is not None and (
                 i == 0 or (cfg.refresh_every is not None and step % cfg.refresh_every == 0)
@@ -400,9 +401,8 @@ def train_model(
             loss = ce + penalty  # logged: the single-process value
             optimiser.step()
             step += 1
-            sums["loss"] += float(loss.detach())
-            sums["cross_entropy"] += float(ce.detach())
-            sums["penalty"] += float(penalty.detach())
+            running += torch.stack([t.detach().to(torch.float64) for t in (loss, ce, penalty)])
+        sums = dict(zip(("loss", "cross_entropy", "penalty"), running.tolist(), strict=True))
         if world > 1:
             sums = _mean_over_ranks(sums, parallel, device)
         record = {k: v / max(1, steps_per_epoch) for k, v in sums.items()}

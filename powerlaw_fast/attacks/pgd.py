@@ -93,13 +93,18 @@ class _ChunkRunner:
         with torch.cuda.stream(side):
             for _ in range(_WARMUP_STEPS):
                 self.step()
-        torch.cuda.current_stream(self.x.device).wait_stream(side)
+        caller_stream = torch.cuda.current_stream(self.x.device)
+        caller_stream.wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         try:
             # capture only records kernels: the buffers are not advanced by it
             with torch.cuda.graph(graph):
                 self.step()
         except Exception as err:  # model not capturable (host syncs, dynamic shapes, ...)
+            # torch.cuda.graph's __exit__ skips restoring the stream when capture_end raises
+            # (an invalidated capture): without this the eager steps, and everything after
+            # them in this thread, would run on the graph's private capture stream.
+            torch.cuda.set_stream(caller_stream)
             warnings.warn(
                 f"pgd: CUDA graph capture failed ({type(err).__name__}: {err}); running the step "
                 "loop eagerly. Pass cuda_graph=False to skip the attempt.",

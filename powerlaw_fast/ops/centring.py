@@ -37,11 +37,12 @@ if triton_available():
         BLOCK_N: tl.constexpr,
     ):
         pid = tl.program_id(0)
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 indices: index * stride passes 2^31 once B * N does.
+        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         col_ok = cols < N
         acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
         for start in range(0, B, BLOCK_B):
-            rows = start + tl.arange(0, BLOCK_B)
+            rows = start + tl.arange(0, BLOCK_B).to(tl.int64)
             mask = (rows[:, None] < B) & col_ok[None, :]
             ptrs = x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_n
             acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)

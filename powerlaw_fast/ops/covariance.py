@@ -75,15 +75,16 @@ if triton_available():
         """out[i, j] = scale * sum_b (x[b, i] - mean[i]) (x[b, j] - mean[j])."""
         pid_i = tl.program_id(0)
         pid_j = tl.program_id(1)
-        ii = pid_i * BLOCK_M + tl.arange(0, BLOCK_M)
-        jj = pid_j * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 indices: index * stride passes 2^31 once B * N or N * N does.
+        ii = pid_i * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        jj = pid_j * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         i_ok = ii < N
         j_ok = jj < N
         mu_i = tl.load(mean_ptr + ii, mask=i_ok, other=0.0)
         mu_j = tl.load(mean_ptr + jj, mask=j_ok, other=0.0)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for b0 in range(0, B, BLOCK_K):
-            bs = b0 + tl.arange(0, BLOCK_K)
+            bs = b0 + tl.arange(0, BLOCK_K).to(tl.int64)
             b_ok = bs < B
             a_mask = i_ok[:, None] & b_ok[None, :]
             a = tl.load(

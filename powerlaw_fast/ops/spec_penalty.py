@@ -140,13 +140,15 @@ if triton_available():
         num_m = tl.cdiv(B, BLOCK_M)
         num_n = tl.cdiv(N, BLOCK_N)
         pid_m, pid_n = _grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 indices: index * stride passes 2^31 once B * N or N * N does (e.g. B = 131072,
+        # N = 16384), and triton types small ints as int32.
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < B
         col_ok = cols < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, N, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
             k_ok = ks < N
             a_mask = row_ok[:, None] & k_ok[None, :]
             a = tl.load(
@@ -196,13 +198,14 @@ if triton_available():
         num_m = tl.cdiv(B, BLOCK_M)
         num_k = tl.cdiv(N, BLOCK_N)
         pid_m, pid_k = _grouped_tile(tl.program_id(0), num_m, num_k, GROUP_M)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        outs = pid_k * BLOCK_N + tl.arange(0, BLOCK_N)
+        # int64 indices, as in the forward kernel.
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        outs = pid_k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < B
         out_ok = outs < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for n0 in range(0, N, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K)
+            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
             n_ok = ns < N
             z = tl.load(
                 z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
@@ -224,7 +227,9 @@ if triton_available():
             mask=row_ok[:, None] & out_ok[None, :],
         )
 
-    @triton.jit
+    # An int argument equal to 1 is compiled as a constexpr, which has no .to(): anchor = 1
+    # (tau = 2, or tau = 1 with convention="authors") would not compile on a GPU.
+    @triton.jit(do_not_specialize=["anchor"])
     def _powerlaw_penalty_kernel(
         sorted_ptr,
         order_ptr,
