@@ -89,6 +89,17 @@ SCRIPT = textwrap.dedent(
                    mean, x, V, 0.5)
     compile_launch(covariance, "_centred_gram_kernel", covariance.centred_gram_triton,
                    x, mean, 1.0)
+    launch_projection = sp._launch_centred_projection
+    # the finishing kernel alone: the projection it follows is stubbed out
+    sp._launch_centred_projection = lambda x, V, mean: (torch.empty(3, x.shape[1], **meta), x)
+    try:
+        compile_launch(sp, "_finish_spectrum_kernel", sp.projected_spectrum_triton, x, V, mean)
+        one = torch.empty(1, 1, **meta)  # N = 1 and a single row-block: both specialised to 1
+        sp._launch_centred_projection = lambda x, V, mean: (torch.empty(1, 1, **meta), x)
+        compile_launch(sp, "_finish_spectrum_kernel", sp.projected_spectrum_triton,
+                       torch.empty(2, 1, **meta), one, torch.empty(1, **meta))
+    finally:
+        sp._launch_centred_projection = launch_projection
     """
 )
 
@@ -113,5 +124,5 @@ def test_triton_kernels_compile_for_sm90_with_gpu_argument_specialisation():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.split("\n")
     shared = [int(line.split()[-1]) for line in lines if line.strip()]
-    assert len(shared) == 8
+    assert len(shared) == 10  # one line per compiled kernel variant
     assert max(shared) <= H100_SHARED_MEMORY
