@@ -22,4 +22,6 @@ python -m pytest tests -q -x -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
 for bench in bench_penalty bench_training bench_attacks; do
   python "benchmarks/$bench.py" --out "$OUT" 2>&1 | tee "$OUT/$bench.log" || status=1
 done
+# the targets of each issue, met or not, from what this run wrote
+python benchmarks/report.py --results "$OUT" --no-plot 2>&1 | tee "$OUT/report.txt" || status=1
 exit $status
