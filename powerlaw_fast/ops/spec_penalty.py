@@ -865,7 +865,9 @@ def spec_penalty(
         convention: "paper" or "authors".
         backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "triton", "cuda".
         validate: one host synchronisation to raise on non-finite activations and on a zero
-            anchor eigenvalue (rank-deficient batch). Set False inside CUDA graphs.
+            anchor eigenvalue (rank-deficient batch). Set False inside CUDA graphs, and run
+            the step once eagerly before capturing it: the Triton kernels are autotuned on the
+            first call for each (B, N), which must not happen during a capture.
         process_group: a ``torch.distributed`` group over which the batch is sharded (shards
             may differ in size): the penalty of the global batch, identical on every rank, each
             rank's gradient being its rows of the global gradient. Communication per step: one
