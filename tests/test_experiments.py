@@ -236,7 +236,8 @@ def test_sweep_under_torchrun_runs_its_share(tmp_path, data, monkeypatch):
         ex.write_json_atomic(out_path, {"format": ex.RESULT_FORMAT, "status": "complete",
                                         "config": cfg.to_dict()})
 
-    monkeypatch.setattr(ex, "run_experiment", fake_run)
+    # run_sweep looks run_experiment up in its own module
+    monkeypatch.setattr(ex.sweep, "run_experiment", fake_run)
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("LOCAL_RANK", "1")

@@ -1,0 +1,46 @@
+"""The network of a run, its regularised layers, its batch size and its default device."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..models import CNN, MLP, ShallowNet
+from .config import RunConfig
+
+
+def build_model(cfg: RunConfig) -> tuple[nn.Module, list[str]]:
+    """The network of ``cfg`` and the names of its spectrally regularised layers."""
+    whiten = cfg.variant in ("whiten", "whiten+specreg-last")
+    if cfg.arch == "shallow":
+        model = ShallowNet(hidden=cfg.width or 2000, activation="sigmoid",
+                           batch_norm=cfg.batch_norm)
+    elif cfg.arch == "mlp":
+        width = cfg.width or 1000
+        # Running statistics in eval mode: the attacks put rows for several epsilons in one
+        # forward pass, which batch statistics would couple.
+        model = MLP(widths=(width,) * 3, whiten_layer=2 if whiten else None,
+                    whiten_eval_mode="running")
+    else:
+        model = CNN(whiten=whiten, whiten_eval_mode="running", fc_width=cfg.width or 1000)
+    names = list(model.hidden_layers())
+    if cfg.variant == "specreg-all":
+        layers = names
+    elif cfg.regularised:
+        layers = names[-1:]
+    else:
+        layers = []
+    return model, layers
+
+
+def batch_size_for(cfg: RunConfig, model: nn.Module) -> int:
+    """``cfg.batch_size`` or the paper's rule: 1.5 x the widest hidden layer."""
+    if cfg.batch_size is not None:
+        return int(cfg.batch_size)
+    return math.ceil(1.5 * max(model.hidden_widths().values()))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

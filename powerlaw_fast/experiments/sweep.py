@@ -1,0 +1,91 @@
+"""A sweep: many runs into one folder, resumable, shared out under ``torchrun``.
+
+:func:`run_sweep` skips every run whose JSON already exists, is complete and has the same
+config, so an interrupted sweep resumes where it stopped. Under ``torchrun``
+(``WORLD_SIZE > 1``) ``parallel="runs"`` divides the runs among the processes, each on its own
+device (``cuda:LOCAL_RANK``), the most efficient for a many-run sweep; ``parallel="data"``
+trains every run data-parallel over all processes (:mod:`~powerlaw_fast.experiments.parallel`),
+and rank 0 evaluates and writes the JSON.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .building import default_device
+from .config import RunConfig
+from .data import Data
+from .parallel import DataParallel, check_data_parallel, distributed_shard
+from .results import read_result
+from .run import run_experiment
+
+
+def sweep_device(device: torch.device | str | None) -> torch.device:
+    """The device of this process: under torchrun with CUDA, ``cuda:LOCAL_RANK``."""
+    device = torch.device(device) if device is not None else default_device()
+    _, world = distributed_shard()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0") or 0))
+    return device
+
+
+def run_sweep(
+    configs: Sequence[RunConfig],
+    out_dir,
+    data: Data,
+    *,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    parallel: str = "runs",
+) -> list[tuple[str, str]]:
+    """Run every config into ``out_dir/<name>.json``, skipping the complete ones.
+
+    A run is skipped when its JSON exists, is complete and was made with the same config; a
+    partial temporary file or a JSON from a different config is replaced. Under torchrun
+    (``WORLD_SIZE > 1``), ``parallel="runs"`` makes this process run the configs ``i`` with
+    ``i % WORLD_SIZE == RANK``; ``parallel="data"`` trains every run over all processes
+    (rank 0 decides what to skip and writes the results; ``out_dir`` must be shared).
+
+    Returns ``[(name, "ran" | "skipped"), ...]`` for this process's runs.
+    """
+    if parallel not in ("runs", "data"):
+        raise ValueError(f"parallel: expected 'runs' or 'data', got {parallel!r}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed_shard()
+    device = sweep_device(device)
+    data_parallel = None
+    if world > 1 and parallel == "data":
+        for cfg in configs:
+            check_data_parallel(cfg, device)
+        data_parallel = DataParallel.initialise(device)
+        mine = list(configs)
+    else:
+        mine = [cfg for i, cfg in enumerate(configs) if i % world == rank]
+    outcome = []
+    bar = tqdm(mine, desc=f"runs (rank {rank}/{world})" if world > 1 else "runs", unit="run",
+               disable=not progress or (data_parallel is not None and rank != 0))
+    for cfg in bar:
+        path = out_dir / f"{cfg.name}.json"
+        done = read_result(path)
+        skip = done is not None and done["config"] == cfg.to_dict()
+        if data_parallel is not None:
+            import torch.distributed as dist
+
+            decision = [skip]
+            dist.broadcast_object_list(decision, src=0, group=data_parallel.group)
+            skip = bool(decision[0])
+        if skip:
+            outcome.append((cfg.name, "skipped"))
+            continue
+        bar.set_postfix_str(cfg.name)
+        run_experiment(cfg, data, device=device, out_path=path, progress=progress,
+                       parallel=data_parallel)
+        outcome.append((cfg.name, "ran"))
+    bar.close()
+    return outcome
