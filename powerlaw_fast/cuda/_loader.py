@@ -17,7 +17,6 @@ import os
 import re
 from pathlib import Path
 
-import numpy as np
 import torch
 
 _INCLUDE = re.compile(r'^\s*#\s*include\s+"([A-Za-z0-9_.]+)"\s*$', re.MULTILINE)
@@ -99,20 +98,3 @@ def launch(tensor: torch.Tensor, fn, grid: tuple, block: tuple, args: tuple) -> 
     stream = torch.cuda.current_stream(index).cuda_stream
     with cupy.cuda.Device(index), cupy.cuda.ExternalStream(stream, index):
         fn(grid, block, args)
-
-
-# Kernel argument packing: the C signatures use `const T*`, `long long`, `float` and `int`.
-def ptr(t: torch.Tensor) -> np.uint64:
-    return np.uint64(t.data_ptr())
-
-
-def i64(v: int) -> np.int64:
-    return np.int64(v)
-
-
-def f32(v: float) -> np.float32:
-    return np.float32(v)
-
-
-def i32(v: int) -> np.int32:
-    return np.int32(v)
