@@ -68,6 +68,14 @@ class RobustnessCurve:
     def n_samples(self) -> int:
         return int(self.success.shape[1])
 
+    def __repr__(self) -> str:
+        # a summary, not the [E, n] boolean tensor (thousands of values)
+        eps = ", ".join(f"{e:g}" for e in self.eps)
+        acc = ", ".join(f"{a:.3f}" for a in self.accuracy)
+        kwargs = f", attack_kwargs={self.attack_kwargs!r}" if self.attack_kwargs else ""
+        return (f"RobustnessCurve(attack={self.attack!r}, eps=[{eps}], accuracy=[{acc}], "
+                f"n_samples={self.n_samples}{kwargs})")
+
     def to_dict(self) -> dict:
         return {
             "attack": self.attack,
