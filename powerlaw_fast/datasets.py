@@ -8,13 +8,15 @@ Where the data come from, in order:
 
 A root may point at the folder that contains ``MNIST/raw`` (torchvision's ``root``), at
 ``MNIST`` or at ``raw`` itself. The four IDX files may be gzipped (``.gz``, as downloaded) or
-not. Headers, sizes and labels are validated; a missing or corrupt file raises an error that
-names it.
+not. Headers, sizes and labels are validated; a missing, empty or corrupt file raises an
+:class:`MNISTFileError` that names it (for a missing file or folder, the subclass
+:class:`MNISTNotFoundError`, which is also a ``FileNotFoundError``).
 """
 
 from __future__ import annotations
 
 import gzip
+import math
 import os
 import zlib
 from pathlib import Path
@@ -37,7 +39,11 @@ IMAGE_SIDE = 28
 
 
 class MNISTFileError(ValueError):
-    """A missing, truncated or malformed MNIST file (the message names it)."""
+    """A missing, empty, truncated or malformed MNIST file or folder (the message names it)."""
+
+
+class MNISTNotFoundError(MNISTFileError, FileNotFoundError):
+    """A missing MNIST file or folder: an :class:`MNISTFileError` and a ``FileNotFoundError``."""
 
 
 def _find_raw_dir(root: Path) -> Path:
@@ -45,7 +51,7 @@ def _find_raw_dir(root: Path) -> Path:
     for candidate in (root / "MNIST" / "raw", root / "raw", root):
         if any((candidate / n).exists() or (candidate / f"{n}.gz").exists() for n in names):
             return candidate
-    raise FileNotFoundError(
+    raise MNISTNotFoundError(
         f"root: no MNIST IDX files found in {root} (looked in {root}/MNIST/raw, {root}/raw and "
         f"{root} for e.g. {names[0]}.gz)"
     )
@@ -62,7 +68,7 @@ def _read_bytes(raw_dir: Path, name: str) -> tuple[bytes, Path]:
             raise MNISTFileError(f"{gz}: corrupt gzip file ({err})") from err
     if plain.exists():
         return plain.read_bytes(), plain
-    raise FileNotFoundError(f"{gz}: missing MNIST file (neither {gz.name} nor {plain.name} exists)")
+    raise MNISTNotFoundError(f"{gz}: missing MNIST file (neither {gz.name} nor {plain.name} exists)")
 
 
 def read_idx(raw_dir: Path, name: str, *, magic: int, ndim: int) -> np.ndarray:
@@ -75,7 +81,8 @@ def read_idx(raw_dir: Path, name: str, *, magic: int, ndim: int) -> np.ndarray:
     if found != magic:
         raise MNISTFileError(f"{path}: bad IDX magic number 0x{found:08x}, expected 0x{magic:08x}")
     dims = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    expected = header + int(np.prod(dims))
+    # Python integers: np.prod of 2**31 x 2**31 x 4 wraps around to 0 in int64
+    expected = header + math.prod(dims)
     if len(data) != expected:
         raise MNISTFileError(
             f"{path}: expected {expected} bytes for dims {dims}, found {len(data)} "
@@ -90,6 +97,8 @@ def read_mnist_raw(raw_dir, *, train: bool = True) -> tuple[np.ndarray, np.ndarr
     image_name, label_name = IDX_FILES[bool(train)]
     images = read_idx(raw_dir, image_name, magic=IMAGES_MAGIC, ndim=3)
     labels = read_idx(raw_dir, label_name, magic=LABELS_MAGIC, ndim=1)
+    if images.shape[0] == 0:
+        raise MNISTFileError(f"{raw_dir / image_name}: the file holds 0 images")
     if images.shape[1:] != (IMAGE_SIDE, IMAGE_SIDE):
         raise MNISTFileError(
             f"{raw_dir / image_name}: expected 28x28 images, got "
@@ -109,7 +118,7 @@ def read_mnist_raw(raw_dir, *, train: bool = True) -> tuple[np.ndarray, np.ndarr
 
 def _read_subset(path: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
     if not path.exists():
-        raise FileNotFoundError(f"{path}: the shipped MNIST subset is missing from the package")
+        raise MNISTNotFoundError(f"{path}: the shipped MNIST subset is missing from the package")
     split = "train" if train else "test"
     with np.load(path) as npz:
         return npz[f"{split}_images"], npz[f"{split}_labels"]
@@ -143,6 +152,11 @@ def load_mnist(
         download: fetch the files into ``root`` with torchvision when they are missing (needs
             ``root`` and torchvision; never used by the tests).
 
+    Raises:
+        MNISTFileError: a missing (:class:`MNISTNotFoundError`), empty, truncated or malformed
+            file or folder; the message names it.
+        ValueError: an empty ``root`` or a ``limit`` below 1.
+
     Example::
 
         >>> from powerlaw_fast.datasets import load_mnist
@@ -155,6 +169,11 @@ def load_mnist(
     if root is None:
         env = os.environ.get(ENV_VAR, "")
         root = env if env else SHIPPED
+    if isinstance(root, str | os.PathLike) and not os.fspath(root):
+        raise ValueError(
+            "root: got an empty path; pass a folder, 'shipped' for the packaged subset, or None "
+            f"for ${ENV_VAR} / the packaged subset (use '.' for the current folder)"
+        )
     if str(root) == SHIPPED:
         if download:
             raise ValueError("download: needs a root folder to download into, got root='shipped'")
@@ -167,7 +186,7 @@ def load_mnist(
             except FileNotFoundError:
                 _download(path, train)
         if not path.exists():
-            raise FileNotFoundError(f"root: the MNIST folder {path} does not exist")
+            raise MNISTNotFoundError(f"root: the MNIST folder {path} does not exist")
         images, labels = read_mnist_raw(_find_raw_dir(path), train=train)
     if limit is not None:
         images, labels = images[:limit], labels[:limit]
@@ -231,7 +250,8 @@ def mnist_loaders(
     test_batch_size = check_int_range(test_batch_size, "test_batch_size", 1, 1 << 30)
     generator = None
     if seed is not None:
-        generator = torch.Generator().manual_seed(int(seed))
+        seed = check_int_range(seed, "seed", 0, (1 << 64) - 1)
+        generator = torch.Generator().manual_seed(seed)
     train_set = TensorDataset(*load_mnist(root, train=True, limit=limit_train))
     test_set = TensorDataset(*load_mnist(root, train=False, limit=limit_test))
     train_loader = DataLoader(

@@ -1,4 +1,5 @@
 import gzip
+import os
 import shutil
 from pathlib import Path
 
@@ -15,11 +16,27 @@ from powerlaw_fast.datasets import (
     read_mnist_raw,
 )
 
-REAL_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
-if not REAL_MNIST.exists():
-    REAL_MNIST = Path("/work/shared/data/mnist")
+
+
+def _real_mnist_raw() -> Path | None:
+    """The raw IDX folder of real MNIST: $POWERLAW_FAST_DATA, else the sibling ../shared."""
+    candidates = [os.environ.get("POWERLAW_FAST_DATA", ""),
+                  Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist",
+                  "/work/shared/data/mnist"]
+    for root in candidates:
+        if root and Path(root).is_dir():
+            try:
+                return datasets._find_raw_dir(Path(root))
+            except FileNotFoundError:
+                continue
+    return None
+
+
+REAL_RAW = _real_mnist_raw()
 needs_real = pytest.mark.skipif(
-    not (REAL_MNIST / "MNIST" / "raw").is_dir(), reason="real MNIST not available"
+    REAL_RAW is None,
+    reason="real MNIST not found: set POWERLAW_FAST_DATA to a folder holding MNIST/raw/*.gz "
+    "(torchvision's layout) or place it in ../shared/data/mnist",
 )
 
 
@@ -85,9 +102,9 @@ def test_shipped_subset_loads(monkeypatch):
 
 @needs_real
 def test_real_mnist_and_subset_agree():
-    x, y = load_mnist(REAL_MNIST, train=True)
+    x, y = load_mnist(REAL_RAW, train=True)
     assert x.shape == (60000, 1, 28, 28) and y.shape == (60000,)
-    xt, yt = load_mnist(REAL_MNIST / "MNIST" / "raw", train=False)
+    xt, yt = load_mnist(REAL_RAW, train=False)
     assert xt.shape == (10000, 1, 28, 28)
     xs, ys = load_mnist("shipped", train=False)
     assert torch.equal(xs, xt[:1000]) and torch.equal(ys, yt[:1000])
@@ -95,7 +112,7 @@ def test_real_mnist_and_subset_agree():
 
 @needs_real
 def test_make_subset(tmp_path):
-    dest = make_mnist_subset(REAL_MNIST, tmp_path / "sub.npz", n_train=20, n_test=7)
+    dest = make_mnist_subset(REAL_RAW, tmp_path / "sub.npz", n_train=20, n_test=7)
     with np.load(dest) as npz:
         assert npz["train_images"].shape == (20, 28, 28) and npz["test_labels"].shape == (7,)
         assert npz["train_images"].dtype == np.uint8
@@ -201,13 +218,62 @@ def test_loaders():
     assert len(train) == 2
 
 
+@needs_real
 def test_real_copy_in_tmp(tmp_path):
     # A root that contains only gzipped files copied from the shipped layout works too.
-    if not (REAL_MNIST / "MNIST" / "raw").is_dir():
-        pytest.skip("real MNIST not available")
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     for name in datasets.IDX_FILES[False]:
-        shutil.copy(REAL_MNIST / "MNIST" / "raw" / f"{name}.gz", raw)
+        shutil.copy(REAL_RAW / f"{name}.gz", raw)
     x, y = load_mnist(tmp_path, train=False, limit=3)
     assert x.shape == (3, 1, 28, 28) and y.tolist() == [7, 2, 1]
+
+
+# Issue 16 (data): each of these failed before the fix.
+
+
+def test_missing_file_raises_the_documented_error(tmp_path):
+    raw = tmp_path / "raw"
+    fake_mnist(raw)
+    (raw / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(MNISTFileError, match="t10k-labels-idx1-ubyte.gz: missing MNIST file"):
+        load_mnist(tmp_path, train=False)
+    with pytest.raises(MNISTFileError, match="does not exist"):
+        load_mnist(tmp_path / "absent")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(MNISTFileError, match="no MNIST IDX files"):
+        load_mnist(empty)
+
+
+def test_huge_idx_dims_do_not_overflow_the_size_check(tmp_path):
+    raw = tmp_path / "raw"
+    fake_mnist(raw, compress=False)
+    # 2^31 x 2^31 x 4 = 2^64 bytes: np.prod wraps to 0, which matched an empty payload
+    header = (0x803).to_bytes(4, "big") + b"".join(
+        d.to_bytes(4, "big") for d in (1 << 31, 1 << 31, 4))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(header)
+    with pytest.raises(MNISTFileError, match=r"expected 18446744073709551632 bytes"):
+        read_mnist_raw(raw, train=False)
+
+
+def test_a_file_of_zero_images_is_refused(tmp_path):
+    raw = tmp_path / "raw"
+    fake_mnist(raw, compress=False)
+    write_idx(raw / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28), np.uint8), 0x803, False)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.zeros(0, np.uint8), 0x801, False)
+    with pytest.raises(MNISTFileError, match="t10k-images-idx3-ubyte: the file holds 0 images"):
+        load_mnist(tmp_path, train=False)
+
+
+def test_empty_root_is_refused(tmp_path, monkeypatch):
+    fake_mnist(tmp_path / "raw")
+    monkeypatch.chdir(tmp_path)  # before the fix, "" silently read the current folder
+    with pytest.raises(ValueError, match="root: got an empty path"):
+        load_mnist("")
+
+
+@pytest.mark.parametrize("seed", ["a", 1.5, True])
+def test_loader_seed_must_be_an_integer(seed):
+    with pytest.raises(TypeError, match="seed: expected an integer"):
+        mnist_loaders("shipped", batch_size=10, limit_train=20, limit_test=10, seed=seed)

@@ -13,6 +13,7 @@ slope -1.41 .. -1.49 without, -1.01 .. -1.06 with the regulariser.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -22,11 +23,29 @@ from torch import nn
 from powerlaw_fast.regularizer import SpectralRegularizer
 from powerlaw_fast.spectra import fit_power_law, layer_spectrum
 
-MNIST_ROOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
 ALPHA, TAU, WIDTH, BATCH, SAMPLES = 1.0, 10, 64, 128, 6000
 
+
+def _real_mnist_root() -> Path | None:
+    """Real MNIST: $POWERLAW_FAST_DATA, else the sibling ../shared/data/mnist."""
+    from powerlaw_fast.datasets import _find_raw_dir
+
+    for root in (os.environ.get("POWERLAW_FAST_DATA", ""),
+                 Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"):
+        if root and Path(root).is_dir():
+            try:
+                return _find_raw_dir(Path(root))
+            except FileNotFoundError:
+                continue
+    return None
+
+
+MNIST_ROOT = _real_mnist_root()
+
 pytestmark = pytest.mark.skipif(
-    not (MNIST_ROOT / "MNIST" / "raw").is_dir(), reason=f"real MNIST not found in {MNIST_ROOT}"
+    MNIST_ROOT is None,
+    reason="real MNIST not found: set POWERLAW_FAST_DATA to a folder holding MNIST/raw/*.gz "
+    "(torchvision's layout) or place it in ../shared/data/mnist",
 )
 
 

@@ -24,8 +24,8 @@ class Data:
 def load_data(root=None, limit_train: int | None = None, limit_test: int | None = None) -> Data:
     """Both MNIST splits (see :func:`~powerlaw_fast.datasets.load_mnist` for ``root``).
 
-    Raises the loader's ``FileNotFoundError`` / ``MNISTFileError`` for a missing or corrupt
-    folder (the command line turns them into a one-line message).
+    Raises the loader's ``MNISTFileError`` for a missing, empty or corrupt folder (the command
+    line turns it into a one-line message).
     """
     train_x, train_y = load_mnist(root, train=True, limit=limit_train)
     test_x, test_y = load_mnist(root, train=False, limit=limit_test)
