@@ -14,10 +14,16 @@ Conv outputs are flattened per sample when they are regularised, as in the paper
 
 Inputs are MNIST images ``[B, 1, 28, 28]`` or flattened ``[B, 784]``; outputs are logits
 ``[B, 10]``.
+
+Naming: a hidden layer's number of units is its *width* everywhere: ``ShallowNet(width=)``,
+``MLP(widths=)`` (one per layer), ``CNN(fc_width=)``, ``RunConfig.width`` and the command line's
+``--width``. (``ShallowNet(hidden=)`` is the old name; it still works, with a
+``DeprecationWarning``.)
 """
 
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
 from collections.abc import Sequence
 
@@ -73,11 +79,17 @@ class _HiddenLayerModel(nn.Module):
 
 
 class ShallowNet(_HiddenLayerModel):
-    """One hidden layer, 784 - ``hidden`` - 10 (sec. 4.1: 2000 sigmoid units with batch norm).
+    """One hidden layer, 784 - ``width`` - 10 (sec. 4.1: 2000 sigmoid units with batch norm).
 
     Batch norm, when on, sits between the linear map and the nonlinearity (Ioffe & Szegedy's
     placement), so the regularised representation is the sigmoid output. The authors' code put
     it after the nonlinearity; the paper does not say.
+
+    Args:
+        width: hidden units (default 2000, the paper's). ``hidden=`` is its deprecated name.
+        activation: ``"sigmoid"`` (default, the paper's), ``"tanh"`` or ``"relu"``.
+        batch_norm: batch norm between the linear map and the nonlinearity.
+        num_classes: logits.
 
     Example::
 
@@ -90,21 +102,29 @@ class ShallowNet(_HiddenLayerModel):
 
     def __init__(
         self,
-        hidden: int = 2000,
+        width: int | None = None,
         activation: str = "sigmoid",
         batch_norm: bool = False,
         num_classes: int = 10,
+        *,
+        hidden: int | None = None,
     ) -> None:
         super().__init__()
-        hidden = check_int_range(hidden, "hidden", 1, 1 << 20)
+        if hidden is not None:
+            warnings.warn("ShallowNet(hidden=) is deprecated: use ShallowNet(width=)",
+                          DeprecationWarning, stacklevel=2)
+            if width is not None:
+                raise TypeError(f"ShallowNet: got both width={width!r} and hidden={hidden!r}")
+            width = hidden
+        width = check_int_range(2000 if width is None else width, "width", 1, 1 << 20)
         num_classes = check_int_range(num_classes, "num_classes", 1, 1 << 20)
-        layers: list[nn.Module] = [nn.Linear(IMAGE_PIXELS, hidden)]
+        layers: list[nn.Module] = [nn.Linear(IMAGE_PIXELS, width)]
         if batch_norm:
-            layers.append(nn.BatchNorm1d(hidden))
+            layers.append(nn.BatchNorm1d(width))
         layers.append(make_activation(activation))
         self.blocks = nn.ModuleDict({"hidden1": nn.Sequential(*layers)})
-        self.readout = nn.Linear(hidden, num_classes)
-        self._widths = {"hidden1": hidden}
+        self.readout = nn.Linear(width, num_classes)
+        self._widths = {"hidden1": width}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.readout(self.blocks["hidden1"](_flat_images(x)))

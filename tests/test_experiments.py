@@ -322,3 +322,15 @@ def test_data_parallel_sweep_resumes_on_every_rank(tmp_path):
     results = ex.load_results(tmp_path / "out")
     assert sorted(r["name"] for r in results) == sorted(c.name for c in configs)
     assert all(r["parallel"]["world_size"] == 2 for r in results)
+
+
+def test_robustness_curve_repr_is_a_summary():
+    from powerlaw_fast.attacks import robustness_curve
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))
+    x, y = torch.rand(300, 1, 28, 28), torch.randint(0, 10, (300,))
+    curve = robustness_curve(model, (x, y), [0.0, 0.1], attack="fgsm", progress=False)
+    text = repr(curve)
+    assert text.startswith("RobustnessCurve(attack='fgsm', eps=[0, 0.1], accuracy=[")
+    assert "n_samples=300" in text and "tensor" not in text and len(text) < 200

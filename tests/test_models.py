@@ -23,7 +23,7 @@ def capture(model, x):
     "model,widths",
     [
         (ShallowNet(), {"hidden1": 2000}),
-        (ShallowNet(batch_norm=True, hidden=50), {"hidden1": 50}),
+        (ShallowNet(batch_norm=True, width=50), {"hidden1": 50}),
         (MLP(), {"hidden1": 1000, "hidden2": 1000, "hidden3": 1000}),
         (MLP(widths=(30, 20), whiten_layer=2, activation="relu"), {"hidden1": 30, "hidden2": 20}),
         (CNN(), {"conv1": 2704, "conv2": 800, "fc": 1000}),
@@ -44,7 +44,7 @@ def test_shapes_and_hidden_widths(model, widths):
 def test_hidden_representation_is_after_nonlinearity():
     torch.manual_seed(0)
     x = torch.rand(6, 784)
-    _, hidden = capture(ShallowNet(hidden=40), x)
+    _, hidden = capture(ShallowNet(width=40), x)
     assert hidden["hidden1"].min() > 0 and hidden["hidden1"].max() < 1  # sigmoid output
     _, hidden = capture(MLP(widths=(16, 16, 16), activation="tanh"), x)
     assert all(h.abs().max() < 1 for h in hidden.values())
@@ -91,7 +91,7 @@ def test_cnn_structure():
 
 
 def test_shallow_batch_norm_trains_and_evals():
-    net = ShallowNet(hidden=20, batch_norm=True)
+    net = ShallowNet(width=20, batch_norm=True)
     assert any(isinstance(m, nn.BatchNorm1d) for m in net.modules())
     net(torch.rand(8, 784)).sum().backward()
     assert net.readout.weight.grad is not None
@@ -108,9 +108,21 @@ def test_bad_arguments():
         MLP(widths=(10, 10), whiten_layer=3)
     with pytest.raises(ValueError, match="widths"):
         MLP(widths=())
-    with pytest.raises(ValueError, match="hidden"):
-        ShallowNet(hidden=0)
+    with pytest.raises(ValueError, match="width"):
+        ShallowNet(width=0)
     with pytest.raises(ValueError, match=r"\[B, 1, 28, 28\]"):
         CNN()(torch.rand(2, 3, 28, 28))
     with pytest.raises(ValueError, match=r"\[B, 784\]"):
         MLP()(torch.rand(2, 783))
+
+
+def test_shallow_net_width_and_its_deprecated_name():
+    # one idea, one name: ShallowNet(width=), MLP(widths=), CNN(fc_width=), --width
+    assert dict(ShallowNet(width=30).hidden_widths()) == {"hidden1": 30}
+    assert dict(ShallowNet(30).hidden_widths()) == {"hidden1": 30}
+    with pytest.warns(DeprecationWarning, match="ShallowNet\\(width=\\)"):
+        net = ShallowNet(hidden=25)
+    assert dict(net.hidden_widths()) == {"hidden1": 25}
+    with pytest.raises(TypeError, match="both width"), pytest.warns(DeprecationWarning):
+        ShallowNet(width=10, hidden=20)
+

@@ -15,7 +15,7 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, list[str]]:
     """The network of ``cfg`` and the names of its spectrally regularised layers."""
     whiten = cfg.variant in ("whiten", "whiten+specreg-last")
     if cfg.arch == "shallow":
-        model = ShallowNet(hidden=cfg.width or 2000, activation="sigmoid",
+        model = ShallowNet(width=cfg.width or 2000, activation="sigmoid",
                            batch_norm=cfg.batch_norm)
     elif cfg.arch == "mlp":
         width = cfg.width or 1000
