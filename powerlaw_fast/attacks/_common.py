@@ -1,4 +1,5 @@
-"""Shared pieces of the attacks: argument checks, eval mode, input gradients, private RNG."""
+"""Shared pieces of the attacks: argument checks, eval mode, input gradients, private RNG,
+gradient precision and the fp32 verification of adversarial examples."""
 
 from __future__ import annotations
 
@@ -70,6 +71,11 @@ def check_inputs(x, y, bounds: tuple[float, float] | None) -> None:
         raise TypeError(f"y: expected integer class labels, got dtype {y.dtype}")
     if y.device != x.device:
         raise ValueError(f"y: expected device {x.device} (the device of x), got {y.device}")
+    # cross_entropy would silently skip -100 (its ignore_index) and raise a bare IndexError on
+    # other negatives; the upper end is checked against the model's outputs (check_labels).
+    y_min = int(y.min())
+    if y_min < 0:
+        raise ValueError(f"y: expected class labels in [0, classes), got min {y_min}")
     if bounds is not None:
         lo, hi = bounds
         # one host sync per call, outside every step loop
@@ -80,6 +86,37 @@ def check_inputs(x, y, bounds: tuple[float, float] | None) -> None:
                 f"{int(bad.sum())} values outside "
                 f"(min {x.min().item():.4g}, max {x.max().item():.4g})"
             )
+
+
+def check_finite(x: torch.Tensor, name: str = "x") -> None:
+    """No NaN or inf in x (one host sync)."""
+    bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        raise ValueError(f"{name}: expected finite values, got {int(bad.sum())} NaN or inf")
+
+
+def check_labels(model, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Number of classes C from one forward of a single row; every label must be in [0, C).
+
+    A label >= C would otherwise end in a raw IndexError inside cross_entropy (pgd, fgsm) or
+    count as a silent misclassification (noise). Model already in eval mode.
+    """
+    with torch.no_grad(), fp32_forward(x.device):
+        out = model(x[:1])
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(
+            f"model: expected logits [n, classes] (one row per input row), got {shape} "
+            "for an input of 1 row"
+        )
+    classes = int(out.shape[1])
+    y_min, y_max = int(y.min()), int(y.max())
+    if y_min < 0 or y_max >= classes:
+        raise ValueError(
+            f"y: expected class labels in [0, {classes}) for a model with {classes} outputs, "
+            f"got min {y_min}, max {y_max}"
+        )
+    return classes
 
 
 def check_max_batch(max_batch) -> int | None:
@@ -142,10 +179,87 @@ def input_gradient(model, x_leaf: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 @torch.no_grad()
 def misclassified(model, x: torch.Tensor, y: torch.Tensor, max_batch: int | None) -> torch.Tensor:
-    """Boolean [n]: the model's argmax differs from y. Forward passes of at most max_batch rows."""
+    """Boolean [n]: the model's argmax differs from y, by fp32 forwards (autocast off, full
+    float32 matmuls) of at most max_batch rows."""
     step = x.shape[0] if max_batch is None else max_batch
-    parts = [
-        model(x[i : i + step]).argmax(dim=1) != y[i : i + step]
-        for i in range(0, x.shape[0], step)
-    ]
+    with fp32_forward(x.device):
+        parts = [
+            model(x[i : i + step]).argmax(dim=1) != y[i : i + step]
+            for i in range(0, x.shape[0], step)
+        ]
     return torch.cat(parts)
+
+
+# ----------------------------------------------------------------------------- precision
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def check_precision(precision) -> str:
+    if precision is None:
+        return "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: expected one of {PRECISIONS} or None, got {precision!r}")
+    return precision
+
+
+@contextlib.contextmanager
+def _matmul_settings(precision: str, cudnn_tf32: bool) -> Iterator[None]:
+    """Set torch's float32 matmul precision and cuDNN's TF32 flag; restore both afterwards."""
+    old_prec = torch.get_float32_matmul_precision()
+    old_cudnn = torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision(precision)
+    torch.backends.cudnn.allow_tf32 = cudnn_tf32
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old_prec)
+        torch.backends.cudnn.allow_tf32 = old_cudnn
+
+
+@contextlib.contextmanager
+def fp32_forward(device: torch.device) -> Iterator[None]:
+    """What "verified by an fp32 forward" means: autocast off, float32 arithmetic as the caller
+    set it (torch's float32 matmul precision and cuDNN flags are respected, not overridden)."""
+    with torch.autocast(device.type, enabled=False):
+        yield
+
+
+@contextlib.contextmanager
+def gradient_precision(precision: str, device: torch.device) -> Iterator[None]:
+    """Arithmetic of the attack's forward/backward passes.
+
+    "fp32": the caller's settings, untouched. "tf32": float32 matmuls and cuDNN convolutions
+    may use TF32 (CUDA only; a no-op elsewhere). "bf16": autocast to bfloat16 (fp32
+    accumulation). PGD only uses the sign of the gradient, so rounding it costs little; every
+    success found this way is re-checked by :func:`fp32_forward` before it counts.
+    """
+    if precision == "tf32":
+        with _matmul_settings("high", True):
+            yield
+    elif precision == "bf16":
+        # no weight cache: it would go stale across CUDA-graph replays and calls
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+            yield
+    else:
+        yield
+
+
+def needs_verification(precision: str, device: torch.device) -> bool:
+    """Whether the attack's own forward can differ from an fp32 forward, so that a success it
+    sees must be re-checked before it counts."""
+    return precision != "fp32" or torch.is_autocast_enabled(device.type)
+
+
+# ----------------------------------------------------------------------------- verification
+def in_ball_and_bounds(adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
+                       bounds: tuple[float, float]) -> torch.Tensor:
+    """Boolean [n]: every pixel of adv [n, D] within eps [n] of x [n, D] and within bounds.
+
+    The ball's edges are computed as the step kernel computes them (x +- eps in the compute
+    dtype), so an iterate the kernel clamped to the edge passes exactly.
+    """
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    a, xn = adv.to(compute), x.to(compute)
+    e = eps.to(compute)[:, None]
+    ok = (a >= xn - e) & (a <= xn + e) & (a >= bounds[0]) & (a <= bounds[1])
+    return ok.all(dim=1)

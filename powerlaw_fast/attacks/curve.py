@@ -17,12 +17,14 @@ from powerlaw_fast.attacks._common import (
     check_bounds,
     check_eps,
     check_inputs,
+    check_labels,
     check_max_batch,
+    check_precision,
     eval_mode,
     make_generator,
     misclassified,
 )
-from powerlaw_fast.attacks.fgsm import fgsm_sweep
+from powerlaw_fast.attacks.fgsm import fgsm_search
 from powerlaw_fast.attacks.noise import white_noise
 from powerlaw_fast.attacks.pgd import _auto_rows, _pgd_validated
 from powerlaw_fast.ops.attack_step import resolve_step_backend
@@ -52,10 +54,19 @@ class RobustnessCurve:
 
     Attributes:
         eps: the E attack strengths (L-inf radius, or noise sigma for "noise").
-        accuracy: E accuracies in [0, 1] (correct under attack / n).
+        accuracy: E accuracies in [0, 1] (correct under attack / n). For PGD and FGSM in the
+            default (any-iterate) mode it never increases with eps.
         success: bool tensor ``[E, n]``, True where the sample is misclassified under attack
             (already misclassified clean samples count as successes).
         attack: "pgd", "fgsm" or "noise"; attack_kwargs: the attack's arguments (JSON-safe).
+        step: int64 ``[E, n]`` (PGD, FGSM; None for noise): gradient steps taken before the
+            fooling example (0: the clean input or the random start), -1 where not fooled.
+        found_at: int64 ``[E, n]`` (PGD, FGSM): index into ``eps`` of the ball whose attack
+            found the example (a smaller eps when inherited through nested balls), -1 where
+            not fooled.
+        work: totals over the data: ``row_steps`` (rows through a forward + input-gradient
+            pass), ``row_forwards`` (rows through a forward alone), ``unverified`` (successes
+            the final fp32 check rejected, counted as not fooled).
     """
 
     eps: list[float]
@@ -63,21 +74,17 @@ class RobustnessCurve:
     success: torch.Tensor
     attack: str
     attack_kwargs: dict = field(default_factory=dict)
+    step: torch.Tensor | None = None
+    found_at: torch.Tensor | None = None
+    work: dict = field(default_factory=dict)
 
     @property
     def n_samples(self) -> int:
         return int(self.success.shape[1])
 
-    def __repr__(self) -> str:
-        # a summary, not the [E, n] boolean tensor (thousands of values)
-        eps = ", ".join(f"{e:g}" for e in self.eps)
-        acc = ", ".join(f"{a:.3f}" for a in self.accuracy)
-        kwargs = f", attack_kwargs={self.attack_kwargs!r}" if self.attack_kwargs else ""
-        return (f"RobustnessCurve(attack={self.attack!r}, eps=[{eps}], accuracy=[{acc}], "
-                f"n_samples={self.n_samples}{kwargs})")
-
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, per_sample_steps: bool = False) -> dict:
+        """JSON-safe dict; ``per_sample_steps`` adds ``step`` and ``found_at`` (E x n ints)."""
+        d = {
             "attack": self.attack,
             "attack_kwargs": _json_safe(self.attack_kwargs),
             "eps": [float(e) for e in self.eps],
@@ -85,17 +92,27 @@ class RobustnessCurve:
             "n_samples": self.n_samples,
             # one '0'/'1' string per eps: compact and readable
             "success": ["".join("1" if s else "0" for s in row) for row in self.success.tolist()],
+            "work": _json_safe(self.work),
         }
+        if per_sample_steps:
+            for key in ("step", "found_at"):
+                value = getattr(self, key)
+                d[key] = None if value is None else value.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> RobustnessCurve:
         success = torch.tensor([[c == "1" for c in row] for row in d["success"]], dtype=torch.bool)
         success = success.view(len(d["eps"]), int(d["n_samples"]))
+        extra = {key: torch.tensor(d[key], dtype=torch.long).view_as(success)
+                 for key in ("step", "found_at") if d.get(key) is not None}
         return cls(eps=list(d["eps"]), accuracy=list(d["accuracy"]), success=success,
-                   attack=d["attack"], attack_kwargs=dict(d.get("attack_kwargs", {})))
+                   attack=d["attack"], attack_kwargs=dict(d.get("attack_kwargs", {})),
+                   work=dict(d.get("work", {})), **extra)
 
     def to_json(self, path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict()))
+        """Everything, per-sample steps included, so from_json gives the curve back."""
+        Path(path).write_text(json.dumps(self.to_dict(per_sample_steps=True)))
 
     @classmethod
     def from_json(cls, path) -> RobustnessCurve:
@@ -173,12 +190,17 @@ def robustness_curve(
         data: ``(x, y)`` tensors, a ``TensorDataset`` or a ``DataLoader`` yielding ``(x, y)``.
         eps: E strengths (L-inf radius; sigma for "noise"). The whole grid is attacked as one
             batch per data batch.
-        attack: "pgd" (kwargs of :func:`pgd`), "fgsm" (bounds, backend) or "noise" (bounds,
-            generator).
+        attack: "pgd" (kwargs of :func:`pgd`), "fgsm" (bounds, backend, max_batch,
+            final_iterate) or "noise" (bounds, generator, max_batch). PGD and FGSM count a
+            sample as fooled at eps when any example they found within the eps-ball fools it
+            (nested balls, any iterate: see :mod:`powerlaw_fast.attacks.pgd`);
+            ``final_iterate=True`` judges each eps on its own final iterate instead, as a
+            plain per-eps loop or torchattacks does.
         batch_size: samples per data batch for tensor data (a DataLoader keeps its own).
         progress: tqdm bar over the data batches.
 
-    Returns: a :class:`RobustnessCurve`; ``eps = 0`` gives the clean accuracy.
+    Returns: a :class:`RobustnessCurve`; ``eps = 0`` gives the clean accuracy. Labels must lie
+    in ``[0, classes)`` of the model's output.
 
     >>> model = torch.nn.Linear(4, 3)
     >>> x, y = torch.rand(8, 4), torch.randint(0, 3, (8,))
@@ -195,8 +217,9 @@ def robustness_curve(
     kwargs = dict(attack_kwargs)
     allowed = {
         "pgd": {"steps", "step_size", "random_start", "restarts", "bounds", "generator",
-                "backend", "cuda_graph", "max_batch", "memory_budget"},
-        "fgsm": {"bounds", "backend", "max_batch"},
+                "backend", "cuda_graph", "max_batch", "memory_budget", "final_iterate",
+                "precision", "compact_every"},
+        "fgsm": {"bounds", "backend", "max_batch", "final_iterate"},
         "noise": {"bounds", "generator", "max_batch"},
     }[attack]
     unknown = sorted(set(kwargs) - allowed)
@@ -205,13 +228,18 @@ def robustness_curve(
                         f"expected some of {sorted(allowed)}")
     bounds = check_bounds(kwargs.get("bounds", (0.0, 1.0)))
     max_batch = check_max_batch(kwargs.get("max_batch"))
+    final_iterate = kwargs.get("final_iterate", False)
+    if not isinstance(final_iterate, bool):
+        raise TypeError(f"final_iterate: expected a bool, got {type(final_iterate).__name__}")
+    check_precision(kwargs.get("precision"))
     device = module_device(model)
     noise_gen = pgd_gen = None
     if attack == "pgd" and kwargs.get("random_start", False):
         # one generator across batches, so every batch gets fresh random starts
         pgd_gen = make_generator(kwargs.get("generator"), device or torch.device("cpu"))
     runners: dict = {}  # CUDA graphs captured on the first batch are replayed on the next ones
-    successes = []
+    successes, step_parts, found = [], [], []
+    work = {"row_steps": 0, "row_forwards": 0, "unverified": 0}
     bar = tqdm(_batches(data, batch_size), total=_n_batches(data, batch_size),
                desc=f"{attack} x {len(eps_list)} eps", disable=not progress)
     with eval_mode(model):
@@ -219,35 +247,47 @@ def robustness_curve(
             if device is not None:
                 x, y = x.to(device), y.to(device)
             check_inputs(x, y, bounds)
+            check_labels(model, x, y)
+            work["row_forwards"] += 1
             if attack == "pgd":
                 if max_batch is None:  # size the chunks once, on the first batch
                     max_batch = _auto_rows(model, x, y, kwargs.get("memory_budget"),
-                                           kwargs.get("cuda_graph", True))
-                _, success = _pgd_validated(
+                                           kwargs.get("cuda_graph", True) and final_iterate)
+                result, _ = _pgd_validated(
                     model, x, y, eps_list, steps=kwargs.get("steps", 40),
                     step_size=kwargs.get("step_size", 0.01),
                     random_start=kwargs.get("random_start", False),
                     restarts=kwargs.get("restarts", 1), bounds=bounds, generator=pgd_gen,
                     backend=kwargs.get("backend", "auto"),
                     cuda_graph=kwargs.get("cuda_graph", True), max_batch=max_batch,
-                    memory_budget=None, need_success=True, progress=False, runners=runners,
+                    memory_budget=None, need_adv=False, progress=False, runners=runners,
+                    final_iterate=final_iterate, precision=kwargs.get("precision"),
+                    compact_every=kwargs.get("compact_every"), checked=True,
                 )
+            elif attack == "fgsm":
+                backend = resolve_step_backend(kwargs.get("backend", "auto"), x.device, x.dtype)
+                result = fgsm_search(model, x, y, eps_list, bounds, backend,
+                                     final_iterate=final_iterate, max_batch=max_batch)
             else:
-                if attack == "fgsm":
-                    backend = kwargs.get("backend", "auto")
-                    backend = resolve_step_backend(backend, x.device, x.dtype)
-                    adv = fgsm_sweep(model, x, y, eps_list, bounds, backend)
-                else:
-                    if noise_gen is None:  # one stream across batches: batches get fresh noise
-                        noise_gen = make_generator(kwargs.get("generator"), x.device)
-                    adv = white_noise(x, eps_list, bounds=bounds, generator=noise_gen)
+                if noise_gen is None:  # one stream across batches: batches get fresh noise
+                    noise_gen = make_generator(kwargs.get("generator"), x.device)
+                adv = white_noise(x, eps_list, bounds=bounds, generator=noise_gen)
                 E, n = adv.shape[0], adv.shape[1]
                 rows = adv.reshape(E * n, *x.shape[1:])
                 success = misclassified(model, rows, y.long().repeat(E), max_batch).view(E, n)
-            successes.append(success.cpu())
+                work["row_forwards"] += E * n
+                successes.append(success.cpu())
+                continue
+            successes.append(result.success.cpu())
+            step_parts.append(result.step.cpu())
+            found.append(result.found_at.cpu())
+            for key, value in result.work().items():
+                work[key] += value
     if not successes:
         raise ValueError("data: expected at least one (x, y) batch, got none")
     success = torch.cat(successes, dim=1)
     accuracy = (1.0 - success.double().mean(dim=1)).tolist()
+    step = torch.cat(step_parts, dim=1) if step_parts else None
+    found_at = torch.cat(found, dim=1) if found else None
     return RobustnessCurve(eps=eps_list, accuracy=accuracy, success=success, attack=attack,
-                           attack_kwargs=kwargs)
+                           attack_kwargs=kwargs, step=step, found_at=found_at, work=work)

@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from powerlaw_fast._validation import check_float_dtype, check_tensor
-from powerlaw_fast.attacks._common import check_bounds, check_eps, draw, make_generator
+from powerlaw_fast.attacks._common import (
+    check_bounds,
+    check_eps,
+    check_finite,
+    draw,
+    make_generator,
+)
 
 __all__ = ["white_noise"]
 
@@ -23,7 +29,9 @@ def white_noise(
     varies only with sigma, and sigma = 0 returns x exactly.
 
     Args:
-        x: ``[n, *]`` float tensor. sigma: float >= 0 or a sequence of E of them.
+        x: ``[n, *]`` float tensor, finite, and within ``bounds`` when given (as FGSM and PGD
+            require: clamping an out-of-range input would hide it).
+        sigma: float >= 0 or a sequence of E of them.
         bounds: pixel box, or None for no clamp.
         generator: ``torch.Generator``, int seed or None (seed 0); the global RNG is untouched.
 
@@ -37,6 +45,15 @@ def white_noise(
     sigmas, single = check_eps(sigma, "sigma")
     if bounds is not None:
         bounds = check_bounds(bounds)
+        lo, hi = bounds
+        bad = ~((x >= lo) & (x <= hi))  # NaN fails both comparisons
+        if bool(bad.any()):
+            raise ValueError(
+                f"x: expected every value within bounds [{lo}, {hi}] (and no NaN), got "
+                f"{int(bad.sum())} values outside"
+            )
+    else:
+        check_finite(x, "x")
     gen = make_generator(generator, x.device)
     z = draw(x.shape, "normal", gen, x)
     s = torch.tensor(sigmas, dtype=x.dtype, device=x.device).view(-1, *([1] * x.dim()))

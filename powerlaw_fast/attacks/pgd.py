@@ -1,10 +1,34 @@
-"""L-inf PGD over a whole epsilon grid as one batched stream of rows.
+"""L-inf PGD over a whole epsilon grid, doing no work that cannot change the answer.
 
-Rows are (epsilon, sample) pairs laid out epsilon-major; every row carries its own radius, so
-one forward/backward per step serves the whole grid. Each step is: the model's forward, the
-input gradient of the summed cross entropy (parameters get none) and one fused update kernel
-(:func:`powerlaw_fast.ops.attack_step.pgd_update`). Nothing in the step loop waits for the host,
-and on CUDA the loop is captured in a CUDA graph and replayed.
+Two modes.
+
+**Any-iterate search (default).** A sample is fooled at eps when some iterate of PGD within
+the eps-ball is misclassified (the rule of AutoAttack and RobustBench; never weaker than judging
+the final iterate alone). That makes three savings exact:
+
+1. *Early retirement.* The forward pass a step needs for its gradient also classifies the
+   current iterate. A row whose iterate is misclassified keeps that iterate and stops: its loss
+   is masked out (zero gradient, so the fused update leaves it exactly unchanged) and the
+   active rows are compacted (every step on the CPU, every few steps on CUDA, where finding the
+   survivors costs a host sync) so the GEMMs stay dense.
+2. *Nested balls.* The grid is attacked in increasing eps. An adversarial example found within
+   eps_i lies within every larger eps_j, so only samples that survived every smaller radius are
+   attacked at eps_j. Every attack that does run is the same PGD a plain per-eps loop runs, so
+   every sample the loop fools is fooled here too. eps = 0 costs one forward pass.
+3. *Cheaper gradients (opt-in).* ``precision="tf32"`` or ``"bf16"`` computes the attack's
+   forward/backward in reduced precision (only the gradient's sign is used); a success it sees
+   counts only after an fp32 forward of that iterate confirms it.
+
+Every success is finally re-checked in one pass: inside the eps-ball, inside the bounds, and
+misclassified by an fp32 forward.
+
+**Final-iterate mode** (``final_iterate=True``): the verdict at each eps is the final
+iterate's, as torchattacks and plain loops report it. The grid then runs as one batched
+stream of rows (E x n, epsilon-major, each row with its own radius): one forward/backward per
+step for the whole grid, one fused update kernel
+(:func:`powerlaw_fast.ops.attack_step.pgd_update`), no host sync in the step loop, and on
+CUDA the loop is captured in a CUDA graph and replayed. Only eps = 0 is skipped (its PGD
+iterates are all x).
 """
 
 from __future__ import annotations
@@ -13,6 +37,7 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from powerlaw_fast._validation import check_int_range, check_real
@@ -21,20 +46,58 @@ from powerlaw_fast.attacks._common import (
     check_bounds,
     check_eps,
     check_inputs,
+    check_labels,
     check_max_batch,
+    check_precision,
     draw,
     eval_mode,
+    fp32_forward,
+    gradient_precision,
+    in_ball_and_bounds,
     input_gradient,
     make_generator,
     misclassified,
+    needs_verification,
 )
 from powerlaw_fast.ops.attack_step import pgd_update, resolve_step_backend
 
-__all__ = ["pgd", "pgd_sweep"]
+__all__ = ["AttackResult", "pgd", "pgd_search", "pgd_sweep"]
 
 # Eager steps run on a side stream before capture (lazy init of cuBLAS/cuDNN handles, Triton
 # compilation, autograd's workspace); they are real PGD steps, not thrown away.
 _WARMUP_STEPS = 3
+
+
+@dataclass
+class AttackResult:
+    """What an attack over an eps grid found, per eps and sample.
+
+    Attributes:
+        adv: ``[E, n, *]`` adversarial examples (None when not asked for): where ``success`` is
+            True the fooling iterate, else the final iterate of the attack at that eps.
+        success: bool ``[E, n]``: fooled (clean misclassified samples count as fooled).
+        step: int64 ``[E, n]``: gradient steps taken before the fooling iterate (0: the clean
+            input or the random start; ``steps`` in final-iterate mode), -1 where not fooled.
+        found_at: int64 ``[E, n]``: index into the eps grid of the ball whose attack found the
+            example (smaller than the row's own index when inherited from a smaller eps), -1
+            where not fooled.
+        row_steps: rows passed through a forward + input-gradient pass (the attack's work).
+        row_forwards: rows passed through a forward pass alone (clean pass, checks).
+        unverified: successes the final fp32 check rejected (reported as not fooled; expected
+            0, see :func:`pgd`).
+    """
+
+    adv: torch.Tensor | None
+    success: torch.Tensor
+    step: torch.Tensor
+    found_at: torch.Tensor
+    row_steps: int = 0
+    row_forwards: int = 0
+    unverified: int = 0
+
+    def work(self) -> dict:
+        return {"row_steps": self.row_steps, "row_forwards": self.row_forwards,
+                "unverified": self.unverified}
 
 
 @dataclass
@@ -44,6 +107,7 @@ class _Config:
     bounds: tuple[float, float]
     backend: str
     cuda_graph: bool
+    precision: str = "fp32"
 
 
 class _ChunkRunner:
@@ -71,7 +135,8 @@ class _ChunkRunner:
     def step(self) -> None:
         # a fresh leaf over the buffer's storage: only the input ever requires grad
         x_in = self.x.view(self.shape).detach().requires_grad_(True)
-        grad = input_gradient(self.model, x_in, self.y)
+        with gradient_precision(self.cfg.precision, self.x.device):
+            grad = input_gradient(self.model, x_in, self.y)
         with torch.no_grad():
             pgd_update(self.x, self.x_nat, grad.view(self.x.shape), self.eps, self.cfg.step_size,
                        self.cfg.bounds, backend=self.cfg.backend, out=self.x)
@@ -160,6 +225,7 @@ def pgd_sweep(
     need_success: bool,
     progress: bool = False,
     runners: dict | None = None,
+    precision: str = "fp32",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Validated core: returns (adversarial [E, n, *], misclassified [E, n] or None).
 
@@ -174,7 +240,7 @@ def pgd_sweep(
     eps_all = torch.tensor(eps_list, dtype=eps_dtype, device=x.device)
     m = min(n, rows_per_chunk)
     eps_group = max(1, rows_per_chunk // m)
-    cfg = _Config(steps, step_size, bounds, backend, cuda_graph)
+    cfg = _Config(steps, step_size, bounds, backend, cuda_graph, precision)
     adv = torch.empty((E, n, x2d.shape[1]), dtype=x.dtype, device=x.device)
     success = torch.empty((E, n), dtype=torch.bool, device=x.device) if need_success else None
     # runners (buffers + captured graphs) keyed by chunk shape; a caller may pass a dict to
@@ -186,7 +252,7 @@ def pgd_sweep(
         mc, ec = i1 - i0, e1 - e0
         rows = ec * mc
         key = (rows, mc, sample_shape, x.dtype, x.device, steps, step_size, bounds, backend,
-               cuda_graph)
+               cuda_graph, precision)
         if key not in runners:
             runners[key] = _ChunkRunner(model, sample_shape, rows, mc, x.dtype, x.device, cfg)
         run = runners[key]
@@ -216,6 +282,219 @@ def pgd_sweep(
     return adv.view(E, *x.shape), success
 
 
+# ----------------------------------------------------------------------------- any-iterate search
+@dataclass
+class _SearchConfig:
+    model: torch.nn.Module
+    sample_shape: tuple
+    steps: int
+    step_size: float
+    bounds: tuple[float, float]
+    backend: str
+    precision: str
+    verify: bool  # re-check each success with an fp32 forward before retiring the row
+    compact_every: int
+
+
+class _Counter:
+    def __init__(self):
+        self.row_steps = 0
+        self.row_forwards = 0
+
+
+def _wrong_verified(cfg: _SearchConfig, logits, x, y, candidates, count: _Counter):
+    """Boolean [R]: rows whose iterate is misclassified. Without verification that is the step's
+    own forward; with it, candidates are re-classified by an fp32 forward (a host sync)."""
+    wrong = logits.argmax(dim=1) != y
+    if not cfg.verify:
+        return wrong
+    idx = (wrong & candidates).nonzero().squeeze(1)
+    out = torch.zeros_like(wrong)
+    if idx.numel():
+        with torch.no_grad(), fp32_forward(x.device):
+            ok = cfg.model(x[idx].view(-1, *cfg.sample_shape)).argmax(dim=1) != y[idx]
+        count.row_forwards += int(idx.numel())
+        out[idx[ok]] = True
+    return out
+
+
+def _attack_rows(cfg: _SearchConfig, x_nat, y, eps: float, x_start, count: _Counter):
+    """PGD at one radius on ``[r, D]`` rows with early retirement.
+
+    Returns (step [r] int64: gradient steps before the first misclassified iterate, -1 if none;
+    x_out [r, D]: that iterate where fooled, else the final iterate).
+    """
+    r, D = x_nat.shape
+    device = x_nat.device
+    eps_dtype = torch.float64 if x_nat.dtype == torch.float64 else torch.float32
+    x = x_start.clone()
+    x_out = torch.empty_like(x)
+    step_of = torch.full((r,), -1, dtype=torch.long, device=device)
+    pos = torch.arange(r, device=device)  # input row of each live row
+    xn, yy = x_nat, y
+    eps_rows = torch.full((r,), eps, dtype=eps_dtype, device=device)
+    done = torch.zeros(r, dtype=torch.bool, device=device)
+    since_compact = 0
+    for k in range(cfg.steps + 1):
+        last = k == cfg.steps
+        R = x.shape[0]
+        x_in = x.view(R, *cfg.sample_shape).detach().requires_grad_(not last)
+        with torch.set_grad_enabled(not last), gradient_precision(cfg.precision, device):
+            logits = cfg.model(x_in)
+        wrong = _wrong_verified(cfg, logits.detach(), x, yy, ~done, count)
+        new = wrong & ~done
+        step_of[pos] = torch.where(new, k, step_of[pos])
+        done = done | wrong
+        if last:
+            count.row_forwards += R
+            break
+        # Fooled rows get a zero gradient (their loss is masked), so the update below leaves
+        # their iterate exactly as it is: sign(0) = 0 and both clamps are idempotent.
+        with gradient_precision(cfg.precision, device):
+            loss = (F.cross_entropy(logits, yy, reduction="none") * (~done).to(logits.dtype))
+            (grad,) = torch.autograd.grad(loss.sum(), x_in)
+        count.row_steps += R
+        with torch.no_grad():
+            pgd_update(x, xn, grad.view(R, D).to(x.dtype), eps_rows, cfg.step_size, cfg.bounds,
+                       backend=cfg.backend, out=x)
+        since_compact += 1
+        if since_compact >= cfg.compact_every or cfg.verify:
+            since_compact = 0
+            keep = ~done
+            n_keep = int(keep.sum())  # the host sync the compaction needs
+            if n_keep < R:
+                gone = done.nonzero().squeeze(1)
+                x_out[pos[gone]] = x[gone]
+                kept = keep.nonzero().squeeze(1)
+                x, xn, yy = x[kept], xn[kept], yy[kept]
+                eps_rows, pos, done = eps_rows[kept], pos[kept], done[kept]
+                if n_keep == 0:
+                    return step_of, x_out
+    x_out[pos] = x
+    return step_of, x_out
+
+
+def pgd_search(
+    model,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_list: list[float],
+    *,
+    steps: int,
+    step_size: float,
+    random_start: bool,
+    restarts: int,
+    bounds: tuple[float, float],
+    generator: torch.Generator | None,
+    backend: str,
+    rows_per_chunk: int,
+    precision: str = "fp32",
+    compact_every: int | None = None,
+    need_adv: bool = True,
+    progress: bool = False,
+) -> AttackResult:
+    """Validated core of the any-iterate mode (model already in eval mode).
+
+    Args:
+        x: ``[n, *]`` inputs within bounds; y: ``[n]`` int64 labels in range.
+        eps_list: the E radii in the caller's order (duplicates and any order allowed).
+        rows_per_chunk: samples attacked together (rows per forward pass at most).
+        compact_every: steps between compactions; None: 1 on the CPU, 4 on CUDA.
+
+    Returns: an :class:`AttackResult` for the grid in the caller's order.
+    """
+    n = x.shape[0]
+    sample_shape = tuple(x.shape[1:])
+    x2d = x.reshape(n, -1)
+    D = x2d.shape[1]
+    device = x.device
+    y = y.long()
+    if compact_every is None:
+        compact_every = 1 if device.type != "cuda" else 4
+    cfg = _SearchConfig(model, sample_shape, steps, step_size, bounds, backend, precision,
+                        needs_verification(precision, device), compact_every)
+    levels = sorted(set(eps_list))  # ascending: a success at eps_i is one at every eps_j > eps_i
+    L = len(levels)
+    count = _Counter()
+    level_of = torch.full((n,), L, dtype=torch.long, device=device)  # L: never fooled
+    step_of = torch.full((n,), -1, dtype=torch.long, device=device)
+    x_found = x2d.clone()  # the fooling iterate where fooled
+    x_last = x2d.new_empty((L, n, D)) if need_adv else None  # final iterates of robust rows
+
+    # The clean point lies in every ball: one fp32 forward settles every misclassified sample
+    # at the smallest radius, and eps = 0 (all PGD iterates equal x) needs nothing more.
+    clean_wrong = misclassified(model, x, y, rows_per_chunk)
+    count.row_forwards += n
+    level_of[clean_wrong] = 0
+    step_of[clean_wrong] = 0
+    if need_adv:
+        x_last[:] = x2d
+
+    m = min(n, rows_per_chunk)
+    chunks = [(i0, min(n, i0 + m)) for i0 in range(0, n, m)]
+    bar = tqdm(total=len(chunks) * L, desc="pgd", disable=not progress)
+    for i0, i1 in chunks:
+        for u, eps in enumerate(levels):
+            bar.update(1)
+            if eps == 0.0:
+                continue
+            alive = i0 + (level_of[i0:i1] == L).nonzero().squeeze(1)
+            for _ in range(restarts):
+                if alive.numel() == 0:
+                    break
+                xn = x2d[alive]
+                if random_start:
+                    # drawn for the whole chunk, so a sample's start does not depend on which
+                    # other samples are still alive (and matches a plain loop's draw)
+                    noise = draw((i1 - i0, D), "uniform", generator, x2d)[alive - i0]
+                    start = (xn + (2 * noise - 1) * eps).clamp_(bounds[0], bounds[1])
+                else:
+                    start = xn
+                k, x_out = _attack_rows(cfg, xn, y[alive], eps, start, count)
+                fooled = k >= 0
+                hit = alive[fooled]
+                level_of[hit] = u
+                step_of[hit] = k[fooled]
+                x_found[hit] = x_out[fooled]
+                if need_adv:
+                    x_last[u, alive] = x_out
+                alive = alive[~fooled]
+    bar.close()
+
+    # Final check of every success, once per sample (a larger ball holds it as well).
+    hit = (level_of < L).nonzero().squeeze(1)
+    unverified = 0
+    if hit.numel():
+        eps_levels = torch.tensor(levels, dtype=torch.float64, device=device)
+        ok = in_ball_and_bounds(x_found[hit], x2d[hit], eps_levels[level_of[hit]], bounds)
+        wrong = misclassified(model, x_found[hit].view(-1, *sample_shape), y[hit],
+                              rows_per_chunk)
+        count.row_forwards += int(hit.numel())
+        bad = hit[~(ok & wrong)]
+        unverified = int(bad.numel())
+        if unverified:
+            warnings.warn(
+                f"pgd: {unverified} adversarial examples failed the final fp32 check (a logit "
+                "tie decided differently in another batch) and are counted as not fooled",
+                RuntimeWarning, stacklevel=3)
+            level_of[bad] = L
+            step_of[bad] = -1
+
+    # Back to the caller's grid: entry e is fooled when found at a radius <= eps_e.
+    level_idx = torch.tensor([levels.index(e) for e in eps_list], device=device)
+    first_entry = torch.tensor([eps_list.index(v) for v in levels] + [-1], device=device)
+    success = level_of[None, :] <= level_idx[:, None]  # [E, n]
+    step = torch.where(success, step_of[None, :], -1)
+    found_at = torch.where(success, first_entry[level_of][None, :], -1)
+    adv = None
+    if need_adv:
+        adv = torch.where(success[:, :, None], x_found[None], x_last[level_idx])
+        adv = adv.view(len(eps_list), *x.shape)
+    return AttackResult(adv, success, step, found_at, count.row_steps, count.row_forwards,
+                        unverified)
+
+
+# ----------------------------------------------------------------------------- public API
 def pgd(
     model: torch.nn.Module,
     x: torch.Tensor,
@@ -233,19 +512,28 @@ def pgd(
     max_batch: int | None = None,
     memory_budget: int | None = None,
     progress: bool = False,
-) -> torch.Tensor:
+    final_iterate: bool = False,
+    precision: str | None = None,
+    compact_every: int | None = None,
+    details: bool = False,
+):
     """Projected gradient descent in the L-inf ball (eq. 7-8 of Nassar et al. 2020).
 
     ``delta <- clip_eps(delta + step_size * sign(grad_x CE(model(x + delta), y)))`` with
-    ``x + delta`` clamped to ``bounds``; the final iterate is returned. The paper uses 40 steps
-    of 0.01 on MNIST.
+    ``x + delta`` clamped to ``bounds``. The paper uses 40 steps of 0.01 on MNIST.
+
+    By default a sample counts as fooled at eps when any PGD iterate within the eps-ball
+    (including x itself and iterates found at smaller eps of the grid) is misclassified; see the
+    module docstring for how that saves work without weakening the attack. Every sample a plain
+    per-eps loop of the same PGD fools is fooled here too (up to rounding of a gradient sign,
+    which can differ with the batch composition).
 
     Args:
         model: maps ``[R, *]`` inputs to ``[R, classes]`` logits. Run in eval mode; its modes
             are restored afterwards. Parameters get no ``.grad``.
         x: ``[n, *]`` float inputs within ``bounds``.
-        y: ``[n]`` integer labels.
-        eps: a float, or a sequence of E floats >= 0 attacked together as one batch.
+        y: ``[n]`` integer labels in ``[0, classes)``.
+        eps: a float, or a sequence of E floats >= 0 attacked together.
         steps, step_size: number of steps (>= 1) and their size (> 0).
         random_start: start from ``x + U(-eps, eps)`` (clamped to ``bounds``).
         restarts: with random starts, per sample keep the first restart that fools the model
@@ -253,31 +541,80 @@ def pgd(
         generator: ``torch.Generator``, int seed or None (seed 0) for the random starts; the
             global RNG is not used.
         backend: update kernel: "auto" | "torch" | "triton" | "cuda".
-        cuda_graph: on CUDA, capture the step loop in a CUDA graph (eager fallback with a
-            warning when the model cannot be captured).
-        max_batch: rows (epsilons x samples) per forward pass. None: on CUDA sized to
-            ``memory_budget`` bytes (default half the free memory; measured with one probe
-            step, which resets the peak-memory statistics), 4096 on CPU.
-        progress: tqdm bar over chunks.
+        cuda_graph: on CUDA, capture the final-iterate mode's step loop in a CUDA graph (eager
+            fallback with a warning when the model cannot be captured). The default mode runs
+            eagerly: its batch shrinks as rows retire.
+        max_batch: rows per forward pass. None: on CUDA sized to ``memory_budget`` bytes
+            (default half the free memory; measured with one probe step, which resets the
+            peak-memory statistics), 4096 on CPU.
+        progress: tqdm bar.
+        final_iterate: judge only the final iterate at each eps (torchattacks' and a plain
+            loop's rule; no retirement, no nesting) and return it.
+        precision: arithmetic of the attack's gradient passes: None or "fp32" (the caller's
+            float32 settings), "tf32" (TF32 matmuls/convolutions on CUDA), "bf16" (bfloat16
+            autocast). Successes are always confirmed by an fp32 forward.
+        compact_every: default mode: steps between compactions of the live rows (None: 1 on
+            the CPU, 4 on CUDA, where each costs a host sync).
+        details: return an :class:`AttackResult` (examples, success, step, work) instead.
 
-    Returns: adversarial examples shaped like ``x`` (float eps) or ``[E, *x.shape]``.
+    Returns: adversarial examples shaped like ``x`` (float eps) or ``[E, *x.shape]``, dtype of
+    ``x``: in the default mode the fooling iterate where the sample was fooled (possibly found
+    at a smaller eps), else the final iterate; in final-iterate mode the final iterate.
 
     >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
     >>> x, y = torch.rand(5, 4), torch.tensor([0, 1, 2, 0, 1])
     >>> pgd(model, x, y, [0.0, 0.1], steps=3).shape
     torch.Size([2, 5, 4])
+    >>> r = pgd(model, x, y, [0.0, 0.1], steps=3, details=True)
+    >>> r.success.shape, r.step.dtype
+    (torch.Size([2, 5]), torch.int64)
     """
-    x_adv, _ = _pgd_validated(model, x, y, eps, steps=steps, step_size=step_size,
-                              random_start=random_start, restarts=restarts, bounds=bounds,
-                              generator=generator, backend=backend, cuda_graph=cuda_graph,
-                              max_batch=max_batch, memory_budget=memory_budget,
-                              need_success=False, progress=progress)
-    return x_adv
+    result, single = _pgd_validated(
+        model, x, y, eps, steps=steps, step_size=step_size, random_start=random_start,
+        restarts=restarts, bounds=bounds, generator=generator, backend=backend,
+        cuda_graph=cuda_graph, max_batch=max_batch, memory_budget=memory_budget,
+        need_adv=True, progress=progress, final_iterate=final_iterate, precision=precision,
+        compact_every=compact_every, need_success=details)
+    if details:
+        if single:
+            result.adv, result.success = result.adv[0], result.success[0]
+            result.step, result.found_at = result.step[0], result.found_at[0]
+        return result
+    return result.adv[0] if single else result.adv
+
+
+def _final_iterate_sweep(model, x, y, eps_list, *, need_success, need_adv, **kw) -> AttackResult:
+    """Final-iterate mode: the batched sweep over the eps > 0 entries; eps = 0 is x itself."""
+    n, E = x.shape[0], len(eps_list)
+    pos = [i for i, e in enumerate(eps_list) if e > 0]
+    zero = [i for i, e in enumerate(eps_list) if e == 0]
+    adv = x.detach().unsqueeze(0).repeat(E, *([1] * x.dim())) if need_adv else None
+    success = torch.zeros((E, n), dtype=torch.bool, device=x.device)
+    row_steps = row_forwards = 0
+    if zero and need_success:
+        success[zero] = misclassified(model, x, y.long(), kw["rows_per_chunk"])
+        row_forwards += n
+    if pos:
+        out, fooled = pgd_sweep(model, x, y, [eps_list[i] for i in pos],
+                                need_success=need_success, **kw)
+        restarts = kw["restarts"]
+        row_steps += len(pos) * n * kw["steps"] * restarts
+        if need_adv:
+            adv[pos] = out
+        if need_success:
+            success[pos] = fooled
+            row_forwards += len(pos) * n * restarts
+    step = torch.where(success, kw["steps"], -1)
+    step[zero] = torch.where(success[zero], 0, -1)
+    found_at = torch.where(success, torch.arange(E, device=x.device)[:, None], -1)
+    return AttackResult(adv, success, step, found_at, row_steps, row_forwards)
 
 
 def _pgd_validated(model, x, y, eps, *, steps, step_size, random_start, restarts, bounds,
-                   generator, backend, cuda_graph, max_batch, memory_budget, need_success,
-                   progress, runners=None):
+                   generator, backend, cuda_graph, max_batch, memory_budget, need_adv,
+                   progress, final_iterate=False, precision=None, compact_every=None,
+                   need_success=True, runners=None, checked=False):
+    """Checks every argument, then runs the chosen mode. Returns (AttackResult, single eps)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     eps_list, single = check_eps(eps)
@@ -289,6 +626,11 @@ def _pgd_validated(model, x, y, eps, *, steps, step_size, random_start, restarts
             f"restarts: expected 1 without random_start (restarts from x itself are identical), "
             f"got {restarts}; pass random_start=True"
         )
+    if not isinstance(final_iterate, bool):
+        raise TypeError(f"final_iterate: expected a bool, got {type(final_iterate).__name__}")
+    precision = check_precision(precision)
+    if compact_every is not None:
+        compact_every = check_int_range(compact_every, "compact_every", 1, 2**31 - 1)
     bounds = check_bounds(bounds)
     max_batch = check_max_batch(max_batch)
     if memory_budget is not None:
@@ -297,16 +639,22 @@ def _pgd_validated(model, x, y, eps, *, steps, step_size, random_start, restarts
     resolved = resolve_step_backend(backend, x.device, x.dtype)
     gen = make_generator(generator, x.device) if random_start else None
     with eval_mode(model):
+        if not checked:
+            check_labels(model, x, y)
         rows = max_batch
         if rows is None:
-            rows = _auto_rows(model, x, y, memory_budget, cuda_graph)
-        adv, success = pgd_sweep(
-            model, x.detach(), y, eps_list, steps=steps, step_size=step_size,
-            random_start=random_start, restarts=restarts, bounds=bounds, generator=gen,
-            backend=resolved, cuda_graph=cuda_graph, rows_per_chunk=rows,
-            need_success=need_success, progress=progress, runners=runners,
-        )
-    if single:
-        adv = adv[0]
-        success = None if success is None else success[0]
-    return adv, success
+            rows = _auto_rows(model, x, y, memory_budget, cuda_graph and final_iterate)
+        if final_iterate:
+            result = _final_iterate_sweep(
+                model, x.detach(), y, eps_list, need_success=need_success, need_adv=need_adv,
+                steps=steps, step_size=step_size, random_start=random_start,
+                restarts=restarts, bounds=bounds, generator=gen, backend=resolved,
+                cuda_graph=cuda_graph, rows_per_chunk=rows, progress=progress,
+                runners=runners, precision=precision)
+        else:
+            result = pgd_search(
+                model, x.detach(), y, eps_list, steps=steps, step_size=step_size,
+                random_start=random_start, restarts=restarts, bounds=bounds, generator=gen,
+                backend=resolved, rows_per_chunk=rows, precision=precision,
+                compact_every=compact_every, need_adv=need_adv, progress=progress)
+    return result, single

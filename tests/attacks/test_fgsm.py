@@ -34,12 +34,17 @@ def test_single_eps_and_eps_zero():
 
 
 class Counting(torch.nn.Module):
+    """Counts gradient passes (inputs that require grad) and rows through forward-only passes."""
+
     def __init__(self, inner):
         super().__init__()
-        self.inner, self.calls = inner, 0
+        self.inner, self.calls, self.forward_rows = inner, 0, 0
 
     def forward(self, x):
-        self.calls += 1
+        if x.requires_grad:
+            self.calls += 1
+        else:
+            self.forward_rows += x.shape[0]
         return self.inner(x)
 
 
@@ -48,6 +53,7 @@ def test_one_gradient_for_the_whole_grid():
     x, y = make_data(n=6)
     fgsm(model, x, y, [0.01 * i for i in range(11)])
     assert model.calls == 1
+    assert model.forward_rows == 1  # the label check: one row
 
 
 def test_modes_and_param_grads():

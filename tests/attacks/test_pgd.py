@@ -1,4 +1,7 @@
-"""Batched PGD against the plain per-epsilon loop, plus its contracts (modes, grads, RNG)."""
+"""Batched PGD against the plain per-epsilon loop, plus its contracts (modes, grads, RNG).
+
+Tests that compare iterates with the loop use final_iterate=True (the loop's rule); the
+default any-iterate search is tested in test_search.py."""
 
 import math
 import warnings
@@ -21,7 +24,7 @@ def wrong(model, x, y):
 @pytest.mark.parametrize("max_batch", [None, 7, 25])
 def test_matches_per_eps_loop_float64(max_batch):
     model, (x, y) = make_mlp(), make_data(n=10)
-    adv = pgd(model, x, y, EPS, steps=6, step_size=0.02, max_batch=max_batch)
+    adv = pgd(model, x, y, EPS, steps=6, step_size=0.02, max_batch=max_batch, final_iterate=True)
     assert adv.shape == (len(EPS), *x.shape) and adv.dtype == x.dtype
     for e, a in zip(EPS, adv, strict=True):
         ref = reference_pgd(model, x, y, e, 6, 0.02)
@@ -31,7 +34,7 @@ def test_matches_per_eps_loop_float64(max_batch):
 
 def test_matches_per_eps_loop_float32_success_masks():
     model, (x, y) = make_mlp(torch.float32, seed=3), make_data(n=16, dtype=torch.float32)
-    adv = pgd(model, x, y, EPS, steps=5, step_size=0.03)
+    adv = pgd(model, x, y, EPS, steps=5, step_size=0.03, final_iterate=True)
     for e, a in zip(EPS, adv, strict=True):
         ref = reference_pgd(model, x, y, e, 5, 0.03)
         # a gradient component near 0 may flip sign with a different batch size: one step off
@@ -50,7 +53,7 @@ def test_attack_lowers_accuracy_and_eps_zero_is_clean():
 
 def test_single_eps_returns_shape_of_x():
     model, (x, y) = make_mlp(), make_data(n=5)
-    adv = pgd(model, x, y, 0.1, steps=3)
+    adv = pgd(model, x, y, 0.1, steps=3, final_iterate=True)
     assert adv.shape == x.shape
     torch.testing.assert_close(adv, reference_pgd(model, x, y, 0.1, 3, 0.01), rtol=0, atol=1e-12)
 
@@ -95,7 +98,7 @@ def test_dropout_is_off_during_the_attack():
     model.insert(2, torch.nn.Dropout(0.5))
     model.train()
     x, y = make_data(n=8)
-    a = pgd(model, x, y, 0.1, steps=3)
+    a = pgd(model, x, y, 0.1, steps=3, final_iterate=True)
     model.eval()
     torch.testing.assert_close(a, reference_pgd(model, x, y, 0.1, 3, 0.01), rtol=0, atol=1e-12)
 
@@ -136,7 +139,8 @@ def test_random_start_matches_reference_from_same_start():
     g = torch.Generator().manual_seed(5)
     u = torch.rand((6, 64), generator=g, dtype=torch.float64).view_as(x)
     start = (x + (2 * u - 1) * eps).clamp(0, 1)
-    adv = pgd(model, x, y, eps, steps=4, step_size=0.05, random_start=True, generator=5)
+    adv = pgd(model, x, y, eps, steps=4, step_size=0.05, random_start=True, generator=5,
+              final_iterate=True)
     ref = reference_pgd(model, x, y, eps, 4, 0.05, x_start=start)
     torch.testing.assert_close(adv, ref, rtol=0, atol=1e-12)
 
@@ -200,7 +204,7 @@ def test_against_torchattacks():
     model, (x, y) = make_mlp(torch.float32), make_data(n=20, dtype=torch.float32)
     atk = torchattacks.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False)
     theirs = atk(x, y)
-    ours = pgd(model, x, y, 0.1, steps=10, step_size=0.01)
+    ours = pgd(model, x, y, 0.1, steps=10, step_size=0.01, final_iterate=True)
     assert ((ours - theirs).abs() <= 2 * 0.01 + 1e-6).all()
     agree = (wrong(model, ours, y) == wrong(model, theirs, y)).float().mean()
     assert agree >= 0.9
@@ -218,8 +222,9 @@ def test_gpu_cuda_graph_equals_eager():
     model, x, y = _cuda_model_and_data()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the capture must succeed for this model
-        graphed = pgd(model, x, y, EPS, steps=10, cuda_graph=True, max_batch=100)
-    eager = pgd(model, x, y, EPS, steps=10, cuda_graph=False, max_batch=100)
+        graphed = pgd(model, x, y, EPS, steps=10, cuda_graph=True, max_batch=100,
+                      final_iterate=True)
+    eager = pgd(model, x, y, EPS, steps=10, cuda_graph=False, max_batch=100, final_iterate=True)
     # same kernels on the same shapes: expected bit-equal; cuBLAS may pick another algorithm
     # under capture, so allow a flipped sign of a near-zero gradient (two steps of 0.01)
     assert ((graphed - eager).abs() <= 0.02 + 1e-6).all()
@@ -245,8 +250,8 @@ def test_gpu_capture_failure_falls_back_with_warning():
     model, x, y = _cuda_model_and_data()
     wrapped = HostSyncing(model)
     with pytest.warns(RuntimeWarning, match="CUDA graph capture failed"):
-        out = pgd(wrapped, x, y, EPS, steps=6, cuda_graph=True)
-    assert torch.equal(out, pgd(model, x, y, EPS, steps=6, cuda_graph=False))
+        out = pgd(wrapped, x, y, EPS, steps=6, cuda_graph=True, final_iterate=True)
+    assert torch.equal(out, pgd(model, x, y, EPS, steps=6, cuda_graph=False, final_iterate=True))
 
 
 @pytest.mark.gpu
@@ -271,7 +276,7 @@ def test_gpu_step_loop_never_syncs_with_host():
 @pytest.mark.gpu
 def test_gpu_matches_per_eps_loop():
     model, x, y = _cuda_model_and_data()
-    adv = pgd(model, x, y, EPS, steps=10, step_size=0.02)
+    adv = pgd(model, x, y, EPS, steps=10, step_size=0.02, final_iterate=True)
     for e, a in zip(EPS, adv, strict=True):
         ref = reference_pgd(model, x, y, e, 10, 0.02)
         assert torch.equal(wrong(model, a, y), wrong(model, ref, y))
@@ -302,6 +307,8 @@ def test_gpu_memory_budget_splits_into_chunks_with_same_result():
     model, x, y = _cuda_model_and_data(n=256)
     rows = _auto_rows(model.eval(), x, y, memory_budget=2**20)
     assert 1 <= rows < len(EPS) * 256
-    small = pgd(model, x, y, EPS, steps=5, memory_budget=2**20, cuda_graph=False)
-    whole = pgd(model, x, y, EPS, steps=5, max_batch=len(EPS) * 256, cuda_graph=False)
+    small = pgd(model, x, y, EPS, steps=5, memory_budget=2**20, cuda_graph=False,
+                final_iterate=True)
+    whole = pgd(model, x, y, EPS, steps=5, max_batch=len(EPS) * 256, cuda_graph=False,
+                final_iterate=True)
     assert ((small - whole).abs() <= 2 * 0.01 + 1e-6).all()
