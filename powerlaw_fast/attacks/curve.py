@@ -82,6 +82,13 @@ class RobustnessCurve:
     def n_samples(self) -> int:
         return int(self.success.shape[1])
 
+    def __repr__(self) -> str:
+        # a summary: the per-sample tensors would print thousands of entries
+        eps = ", ".join(f"{e:g}" for e in self.eps)
+        acc = ", ".join(f"{a:.4g}" for a in self.accuracy)
+        return (f"RobustnessCurve(attack={self.attack!r}, eps=[{eps}], accuracy=[{acc}], "
+                f"n_samples={self.n_samples})")
+
     def to_dict(self, per_sample_steps: bool = False) -> dict:
         """JSON-safe dict; ``per_sample_steps`` adds ``step`` and ``found_at`` (E x n ints)."""
         d = {

@@ -34,3 +34,38 @@ def reference_pgd(model, x, y, eps, steps, step_size, bounds=(0.0, 1.0), x_start
         x_adv = x_adv.detach() + step_size * g.sign()
         x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(lo, hi)
     return x_adv
+
+
+def reference_pgd_any(model, x, y, eps, steps, step_size, bounds=(0.0, 1.0), x_start=None):
+    """The same textbook loop, judged on every iterate: (fooled [n], first fooling step [n] or
+    -1, the first fooling iterate where fooled else the final one). Independent of the library:
+    no retirement, no compaction, every row steps to the end."""
+    lo, hi = bounds
+    x_adv = x.clone() if x_start is None else x_start.clone()
+    n = x.shape[0]
+    first = torch.full((n,), -1, dtype=torch.long)
+    kept = x_adv.clone()
+    for k in range(steps + 1):
+        with torch.no_grad():
+            wrong = model(x_adv).argmax(1) != y
+        new = wrong & (first < 0)
+        first[new] = k
+        kept[new] = x_adv[new]
+        if k == steps:
+            break
+        x_adv.requires_grad_(True)
+        loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+        (g,) = torch.autograd.grad(loss, x_adv)
+        x_adv = x_adv.detach() + step_size * g.sign()
+        x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(lo, hi)
+    out = torch.where((first >= 0).view(-1, *([1] * (x.dim() - 1))), kept, x_adv)
+    return first >= 0, first, out
+
+
+def mostly_correct_labels(model, x, wrong_every=5):
+    """Labels the model gets right on clean inputs, except every ``wrong_every``-th sample:
+    so attacks have work to do and clean misclassifications are still covered."""
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::wrong_every] = (y[::wrong_every] + 1) % 10
+    return y

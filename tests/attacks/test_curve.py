@@ -20,14 +20,15 @@ def wrong(model, x, y):
 def test_pgd_curve_matches_per_eps_loop():
     model, (x, y) = make_mlp(), make_data(n=20)
     curve = robustness_curve(model, (x, y), EPS, attack="pgd", steps=5, step_size=0.02,
-                             batch_size=8, progress=False)
+                             batch_size=8, progress=False, final_iterate=True)
     assert curve.success.shape == (len(EPS), 20) and curve.success.dtype == torch.bool
     for k, e in enumerate(EPS):
         ref_wrong = wrong(model, reference_pgd(model, x, y, e, 5, 0.02), y)
         assert torch.equal(curve.success[k], ref_wrong)
         assert curve.accuracy[k] == pytest.approx(1.0 - ref_wrong.double().mean().item())
     assert curve.accuracy[0] == pytest.approx(1.0 - wrong(model, x, y).double().mean().item())
-    assert curve.attack == "pgd" and curve.attack_kwargs == {"steps": 5, "step_size": 0.02}
+    assert curve.attack == "pgd"
+    assert curve.attack_kwargs == {"steps": 5, "step_size": 0.02, "final_iterate": True}
 
 
 def test_pgd_curve_with_restarts_and_progress_bar(capsys):
@@ -41,7 +42,7 @@ def test_pgd_curve_with_restarts_and_progress_bar(capsys):
 
 def test_fgsm_and_noise_curves_match_the_attacks():
     model, (x, y) = make_mlp(), make_data(n=10)
-    c = robustness_curve(model, (x, y), EPS, attack="fgsm", progress=False)
+    c = robustness_curve(model, (x, y), EPS, attack="fgsm", progress=False, final_iterate=True)
     adv = fgsm(model, x, y, EPS)
     for k in range(len(EPS)):
         assert torch.equal(c.success[k], wrong(model, adv[k], y))
