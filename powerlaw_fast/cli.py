@@ -1,31 +1,39 @@
 """Command line: ``python -m powerlaw_fast {demo, reproduce, plot}`` (also ``powerlaw-fast``).
 
 - ``demo``: vanilla vs spectrally regularised shallow net on the MNIST subset shipped with the
-  package (a few minutes on 2 CPU cores); prints the robustness table, writes the run JSONs and
-  the figures.
+  package, 3 seeds (about a minute on 2 CPU cores); prints the robustness tables, writes the run
+  JSONs and the figures. ``--quick``: a smoke test of the installation in seconds.
 - ``reproduce {shallow,whitening,all-layers}``: the sweeps of sec. 4.1 - 4.3 with the paper's
   hyperparameters, one JSON per run, resumable.
 - ``plot RESULTS_DIR``: redraw every figure from the JSON results.
 
-Exit status: 0 on success, 2 for a usage error or a missing / corrupt data folder (one line
-on stderr, no traceback).
+Every check that can fail (arguments, the output folder, matplotlib, the data, the runs'
+batch sizes and widths) runs before any training. Exit status: 0 on success, 2 for a usage
+error or a missing / corrupt data folder (one line on stderr, no traceback).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import re
 import sys
+import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
 
+from . import __version__
 from .datasets import MNISTFileError
 from .experiments import (
     DEFAULT_EPS,
     DEFAULT_NOISE,
     EXPERIMENTS,
     RunConfig,
+    check_runs,
     distributed_shard,
     load_data,
     run_experiment,
@@ -36,14 +44,12 @@ from .experiments import (
 # The demo: the paper's shallow net (sigmoid + batch norm, sec. 4.1) at demo scale on 2 CPU
 # cores. Why these values: 6000 images and the paper's width 2000 with batch 3000 give only two
 # steps per epoch at ~1 s per step (plus a 2000 x 2000 eigendecomposition per refresh), far too
-# few steps for a few minutes. A 500-unit layer with the paper's batch rule (750 = 1.5 x 500)
+# few steps for a short run. A 500-unit layer with the paper's batch rule (750 = 1.5 x 500)
 # gives 8 steps per epoch; lr 1e-3 (the authors' scripts' default; the paper's 1e-4 needs many
 # more steps) trains it in 12 epochs; the basis is refreshed every 2 steps as well as at each
 # epoch start, because at this learning rate it goes stale within an epoch (refreshing every 4
-# steps left the tail below 1/n); beta 5 is the strongest of the paper's three values.
-# Measured (seed 0, the 1000 shipped test images, ~30 s on 2 cores): vanilla: 90%-variance
-# dimension 9, PGD accuracy 0.40 / 0.02 at eps 0.05 / 0.1, clean 0.89; SpecReg: dimension 67,
-# slope -1.01 over ranks 10-100, PGD 0.56 / 0.24, clean 0.82.
+# steps left the tail below 1/n); beta 5 is the strongest of the paper's three values. Three
+# seeds give the robustness curves their +-1 std bands. PGD: the paper's 40 steps of 0.01.
 DEMO = {
     "width": 500,
     "batch_size": 750,
@@ -51,11 +57,19 @@ DEMO = {
     "lr": 1e-3,
     "beta": 5.0,
     "refresh_every": 2,
+    "seeds": 3,
+    "limit_train": None,
     "limit_test": None,
     "eps": (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2),
-    "noise": (0.0, 0.2, 0.4),
+    "noise": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
     "pgd_steps": 40,
+    "pgd_step_size": 0.01,
+    "why": "demo scale for 2 CPU cores: a 500-unit layer gives 8 steps per epoch on 6000 "
+    "images with the paper's batch rule; lr 1e-3 and a refresh every 2 steps let a short run "
+    "reach the 1/n spectrum (see powerlaw_fast/cli.py)",
 }
+# --quick: a smoke test of the installation (seconds), not an experiment. PGD takes 5 steps of
+# 0.025, so that 5 x 0.025 = 0.125 can reach the largest eps 0.1 (Madry et al.'s 2.5 eps / steps).
 DEMO_QUICK = {
     "width": 64,
     "batch_size": 96,
@@ -63,27 +77,47 @@ DEMO_QUICK = {
     "lr": 1e-3,
     "beta": 5.0,
     "refresh_every": 4,
+    "seeds": 1,
     "limit_train": 600,
     "limit_test": 100,
     "eps": (0.0, 0.1),
     "noise": (0.0, 0.3),
     "pgd_steps": 5,
+    "pgd_step_size": 0.025,
+    "why": "--quick is a smoke test of the installation (600 images, 2 epochs, a 64-unit "
+    "layer, one seed): its numbers mean nothing; run the demo without --quick for results",
 }
+# reproduce warns on a CPU when the estimated duration passes this many seconds
+SLOW_SWEEP_SECONDS = 15 * 60
 
 
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors (exit 2) that point at ``--help``."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _device_name(text: str) -> str:
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
 def _device(name: str | None) -> torch.device:
     if name is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise CommandError(f"--device: {err}") from None
+    device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: no CUDA device is available (use --device cpu)")
+    if device.type == "cuda" and device.index is not None:
+        if device.index >= torch.cuda.device_count():
+            raise CommandError(f"--device {name}: only {torch.cuda.device_count()} CUDA "
+                               "device(s) here")
     return device
 
 
@@ -95,65 +129,172 @@ def _load(args, limit_train, limit_test):
         raise CommandError(f"cannot read MNIST from {where}: {err}") from None
 
 
+def _check_out(path: Path, option: str = "--out") -> None:
+    """Refuse an output folder that cannot be written, before any work (leaves no trace)."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CommandError(f"{option}: {path} exists and is not a folder")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise CommandError(f"{option}: {path} is under {parent}, which is a file")
+            break
+    created = []
+    for folder in [*reversed(path.parents), path]:
+        if not folder.exists():
+            created.append(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".powerlaw_fast_probe", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CommandError(f"{option}: cannot write to {path}: "
+                           f"{err.strerror or err}") from None
+    finally:
+        for folder in reversed(created):
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+
+
+def _check_matplotlib(command: str, alternative: str = "") -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CommandError(f"{command}: the figures need matplotlib: pip install "
+                           f"'powerlaw-fast[plot]' (or pip install matplotlib){alternative}"
+                           ) from None
+
+
+def _progress(args) -> bool:
+    # tqdm redraws with carriage returns and escape codes: only on a terminal
+    return not args.no_progress and sys.stderr.isatty()
+
+
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
 
 
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+def _batch(text: str) -> int:
+    value = _positive(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"expected an integer >= 2 (batch norm and the covariance need 2 rows), got {text}")
     return value
 
 
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _data_folder(text: str) -> str:
+    if not text:
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="powerlaw-fast",
-        description="1/n spectral regularisation (Nassar et al., NeurIPS 2020): demo, "
-        "experiments of sec. 4, figures.",
+        description="1/n spectral regularisation (Nassar et al., NeurIPS 2020): a demo, the "
+        "experiments of sec. 4 and their figures.",
+        epilog="Start with 'powerlaw-fast demo' (about a minute on 2 CPU cores) or "
+        "'powerlaw-fast demo --quick' (seconds; checks the installation).",
     )
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="command",
+                                title="commands")
 
     def common(p, out_default):
-        p.add_argument("--data", default=None, help="MNIST folder (torchvision layout, IDX "
-                       "files); default $POWERLAW_FAST_DATA, else the shipped subset")
-        p.add_argument("--out", type=Path, default=Path(out_default), help="output folder")
-        p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if "
-                       "available)")
+        p.add_argument("--data", type=_data_folder, default=None, metavar="DIR",
+                       help="MNIST folder (torchvision layout, IDX files); default "
+                       "$POWERLAW_FAST_DATA, else the 6000/1000-image subset shipped in the "
+                       "package")
+        p.add_argument("--out", type=Path, default=Path(out_default), metavar="DIR",
+                       help="output folder for the run JSONs and figures (default: "
+                       "./%(default)s)")
+        p.add_argument("--device", type=_device_name, default=None,
+                       help="cpu, cuda or cuda:N (default: cuda if available, else cpu)")
         p.add_argument("--epochs", type=_positive, default=None,
                        help="training epochs (demo: 12, --quick: 2; reproduce: 50, the "
                        "authors' default)")
-        p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+        p.add_argument("--no-progress", action="store_true",
+                       help="hide the progress bars (they are shown only on a terminal)")
 
-    demo = sub.add_parser("demo", help="vanilla vs SpecReg shallow net, a few CPU minutes")
+    demo = sub.add_parser(
+        "demo", help="vanilla vs SpecReg shallow net on the shipped MNIST subset (~1 CPU min)",
+        description="Train a vanilla and a spectrally regularised 784-500-10 sigmoid + batch "
+        "norm network (3 seeds each) on the 6000 training images shipped with the package, "
+        "attack both with FGSM, PGD-40 and white noise on the 1000 test images, print the "
+        "tables and write the run JSONs and figures. About a minute on 2 CPU cores; nothing "
+        "is downloaded.")
     common(demo, "powerlaw_fast_demo")
     demo.add_argument("--quick", action="store_true",
-                      help="a tiny run (seconds) to check the installation")
+                      help="a smoke test of the installation (seconds); its numbers mean nothing")
 
-    rep = sub.add_parser("reproduce", help="the experiments of sec. 4.1-4.3")
-    rep.add_argument("experiment", choices=list(EXPERIMENTS))
+    rep = sub.add_parser(
+        "reproduce", help="the experiments of sec. 4.1-4.3 (hours on a CPU; use a GPU)",
+        description="Run one experiment of the paper with its settings (Adam lr 1e-4, batch "
+        "1.5x the widest layer, tau 10, alpha 1, beta 1 2 5, 3 seeds, PGD 40 x 0.01), one JSON "
+        "per run in --out; rerunning the same command resumes an interrupted sweep. On a CPU "
+        "it prints an estimate of the duration first.")
+    rep.add_argument("experiment", choices=list(EXPERIMENTS),
+                     help="shallow: sec. 4.1 (784-2000-10, vanilla vs SpecReg); whitening: sec. "
+                     "4.2 (whitened 2nd layer, last-layer SpecReg, both); all-layers: sec. 4.3 "
+                     "(SpecReg on every layer vs Jacobian regularisation)")
     common(rep, "powerlaw_fast_results")
     rep.add_argument("--arch", choices=["mlp", "cnn"], default="mlp",
-                     help="network for whitening / all-layers (shallow uses the shallow net)")
-    rep.add_argument("--seeds", type=_positive, default=3, help="number of seeds (0..N-1)")
+                     help="network for whitening / all-layers (default: %(default)s; shallow "
+                     "uses the shallow net)")
+    rep.add_argument("--seeds", type=_positive, default=3,
+                     help="number of seeds, run as 0..N-1 (default: %(default)s)")
     rep.add_argument("--beta", type=_non_negative, nargs="+", default=[1.0, 2.0, 5.0],
-                     help="spectral penalty strengths, one run each (paper: 1 2 5)")
-    rep.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate (paper: 1e-4)")
-    rep.add_argument("--batch-size", type=_positive, default=None,
-                     help="default: 1.5 x the widest hidden layer (the paper's rule)")
+                     help="spectral penalty strengths, one run each (default: 1 2 5, the "
+                     "paper's)")
+    rep.add_argument("--lr", type=_learning_rate, default=1e-4,
+                     help="Adam learning rate (default: %(default)g, the paper's)")
+    rep.add_argument("--batch-size", type=_batch, default=None,
+                     help="training batch, at least 2 (default: 1.5 x the widest hidden layer, "
+                     "the paper's rule)")
     rep.add_argument("--width", type=_positive, default=None,
-                     help="hidden width (shallow: 2000, MLP layers / CNN fc: 1000)")
-    rep.add_argument("--limit-train", type=_positive, default=None)
-    rep.add_argument("--limit-test", type=_positive, default=None)
+                     help="hidden width (default: shallow 2000, MLP layers / CNN fc 1000)")
+    rep.add_argument("--limit-train", type=_positive, default=None, metavar="N",
+                     help="train on the first N training images only (default: all)")
+    rep.add_argument("--limit-test", type=_positive, default=None, metavar="N",
+                     help="evaluate on the first N test images only (default: all)")
     rep.add_argument("--eps", type=_non_negative, nargs="+", default=list(DEFAULT_EPS),
-                     help="epsilon grid of FGSM and PGD")
+                     help="L-inf epsilon grid of FGSM and PGD (default: "
+                     f"{' '.join(f'{e:g}' for e in DEFAULT_EPS)})")
     rep.add_argument("--noise", type=_non_negative, nargs="*", default=list(DEFAULT_NOISE),
-                     help="white-noise sigma grid (empty: skip)")
-    rep.add_argument("--pgd-steps", type=_positive, default=40)
-    rep.add_argument("--refresh-every", type=_positive, default=None,
+                     help="white-noise sigma grid, empty to skip (default: "
+                     f"{' '.join(f'{e:g}' for e in DEFAULT_NOISE)})")
+    rep.add_argument("--pgd-steps", type=_positive, default=40, metavar="N",
+                     help="PGD steps of 0.01 each (default: %(default)s, the paper's)")
+    rep.add_argument("--refresh-every", type=_positive, default=None, metavar="N",
                      help="also refresh the eigenbases every N steps (default: per epoch)")
     rep.add_argument("--no-plot", action="store_true", help="do not draw figures at the end")
     rep.add_argument("--parallel", choices=["runs", "data"], default="runs",
@@ -161,26 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
                      "or train each run data-parallel over all of them (data: DDP, the "
                      "regulariser on the global batch)")
 
-    plot = sub.add_parser("plot", help="redraw the figures from a results folder")
-    plot.add_argument("results_dir", type=Path)
-    plot.add_argument("--out", type=Path, default=None,
-                      help="figure folder (default RESULTS_DIR/figures)")
+    plot = sub.add_parser(
+        "plot", help="redraw the figures from a results folder",
+        description="Redraw every figure and print the tables from the run JSONs under "
+        "RESULTS_DIR (as written by demo or reproduce).")
+    plot.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
+                      help="folder holding the run JSONs (searched recursively)")
+    plot.add_argument("--out", type=Path, default=None, metavar="DIR",
+                      help="figure folder (default: RESULTS_DIR/figures)")
     return parser
 
 
-def _print_tables(results) -> None:
+def _print_tables(results, note: str = "") -> None:
     from .plots import summary_table
 
     for attack in ("fgsm", "pgd", "noise"):
         table = summary_table(results, attack)
         if table:
-            print(table)
+            print(table + note)
             print()
 
 
 def cmd_demo(args) -> int:
     from .experiments import write_json_atomic
-    from .plots import plot_results
 
     _, world = distributed_shard()
     if world > 1:
@@ -190,20 +334,22 @@ def cmd_demo(args) -> int:
     if args.epochs is not None:
         s["epochs"] = args.epochs
     device = _device(args.device)
-    progress = not args.no_progress
+    out = Path(args.out)
+    _check_out(out)
+    _check_matplotlib("demo")
+    progress = _progress(args)
     started = time.perf_counter()
-    data = _load(args, s.get("limit_train"), s.get("limit_test"))
+    data = _load(args, s["limit_train"], s["limit_test"])
     settings = {
         "model": f"784-{s['width']}-10 sigmoid + batch norm (paper: 784-2000-10)",
         "train_images": int(data.train_x.shape[0]), "test_images": int(data.test_x.shape[0]),
         "data": data.source, "batch_size": s["batch_size"], "epochs": s["epochs"],
         "optimiser": f"Adam lr {s['lr']:g} (paper: 1e-4)", "beta": s["beta"], "tau": 10,
-        "alpha": 1.0, "refresh_every_steps": s["refresh_every"], "pgd_steps": s["pgd_steps"],
-        "pgd_step_size": 0.01, "eps": list(s["eps"]), "device": str(device),
-        "quick": bool(args.quick),
-        "why": "demo scale for 2 CPU cores: a narrower layer gives 8 steps per epoch on 6000 "
-        "images with the paper's batch rule; lr 1e-3 and a refresh every 2 steps let a short run "
-        "reach the 1/n spectrum (see powerlaw_fast/cli.py)",
+        "alpha": 1.0, "refresh_every_steps": s["refresh_every"], "seeds": s["seeds"],
+        "pgd": f"{s['pgd_steps']} steps of {s['pgd_step_size']:g}",
+        "eps": "L-inf radius " + " ".join(f"{e:g}" for e in s["eps"]),
+        "noise_sigma": " ".join(f"{e:g}" for e in s["noise"]), "device": str(device),
+        "quick": bool(args.quick), "why": s["why"],
     }
     print("powerlaw_fast demo: vanilla vs spectrally regularised shallow net (sec. 4.1)")
     for key, value in settings.items():
@@ -212,12 +358,14 @@ def cmd_demo(args) -> int:
     common = dict(
         epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], width=s["width"],
         refresh_every=s["refresh_every"], fgsm_eps=s["eps"], pgd_eps=s["eps"],
-        noise_sigma=s["noise"], pgd_steps=s["pgd_steps"], notes={"demo": settings},
+        noise_sigma=s["noise"], pgd_steps=s["pgd_steps"], pgd_step_size=s["pgd_step_size"],
+        notes={"demo": settings},
     )
-    out = Path(args.out)
+    configs = [RunConfig("shallow", "shallow", variant, seed=seed, beta=beta, **common)
+               for seed in range(s["seeds"])
+               for variant, beta in (("vanilla", None), ("specreg", s["beta"]))]
     results = []
-    for variant, beta in (("vanilla", None), ("specreg", s["beta"])):
-        cfg = RunConfig("shallow", "shallow", variant, seed=0, beta=beta, **common)
+    for cfg in configs:
         results.append(run_experiment(cfg, data, device=device, out_path=out / f"{cfg.name}.json",
                                       progress=progress))
     for r in results:
@@ -231,21 +379,29 @@ def cmd_demo(args) -> int:
               f"{spec['effective_dimension']}, fitted exponent {', '.join(fits) or 'n/a'} "
               f"(target 1)")
     print()
-    _print_tables(results)
+    seeds = s["seeds"]
+    _print_tables(results, f"\n(mean over {seeds} seeds)" if seeds > 1 else "")
+    from .plots import plot_results
+
     figures = plot_results(out, out)
     wall = time.perf_counter() - started
     write_json_atomic(out / "demo.json", {
         "settings": settings, "runs": [f"{r['name']}.json" for r in results],
-        "figures": [p.name for p in figures], "wall_seconds": wall,
+        "figures": [p.name for p in figures], "wall_seconds": round(wall, 1),
     })
     print("figures: " + ", ".join(str(p) for p in figures))
     print(f"results: {out}/*.json   wall time {wall:.0f} s")
+    if args.quick:
+        print("note: --quick is a smoke test of the installation; its numbers mean nothing "
+              "(run the demo without --quick for results)")
     return 0
 
 
 def cmd_reproduce(args) -> int:
     device = _device(args.device)
-    data = _load(args, args.limit_train, args.limit_test)
+    _check_out(args.out)
+    if not args.no_plot:
+        _check_matplotlib("reproduce", ", or pass --no-plot")
     overrides = dict(
         lr=args.lr, batch_size=args.batch_size, width=args.width,
         limit_train=args.limit_train, limit_test=args.limit_test,
@@ -254,22 +410,42 @@ def cmd_reproduce(args) -> int:
     )
     if args.epochs is not None:
         overrides["epochs"] = args.epochs
-    configs = sweep_configs(args.experiment, arch=args.arch, seeds=args.seeds,
-                            betas=args.beta, **overrides)
+    try:
+        configs = sweep_configs(args.experiment, arch=args.arch, seeds=args.seeds,
+                                betas=args.beta, **overrides)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    data = _load(args, args.limit_train, args.limit_test)
+    n_train, n_test = int(data.train_x.shape[0]), int(data.test_x.shape[0])
+    try:
+        check_runs(configs, n_train)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+    rank, world = distributed_shard()
     print(f"{args.experiment}: {len(configs)} runs on {device}; data: {data.source}, using "
-          f"{data.train_x.shape[0]} train / {data.test_x.shape[0]} test images", flush=True)
+          f"{n_train} train / {n_test} test images", flush=True)
     if data.source.startswith("shipped"):
         print("  note: the paper used all of MNIST (60000 / 10000): pass --data DIR or set "
               "POWERLAW_FAST_DATA", flush=True)
+    if device.type == "cpu" and rank == 0:
+        from .experiments.estimate import estimate_seconds, format_duration
+
+        seconds, speed = estimate_seconds(configs, n_train, n_test, device)
+        seconds /= world if args.parallel == "runs" else 1
+        if seconds > SLOW_SWEEP_SECONDS:
+            print(f"powerlaw-fast: warning: on this CPU this sweep should take about "
+                  f"{format_duration(seconds)} (a rough estimate: float32 GEMMs measured at "
+                  f"{speed / 1e9:.0f} GFLOP/s here); a GPU, or --epochs, --limit-train, "
+                  "--width or --seeds, makes it shorter. Interrupt it at any time: rerunning "
+                  "the same command resumes it.", file=sys.stderr, flush=True)
     try:
         outcome = run_sweep(configs, args.out, data, device=device,
-                            progress=not args.no_progress, parallel=args.parallel)
+                            progress=_progress(args), parallel=args.parallel)
     except ValueError as err:
         if "data-parallel" not in str(err):
             raise
         raise CommandError(str(err)) from None
     ran = sum(1 for _, what in outcome if what == "ran")
-    rank, world = distributed_shard()
     if rank == 0 or args.parallel == "runs":
         print(f"{args.experiment}: {ran} run(s) done, {len(outcome) - ran} already complete; "
               f"results in {args.out}")
@@ -286,18 +462,27 @@ def cmd_reproduce(args) -> int:
 
 def cmd_plot(args) -> int:
     from .experiments import load_results
-    from .plots import plot_results
 
     if not args.results_dir.is_dir():
         raise CommandError(f"plot: {args.results_dir} is not a folder")
+    out = args.out if args.out is not None else args.results_dir / "figures"
+    _check_out(out)
+    _check_matplotlib("plot")
+    from .plots import plot_results
+
     try:
-        figures = plot_results(args.results_dir, args.out)
+        results = load_results(args.results_dir)
+        figures = plot_results(args.results_dir, args.out, results=results)
     except ValueError as err:
         raise CommandError(str(err)) from None
-    _print_tables(load_results(args.results_dir))
+    _print_tables(results)
     for path in figures:
         print(path)
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"powerlaw-fast: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def main(argv=None) -> int:
@@ -305,7 +490,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     handler = {"demo": cmd_demo, "reproduce": cmd_reproduce, "plot": cmd_plot}[args.command]
     try:
-        return handler(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            return handler(args)
     except CommandError as err:
         print(f"powerlaw-fast: error: {err}", file=sys.stderr)
         return 2

@@ -1,11 +1,15 @@
 """The paper's figures from run JSONs (see :mod:`powerlaw_fast.experiments`).
 
 - Eigenspectra on log-log axes (mean over seeds), the 1/n target anchored at rank tau, a star
-  where the cumulative variance passes 90% and the unregularised ranks n < tau shaded grey
-  (Fig. 2A).
-- Test accuracy against epsilon for FGSM and PGD (and sigma for white noise), mean with a
-  +-1 standard deviation band over seeds (Fig. 2B, C; 4; 5).
-- Sensitivity maps d lambda_n / d x (eq. 9), one row per variant, one column per rank (Fig. 2D, 3).
+  where the cumulative variance passes 90% and the ranks n < tau, which the penalty leaves
+  free, shaded grey (Fig. 2A); the data set in the title.
+- Test accuracy against the L-inf radius epsilon for FGSM and PGD (and the noise sigma for
+  white noise), mean with a +-1 standard deviation band over seeds (Fig. 2B, C; 4; 5).
+- Sensitivity maps d lambda_n / d x (eq. 9), one row per variant: the input digit, then one
+  column per rank, on one shared colour scale with a colour bar (Fig. 2D, 3).
+
+Files: ``<experiment>[-<arch>]-{spectra,robustness,sensitivity}.png`` (``shallow-spectra.png``,
+``whitening-mlp-robustness.png``).
 
 Runs are grouped into figures by (experiment, architecture) and into curves by variant and beta.
 matplotlib is imported lazily, with the Agg backend, so the library works without it.
@@ -98,20 +102,31 @@ def _effective_dimension(lam: np.ndarray, threshold: float = 0.9) -> int:
     return int(np.searchsorted(np.cumsum(lam) / total, threshold)) + 1
 
 
+def _data_title(runs: list[dict]) -> str:
+    data = runs[0].get("data") or {}
+    n = data.get("n_train")
+    source = str(data.get("source", ""))
+    where = "shipped MNIST subset" if source.startswith("shipped") else "MNIST"
+    return f"{where}, {n} training images" if n else where
+
+
 def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
     """Eigenspectra (log-log) of each group's regularised / last hidden layer."""
     # The 1/n target is anchored at rank tau on the first regularised group's spectrum (the
     # first group's when none is regularised), as the penalty anchors gamma_tau = lambda_tau.
     anchor = None
     tau = None
+    layers = []
     for index, (label, runs) in enumerate(groups.items()):
         name = layer or _spectrum_layer(runs)
         lam = _mean_spectrum(runs, name)
         if lam is None:
             continue
+        layers.append(name)
         ranks = np.arange(1, lam.size + 1)
         positive = lam > 0
-        (line,) = ax.loglog(ranks[positive], lam[positive], label=f"{label} [{name}]",
+        seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
+        (line,) = ax.loglog(ranks[positive], lam[positive], label=f"{label} [{name}{seeds}]",
                             color=f"C{index}", lw=1.5)
         d = _effective_dimension(lam)
         if 1 <= d <= lam.size and lam[d - 1] > 0:
@@ -125,45 +140,66 @@ def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
             tau = t
     if anchor is not None:
         ranks, kappa, alpha, _ = anchor
+        target = r"$1/n$" if alpha == 1.0 else rf"$n^{{-{alpha:g}}}$"
         ax.loglog(ranks, kappa * ranks**-alpha, "k--", lw=1,
-                  label="1/n" if alpha == 1.0 else f"n^-{alpha:g}")
-        ax.axvspan(1, tau, color="0.85", zorder=0)
+                  label=rf"{target} target, anchored at rank $\tau$ = {tau}")
+        # the penalty's sum starts at n = tau: ranks before it are free (eq. 2)
+        ax.axvspan(1, tau, color="0.88", zorder=0, label=rf"ranks $n < \tau$: not penalised")
     ax.set_xlabel("rank n")
-    ax.set_ylabel("eigenvalue")
-    ax.set_title("eigenspectrum (star: 90% of the variance)")
+    ax.set_ylabel(r"eigenvalue $\lambda_n$")
+    runs0 = next(iter(groups.values()))
+    where = f"{layers[0]}, " if layers and len(set(layers)) == 1 else ""
+    ax.set_title(f"eigenspectrum ({where}{_data_title(runs0)})\n"
+                 "star: 90% of the variance", fontsize=9)
     ax.legend(fontsize=7)
+
+
+def _seeds(k: int) -> str:
+    return f"{k} seed" if k == 1 else f"{k} seeds"
 
 
 def plot_robustness(groups: OrderedDict, ax, attack: str) -> bool:
     """Accuracy against eps, mean +- 1 std over seeds; False when no run has this attack."""
     drawn = False
+    curves = []
     for index, (label, runs) in enumerate(groups.items()):
         curves = [r["robustness"][attack] for r in runs if attack in r.get("robustness", {})]
         if not curves:
             continue
         eps = np.array(curves[0]["eps"], float)
-        acc = np.array([c["accuracy"] for c in curves if len(c["accuracy"]) == eps.size], float)
+        acc = np.array([c["accuracy"] for c in curves], float)  # grids checked: one per label
         mean, std = acc.mean(axis=0), acc.std(axis=0)
         color = f"C{index}"
-        ax.plot(eps, mean, marker="o", ms=3, color=color, label=f"{label} (n={len(acc)})")
+        band = ", mean +- 1 std" if len(acc) > 1 else ""
+        ax.plot(eps, mean, marker="o", ms=3, color=color,
+                label=f"{label}, {_seeds(len(acc))}{band}")
         if len(acc) > 1:
             ax.fill_between(eps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
         drawn = True
     if drawn:
-        ax.set_xlabel("sigma" if attack == "noise" else "epsilon")
+        if attack == "noise":
+            ax.set_xlabel(r"noise standard deviation $\sigma$ (Gaussian, per pixel)")
+        else:
+            ax.set_xlabel(r"$\epsilon$ ($L_\infty$ radius, pixels in [0, 1])")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0.0, 1.0)
         title = ATTACK_TITLES.get(attack, attack)
         if attack == "pgd":
-            steps = curves[0].get("attack_kwargs", {}).get("steps")
-            title += f" ({steps} steps)" if steps else ""
+            kw = next((c.get("attack_kwargs", {}) for c in curves if c.get("attack_kwargs")), {})
+            if kw.get("steps"):
+                size = f" of {kw['step_size']:g}" if kw.get("step_size") else ""
+                title += f" ({kw['steps']} steps{size})"
         ax.set_title(title)
         ax.legend(fontsize=7)
     return drawn
 
 
 def plot_sensitivity(groups: OrderedDict, plt):
-    """One row of maps per group (its first seed with maps); None when no run saved maps."""
+    """One row of maps per group (its first seed with maps); None when no run saved maps.
+
+    All maps share one symmetric colour scale (so that ranks and variants compare), shown by
+    one colour bar; the input digit the eigenvalues are differentiated by leads each row.
+    """
     rows = []
     for label, runs in groups.items():
         for r in runs:
@@ -172,37 +208,63 @@ def plot_sensitivity(groups: OrderedDict, plt):
                 break
     if not rows:
         return None
-    cols = max(len(s["ranks"]) for _, s in rows)
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.4 * cols + 1.0, 1.5 * len(rows) + 0.4),
+    with_image = any(s.get("image") for _, s in rows)
+    first = 1 if with_image else 0
+    cols = max(len(s["ranks"]) for _, s in rows) + first
+    maps = [[np.array([[v if v is not None else 0.0 for v in row] for row in m], float)
+             for m in s["maps"]] for _, s in rows]
+    scale = max((float(np.abs(m).max()) for ms in maps for m in ms), default=0.0) or 1.0
+    fig, axes = plt.subplots(len(rows), cols, figsize=(1.4 * cols + 1.6, 1.5 * len(rows) + 0.7),
                              squeeze=False)
+    image = None
     for i, (label, sens) in enumerate(rows):
         for j in range(cols):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
-            if j >= len(sens["ranks"]):
+            if with_image and j == 0:
+                if sens.get("image"):
+                    digit = np.array([[v or 0.0 for v in row] for row in sens["image"]], float)
+                    ax.imshow(digit, cmap="gray_r", vmin=0.0, vmax=1.0)
+                    if i == 0:
+                        ax.set_title(f"input x (image {sens.get('sample', 0)})", fontsize=8)
+                else:
+                    ax.axis("off")
+                ax.set_ylabel(label, fontsize=7)
+                continue
+            k = j - first
+            if k >= len(sens["ranks"]):
                 ax.axis("off")
                 continue
-            m = np.array([[v if v is not None else 0.0 for v in row] for row in sens["maps"][j]])
-            scale = float(np.abs(m).max()) or 1.0
-            ax.imshow(m, cmap="seismic", vmin=-scale, vmax=scale)
+            image = ax.imshow(maps[i][k], cmap="seismic", vmin=-scale, vmax=scale)
             if i == 0:
-                ax.set_title(f"n = {sens['ranks'][j]}", fontsize=8)
+                ax.set_title(f"n = {sens['ranks'][k]}", fontsize=8)
             if j == 0:
                 ax.set_ylabel(label, fontsize=7)
-    fig.suptitle(f"sensitivity maps d lambda_n / d x ({rows[0][1]['layer']})", fontsize=9)
-    fig.tight_layout()
+    fig.suptitle(rf"sensitivity maps $\partial\lambda_n / \partial x$ (eq. 9) of "
+                 f"{rows[0][1]['layer']}'s eigenvalues", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.9, 1))
+    cax = fig.add_axes((0.91, 0.15, 0.015, 0.7))
+    bar = fig.colorbar(image, cax=cax)
+    bar.ax.tick_params(labelsize=7)
+    bar.set_label(r"$\partial\lambda_n / \partial x$ (one scale for all maps)", fontsize=7)
     return fig
+
+
+def figure_stem(key: tuple[str, str]) -> str:
+    """``shallow`` for the shallow experiment, ``whitening-mlp`` otherwise."""
+    experiment, arch = key
+    return experiment if experiment == arch else f"{experiment}-{arch}"
 
 
 def plot_group(key: tuple[str, str], groups: OrderedDict, out_dir: Path) -> list[Path]:
     """The figures of one (experiment, arch): spectra, robustness, sensitivity maps."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{key[0]}-{key[1]}"
+    stem = figure_stem(key)
     written = []
 
-    fig, ax = plt.subplots(figsize=(5.5, 4.2))
+    fig, ax = plt.subplots(figsize=(5.8, 4.4))
     plot_spectra(groups, ax)
     fig.tight_layout()
     written.append(_save(fig, out_dir / f"{stem}-spectra.png", plt))
@@ -210,7 +272,7 @@ def plot_group(key: tuple[str, str], groups: OrderedDict, out_dir: Path) -> list
     attacks = [a for a in ATTACK_TITLES if any(
         a in r.get("robustness", {}) for runs in groups.values() for r in runs)]
     if attacks:
-        fig, axes = plt.subplots(1, len(attacks), figsize=(4.6 * len(attacks), 3.8),
+        fig, axes = plt.subplots(1, len(attacks), figsize=(4.8 * len(attacks), 4.0),
                                  squeeze=False)
         for ax, attack in zip(axes[0], attacks, strict=True):
             plot_robustness(groups, ax, attack)
@@ -229,40 +291,87 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
-def plot_results(results_dir, out_dir=None) -> list[Path]:
+def check_grids(groups_by_figure: OrderedDict) -> None:
+    """Raise ``ValueError`` when the seeds of one curve were attacked on different grids.
+
+    A curve averages its seeds point by point, so they must share the grid; different curves
+    may have different grids (each is drawn on its own, the tables use the union).
+    """
+    for groups in groups_by_figure.values():
+        for label, runs in groups.items():
+            for attack in ATTACK_TITLES:
+                have = [r for r in runs if attack in r.get("robustness", {})]
+                for r in have[1:]:
+                    a, b = have[0]["robustness"][attack]["eps"], r["robustness"][attack]["eps"]
+                    if [round(e, 9) for e in a] != [round(e, 9) for e in b]:
+                        raise ValueError(
+                            f"{attack} grids differ between runs {have[0]['name']} ({a}) and "
+                            f"{r['name']} ({b}) of the curve {label!r}: its seeds must share one "
+                            "grid (rerun one of them, or plot them from separate folders)"
+                        )
+
+
+def plot_results(results_dir, out_dir=None, *, results: list[dict] | None = None) -> list[Path]:
     """Redraw every figure from the complete run JSONs under ``results_dir``.
 
     Figures go to ``out_dir`` (default ``results_dir/figures``). Returns the written paths.
+    ``results``: the already loaded runs (default: :func:`load_results` of ``results_dir``).
     Raises ``FileNotFoundError`` when the folder is missing and ``ValueError`` when it holds no
-    complete run.
+    complete run, a complete run lacks a key, or the seeds of a curve have different grids
+    (all checked before any figure is written).
     """
-    results = load_results(results_dir)
+    if results is None:
+        results = load_results(results_dir)
     if not results:
         raise ValueError(f"results_dir: no complete run JSON files in {results_dir}")
     out_dir = Path(out_dir) if out_dir is not None else Path(results_dir) / "figures"
+    by_figure = group_runs(results)
+    check_grids(by_figure)
     written = []
-    for key, groups in group_runs(results).items():
+    for key, groups in by_figure.items():
         written.extend(plot_group(key, groups, out_dir))
     return written
 
 
 def summary_table(results: list[dict], attack: str) -> str:
-    """A text table: eps down the rows, mean accuracy of each curve label across."""
+    """A text table: eps (sigma for noise) down the rows, each curve's mean accuracy across.
+
+    With several seeds a cell is ``mean +- std``; a curve without a point at some eps shows
+    ``-`` there (the rows are the union of the grids).
+    """
     groups = OrderedDict()
     for runs in group_runs(results).values():
         groups.update(runs)
-    labels = [lab for lab, runs in groups.items() if attack in runs[0].get("robustness", {})]
+    labels = [lab for lab, runs in groups.items()
+              if any(attack in r.get("robustness", {}) for r in runs)]
     if not labels:
         return ""
-    eps = groups[labels[0]][0]["robustness"][attack]["eps"]
-    width = max(12, *(len(lab) + 2 for lab in labels))
+    cells: dict = {}
+    grid: set = set()
+    many = False
+    for lab in labels:
+        runs = [r for r in groups[lab] if attack in r["robustness"]]
+        many = many or len(runs) > 1
+        per_eps = defaultdict(list)
+        for r in runs:
+            curve = r["robustness"][attack]
+            for e, a in zip(curve["eps"], curve["accuracy"], strict=True):
+                per_eps[round(float(e), 9)].append(a)
+        for e, accs in per_eps.items():
+            grid.add(e)
+            cells[lab, e] = (float(np.mean(accs)), float(np.std(accs)), len(accs))
+    width = max(16 if many else 12, *(len(lab) + 2 for lab in labels))
+    head = "sigma" if attack == "noise" else "eps"
     lines = [f"{ATTACK_TITLES.get(attack, attack)}: test accuracy",
-             f"{'eps':>6}" + "".join(f"{lab:>{width}}" for lab in labels)]
-    for i, e in enumerate(eps):
+             f"{head:>6}" + "".join(f"{lab:>{width}}" for lab in labels)]
+    for e in sorted(grid):
         row = f"{e:>6.3f}"
         for lab in labels:
-            accs = [r["robustness"][attack]["accuracy"][i] for r in groups[lab]]
-            row += f"{sum(accs) / len(accs):>{width}.3f}"
+            if (lab, e) not in cells:
+                row += f"{'-':>{width}}"
+                continue
+            mean, std, k = cells[lab, e]
+            text = f"{mean:.3f} +- {std:.3f}" if k > 1 else f"{mean:.3f}"
+            row += f"{text:>{width}}"
         lines.append(row)
     return "\n".join(lines)
-

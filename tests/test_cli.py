@@ -23,6 +23,9 @@ TINY_REPRODUCE = [
 ]
 
 
+FIGURES = ["shallow-robustness.png", "shallow-sensitivity.png", "shallow-spectra.png"]
+
+
 def _is_png(path: Path) -> bool:
     return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
 
@@ -42,16 +45,22 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                     "shallow-shallow-vanilla-seed0.json"]
     summary = json.loads((out / "demo.json").read_text())
     assert summary["settings"]["quick"] is True and summary["runs"] == runs[::-1]
-    assert _pngs(out) == sorted(summary["figures"]) == [
-        "shallow-shallow-robustness.png", "shallow-shallow-sensitivity.png",
-        "shallow-shallow-spectra.png"]
+    assert _pngs(out) == sorted(summary["figures"]) == FIGURES
     assert all(_is_png(out / name) for name in summary["figures"])
+    assert "smoke test" in printed and "mean nothing" in printed
     for name in runs:
         result = json.loads((out / name).read_text())
         assert result["status"] == "complete" and result["config"]["width"] == 64
         # the printed table holds exactly the accuracies in the JSON
         for acc in result["robustness"]["pgd"]["accuracy"]:
             assert f"{acc:.3f}" in printed
+        # PGD can reach the largest eps (steps x step size >= eps), so it is at least FGSM
+        cfg = result["config"]
+        assert cfg["pgd_steps"] * cfg["pgd_step_size"] >= max(cfg["pgd_eps"])
+        fgsm, pgd = (result["robustness"][a]["accuracy"] for a in ("fgsm", "pgd"))
+        assert all(p <= f for p, f in zip(pgd, fgsm, strict=True))
+        sens = result["sensitivity"]
+        assert len(sens["image"]) == 28 and len(sens["image"][0]) == 28
 
 
 def test_reproduce_writes_one_json_per_run_and_resumes(tmp_path, capsys):
@@ -63,9 +72,7 @@ def test_reproduce_writes_one_json_per_run_and_resumes(tmp_path, capsys):
     assert [p.name for p in runs] == [
         "shallow-shallow-specreg-beta1-seed0.json", "shallow-shallow-specreg-beta1-seed1.json",
         "shallow-shallow-vanilla-seed0.json", "shallow-shallow-vanilla-seed1.json"]
-    assert _pngs(out / "figures") == [
-        "shallow-shallow-robustness.png", "shallow-shallow-sensitivity.png",
-        "shallow-shallow-spectra.png"]
+    assert _pngs(out / "figures") == FIGURES
     config = json.loads(runs[0].read_text())["config"]
     assert (config["lr"], config["tau"], config["alpha"], config["pgd_steps"]) == (1e-4, 10, 1, 2)
     stamps = {p.name: p.stat().st_mtime_ns for p in runs}
@@ -75,6 +82,7 @@ def test_reproduce_writes_one_json_per_run_and_resumes(tmp_path, capsys):
     (out / f".{runs[2].name}.4242.tmp").write_text('{"status": "comp')
     assert main(args) == 0
     assert "1 run(s) done, 3 already complete" in capsys.readouterr().out
+    assert not (out / f".{runs[2].name}.4242.tmp").exists()  # the killed writer's, removed
     for p in runs:
         if p is runs[1]:
             assert json.loads(p.read_text())["status"] == "complete"
@@ -106,9 +114,7 @@ def test_plot_redraws_from_results(tmp_path, capsys):
     figures = tmp_path / "figs"
     assert main(["plot", str(out), "--out", str(figures)]) == 0
     printed = capsys.readouterr().out
-    assert _pngs(figures) == [
-        "shallow-shallow-robustness.png", "shallow-shallow-sensitivity.png",
-        "shallow-shallow-spectra.png"]
+    assert _pngs(figures) == FIGURES
     assert all(_is_png(p) for p in figures.glob("*.png"))
     assert "vanilla" in printed and "specreg (beta=1)" in printed
     assert main(["plot", str(out)]) == 0  # default: RESULTS_DIR/figures
@@ -199,4 +205,245 @@ def test_usage_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
-    assert "usage:" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "error:" in err and "--help" in err
+
+
+
+# --- Issue 16: the command line fails early, with one line and exit 2 -----------------------
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if a run starts: the errors below must come before any work."""
+    import powerlaw_fast.cli as cli
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the usage error")
+
+    monkeypatch.setattr(cli, "run_experiment", refuse)
+    monkeypatch.setattr(cli, "run_sweep", refuse)
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err
+
+
+@pytest.mark.parametrize("command", [["demo", "--quick"], ["reproduce", "shallow"]])
+def test_out_under_a_file_fails_before_any_work(tmp_path, capsys, no_training, command):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    assert main([*command, "--out", str(afile / "sub"), "--no-progress"]) == 2
+    _one_line_error(capsys, "--out", "which is a file")
+    assert main([*command, "--out", str(afile), "--no-progress"]) == 2
+    _one_line_error(capsys, "--out", "is not a folder")
+
+
+@pytest.mark.parametrize("command", [["demo", "--quick"], ["reproduce", "shallow"]])
+def test_unwritable_out_fails_before_any_work(tmp_path, capsys, no_training, command):
+    if os.geteuid() == 0:  # root writes anywhere chmod allows nothing: use a kernel folder
+        if not Path("/proc/self").exists():
+            pytest.skip("needs /proc when run as root")
+        target = Path("/proc")
+    else:
+        target = tmp_path / "readonly"
+        target.mkdir()
+        target.chmod(0o500)
+    try:
+        assert main([*command, "--out", str(target / "results"), "--no-progress"]) == 2
+        _one_line_error(capsys, "--out: cannot write to")
+        assert not (target / "results").exists()
+    finally:
+        if target != Path("/proc"):
+            target.chmod(0o700)
+
+
+def test_missing_matplotlib_is_found_before_training(tmp_path, capsys, no_training,
+                                                     monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    assert main(["demo", "--quick", "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    _one_line_error(capsys, "matplotlib", "powerlaw-fast[plot]")
+    assert main(["reproduce", "shallow", "--out", str(tmp_path / "r")]) == 2
+    _one_line_error(capsys, "matplotlib", "--no-plot")
+    assert main(["plot", str(tmp_path)]) == 2
+    _one_line_error(capsys, "matplotlib")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"), (["--lr", "inf"], "--lr"),
+     (["--batch-size", "1"], "--batch-size"), (["--eps", "inf"], "--eps"),
+     (["--noise", "nan"], "--noise"), (["--seeds", "x"], "--seeds"),
+     (["--data", ""], "--data")],
+)
+def test_bad_numbers_are_usage_errors(capsys, no_training, extra, needle):
+    with pytest.raises(SystemExit) as info:
+        main(["reproduce", "shallow", *extra])
+    assert info.value.code == 2
+    _one_line_error(capsys, f"argument {needle}")
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [(["--width", "5"], "fewer than tau = 10"),
+     (["--limit-train", "1"], "batches of 1 image"),
+     (["--epochs", "1", "--pgd-steps", "1", "--seeds", "1"], None)],
+)
+def test_runs_that_would_fail_part_way_are_refused_first(tmp_path, capsys, no_training,
+                                                         monkeypatch, extra, needle):
+    if needle is None:  # control: valid arguments reach the sweep
+        import powerlaw_fast.cli as cli
+
+        monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: [])
+        assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot",
+                     "--limit-train", "100", "--limit-test", "10", "--width", "16",
+                     "--batch-size", "50", *extra]) == 0
+        return
+    assert main(["reproduce", "shallow", "--out", str(tmp_path), *extra]) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_device_gpu_is_a_one_line_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--device", "gpu"])
+    assert info.value.code == 2
+    err = _one_line_error(capsys, "--device", "expected cpu, cuda or cuda:N, got 'gpu'")
+    assert "xla" not in err and "mps" not in err  # not torch's list of device types
+
+
+# --- Issue 17: a tidy command line ----------------------------------------------------------
+
+
+def test_version(capsys):
+    from powerlaw_fast import __version__
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"powerlaw-fast {__version__}"
+
+
+def _help(capsys, *argv) -> str:
+    with pytest.raises(SystemExit):
+        main([*argv, "--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+
+
+def test_help_texts(capsys):
+    top = _help(capsys)
+    assert "about a minute on 2 CPU cores" in top and "a few CPU minutes" not in top
+    demo = _help(capsys, "demo")
+    assert "6000 training images shipped" in demo and "default: ./powerlaw_fast_demo" in demo
+    assert "smoke test" in demo
+    rep = _help(capsys, "reproduce")
+    for text in ("shallow: sec. 4.1", "default: ./powerlaw_fast_results",
+                 "first N training images", "first N test images", "PGD steps of 0.01",
+                 "(default: 3)", "L-inf epsilon grid"):
+        assert text in rep, text
+    plot = _help(capsys, "plot")
+    assert "folder holding the run JSONs" in plot and "default: RESULTS_DIR/figures" in plot
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the estimate is printed on a CPU")
+def test_reproduce_warns_with_an_estimate_on_the_cpu(tmp_path, capsys, monkeypatch):
+    import powerlaw_fast.cli as cli
+
+    monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: [])
+    assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot"]) == 0
+    err = capsys.readouterr().err
+    assert "powerlaw-fast: warning: on this CPU this sweep should take about" in err
+    hours = float(err.split("take about ")[1].split(" h")[0])
+    assert hours > 0.5  # 12 runs of 50 epochs of the 2000-wide net
+    # a small sweep says nothing
+    assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot", *TINY_REPRODUCE]
+                ) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_progress_bars_stay_out_of_piped_logs(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [a for a in TINY_REPRODUCE if a != "--no-progress"]  # bars requested
+    proc = subprocess.run(
+        [sys.executable, "-m", "powerlaw_fast", "reproduce", "shallow", "--out",
+         str(tmp_path / "r"), "--no-plot", *args, "--seeds", "1"],
+        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for log in (proc.stdout, proc.stderr):
+        assert "\r" not in log and "\x1b[" not in log and "it/s" not in log
+
+
+# --- Issue 16: plot on damaged results folders -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "results"
+    assert main(["reproduce", "shallow", "--out", str(out), "--no-plot", *TINY_REPRODUCE]) == 0
+    return out
+
+
+def _copy(tiny_results, tmp_path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(tiny_results, tmp_path / "results"))
+
+
+def test_plot_complete_json_missing_a_key(tiny_results, tmp_path, capsys):
+    out = _copy(tiny_results, tmp_path)
+    path = out / "shallow-shallow-vanilla-seed1.json"
+    result = json.loads(path.read_text())
+    del result["robustness"]
+    path.write_text(json.dumps(result))
+    assert main(["plot", str(out)]) == 2
+    _one_line_error(capsys, str(path), "'robustness'")
+    result["robustness"] = {"pgd": {"eps": [0.0]}}
+    path.write_text(json.dumps(result))
+    assert main(["plot", str(out)]) == 2
+    _one_line_error(capsys, str(path), "'accuracy'")
+    assert not (out / "figures").exists()
+
+
+def test_plot_refuses_seeds_on_different_grids_before_drawing(tiny_results, tmp_path, capsys):
+    out = _copy(tiny_results, tmp_path)
+    path = out / "shallow-shallow-vanilla-seed1.json"
+    result = json.loads(path.read_text())
+    result["robustness"]["pgd"]["eps"] = [0.0, 0.2]
+    path.write_text(json.dumps(result))
+    assert main(["plot", str(out)]) == 2
+    _one_line_error(capsys, "pgd grids differ", "shallow-shallow-vanilla-seed1")
+    assert not (out / "figures").exists()
+
+
+def test_plot_tables_with_different_grids_per_curve(tiny_results, tmp_path, capsys):
+    # curves (not seeds) may differ: the table shows the union of the grids, '-' where missing
+    out = _copy(tiny_results, tmp_path)
+    for seed in (0, 1):
+        path = out / f"shallow-shallow-vanilla-seed{seed}.json"
+        result = json.loads(path.read_text())
+        result["robustness"]["fgsm"]["eps"] = [0.0, 0.2]
+        path.write_text(json.dumps(result))
+    assert main(["plot", str(out)]) == 0
+    table = capsys.readouterr().out.split("FGSM: test accuracy")[1].split("\n\n")[0]
+    rows = {line.split()[0]: line.split()[1:] for line in table.strip().splitlines()[1:]}
+    assert set(rows) == {"0.000", "0.100", "0.200"}
+    assert rows["0.100"][0] == "-" and rows["0.200"][-1] == "-"
+
+
+def test_plot_skips_truncated_json_and_reports_stale_temporary_files(tiny_results, tmp_path,
+                                                                     capsys):
+    out = _copy(tiny_results, tmp_path)
+    path = out / "shallow-shallow-vanilla-seed1.json"
+    path.write_text(path.read_text()[:200])  # cut short
+    stale = out / ".shallow-shallow-vanilla-seed0.json.4242.tmp"
+    stale.write_text('{"status": "comp')
+    assert main(["plot", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"powerlaw-fast: warning: {path}: not valid JSON, skipped" in err
+    assert "1 temporary file(s) of an interrupted writer ignored" in err and str(stale) in err
+    assert _pngs(out / "figures") == FIGURES

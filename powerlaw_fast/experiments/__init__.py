@@ -17,6 +17,7 @@ The modules, in the order a run uses them:
 - :mod:`.results`: atomic JSON writes, reading back complete results
 - :mod:`.run`: one run (:func:`run_experiment`)
 - :mod:`.sweep`: many runs, resumable (:func:`run_sweep`)
+- :mod:`.estimate`: a sweep's rough duration before it starts (:func:`estimate_seconds`)
 
 Example (a tiny run on the shipped MNIST subset)::
 
@@ -29,7 +30,7 @@ Example (a tiny run on the shipped MNIST subset)::
     ('complete', ['fgsm', 'noise', 'pgd'])
 """
 
-from .building import batch_size_for, build_model, default_device
+from .building import batch_size_for, build_model, check_runs, default_device
 from .config import (
     ARCHS,
     DEFAULT_EPS,
@@ -41,9 +42,17 @@ from .config import (
     sweep_configs,
 )
 from .data import Data, load_data
+from .estimate import estimate_seconds
 from .evaluation import accuracy, evaluate_robustness, measure_sensitivity, measure_spectra
 from .parallel import DataParallel, check_data_parallel, distributed_shard
-from .results import RESULT_FORMAT, load_results, read_result, write_json_atomic
+from .results import (
+    RESULT_FORMAT,
+    ResultWarning,
+    check_result,
+    load_results,
+    read_result,
+    write_json_atomic,
+)
 from .run import run_experiment
 from .sweep import run_sweep, sweep_device
 from .training import train_model
@@ -55,6 +64,7 @@ __all__ = [
     "DEFAULT_RANKS",
     "EXPERIMENTS",
     "RESULT_FORMAT",
+    "ResultWarning",
     "SPECREG_VARIANTS",
     "Data",
     "DataParallel",
@@ -62,9 +72,12 @@ __all__ = [
     "accuracy",
     "batch_size_for",
     "build_model",
+    "check_result",
     "check_data_parallel",
+    "check_runs",
     "default_device",
     "distributed_shard",
+    "estimate_seconds",
     "evaluate_robustness",
     "load_data",
     "load_results",

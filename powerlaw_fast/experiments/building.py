@@ -44,3 +44,36 @@ def batch_size_for(cfg: RunConfig, model: nn.Module) -> int:
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def check_runs(configs, n_train: int) -> None:
+    """Refuse, before any training, runs that would fail part-way (``ValueError``).
+
+    Each run needs training batches of at least 2 images (batch norm, the covariance) and every
+    regularised layer at least ``tau`` units (the anchor rank). Configs that differ only in
+    their seed are checked once.
+    """
+    import dataclasses
+
+    seen = set()
+    for cfg in configs:
+        key = repr(dataclasses.replace(cfg, seed=0, notes={}))
+        if key in seen:
+            continue
+        seen.add(key)
+        model, layers = build_model(cfg)
+        batch = min(batch_size_for(cfg, model), n_train)
+        if batch < 2:
+            raise ValueError(
+                f"batch size: run {cfg.name} would train on batches of {batch} image(s) "
+                f"({n_train} training images, batch size {batch_size_for(cfg, model)}); batch "
+                "norm and the spectrum estimate need at least 2"
+            )
+        widths = model.hidden_widths()
+        for name in layers:
+            lowest = cfg.tau + (1 if cfg.convention == "authors" else 0)
+            if widths[name] < lowest:
+                raise ValueError(
+                    f"width: the regularised layer {name} of run {cfg.name} has {widths[name]} "
+                    f"units, fewer than tau = {cfg.tau} needs ({lowest})"
+                )

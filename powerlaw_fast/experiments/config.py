@@ -38,6 +38,14 @@ DEFAULT_NOISE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_RANKS = (1, 2, 5, 10, 20, 50, 100, 500)
 
 
+def _tidy(value: float) -> float:
+    """``value`` without binary noise: 0.233 * 3 = 0.6990000000000001 becomes 0.699.
+
+    12 significant digits: far below any grid's spacing, far above float64's rounding.
+    """
+    return float(f"{value:.12g}")
+
+
 @dataclass
 class RunConfig:
     """Everything that defines one run (stored in its JSON; a resumed sweep compares it).
@@ -116,8 +124,13 @@ class RunConfig:
         for name in ("epochs", "pgd_steps", "eval_batch"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
-        for name in ("fgsm_eps", "pgd_eps", "noise_sigma", "sensitivity_ranks"):
-            setattr(self, name, tuple(getattr(self, name)))
+        for name in ("fgsm_eps", "pgd_eps", "noise_sigma"):
+            setattr(self, name, tuple(_tidy(float(v)) for v in getattr(self, name)))
+        self.sensitivity_ranks = tuple(self.sensitivity_ranks)
+        for name in ("beta", "lr", "alpha", "beta_jacobian", "pgd_step_size"):
+            value = getattr(self, name)
+            if isinstance(value, float):
+                setattr(self, name, _tidy(value))
 
     @property
     def regularised(self) -> bool:

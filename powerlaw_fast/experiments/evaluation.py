@@ -92,5 +92,6 @@ def measure_sensitivity(model: nn.Module, cfg: RunConfig, data: Data,
         "layer": layer,
         "sample": 0,
         "ranks": ranks,
+        "image": [_round(row, 4) for row in data.train_x[0].reshape(28, 28).tolist()],
         "maps": [[_round(row, 4) for row in m.tolist()] for m in maps],
     }

@@ -65,7 +65,7 @@ def run_experiment(
         "spectra": measure_spectra(model, cfg, data, device),
         "sensitivity": measure_sensitivity(model, cfg, data, device),
     }
-    result["wall_seconds"] = time.time() - started
+    result["wall_seconds"] = round(time.time() - started, 2)
     result["history"] = [
         {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in h.items()}
         for h in history

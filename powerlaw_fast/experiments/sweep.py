@@ -21,7 +21,7 @@ from .building import default_device
 from .config import RunConfig
 from .data import Data
 from .parallel import DataParallel, check_data_parallel, distributed_shard
-from .results import read_result
+from .results import read_result, temporary_files
 from .run import run_experiment
 
 
@@ -46,7 +46,8 @@ def run_sweep(
     """Run every config into ``out_dir/<name>.json``, skipping the complete ones.
 
     A run is skipped when its JSON exists, is complete and was made with the same config; a
-    partial temporary file or a JSON from a different config is replaced. Under torchrun
+    JSON from a different config is replaced, and the temporary files a killed writer left for
+    this process's runs are removed. Under torchrun
     (``WORLD_SIZE > 1``), ``parallel="runs"`` makes this process run the configs ``i`` with
     ``i % WORLD_SIZE == RANK``; ``parallel="data"`` trains every run over all processes
     (rank 0 decides what to skip and writes the results; ``out_dir`` must be shared).
@@ -67,6 +68,11 @@ def run_sweep(
         mine = list(configs)
     else:
         mine = [cfg for i, cfg in enumerate(configs) if i % world == rank]
+    if data_parallel is None or rank == 0:
+        # these runs are this process's alone: a temporary file of one is a killed writer's
+        for cfg in mine:
+            for stale in temporary_files(out_dir, cfg.name):
+                stale.unlink(missing_ok=True)
     outcome = []
     bar = tqdm(mine, desc=f"runs (rank {rank}/{world})" if world > 1 else "runs", unit="run",
                disable=not progress or (data_parallel is not None and rank != 0))
