@@ -14,7 +14,8 @@ from powerlaw_fast.jacobian import jacobian_penalty
 from powerlaw_fast.models import CNN, MLP, ShallowNet
 from powerlaw_fast.ops.attack_step import pgd_update
 from powerlaw_fast.ops.covariance import batch_covariance
-from powerlaw_fast.ops.spec_penalty import powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast.ops.spectral_penalty import powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast.ops.status import raise_pending_errors
 from powerlaw_fast.regularizer import SpectralRegularizer
 from powerlaw_fast.sensitivity import sensitivity_maps
 from powerlaw_fast.spectra import (
@@ -49,6 +50,7 @@ __all__ = [
     "pgd_update",
     "powerlaw_penalty",
     "projected_spectrum",
+    "raise_pending_errors",
     "robustness_curve",
     "run_experiment",
     "run_sweep",

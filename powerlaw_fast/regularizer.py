@@ -53,12 +53,12 @@ from tqdm.auto import tqdm
 from powerlaw_fast._backend import BACKENDS
 from powerlaw_fast._modules import find_submodule, module_device
 from powerlaw_fast._validation import check_int_range, check_real
-from powerlaw_fast.ops.spec_penalty import (
+from powerlaw_fast.ops.spectral_penalty import (
     CONVENTIONS,
-    _anchor_index,
     powerlaw_penalty,
     projected_spectrum,
 )
+from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
 from powerlaw_fast.spectra import (
     CovarianceAccumulator,
     eigh_descending,

@@ -20,6 +20,27 @@ def seeded():
     yield
 
 
+@pytest.fixture
+def device():
+    """CUDA when present, else the CPU (Triton kernels then run under the interpreter)."""
+    from tests.devices import DEVICE
+
+    return DEVICE
+
+
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every buffer a launcher allocates starts as NaN (floats) or -7 (integers): a kernel that
+    leaves any element unwritten fails the test."""
+    from powerlaw_fast.ops import _alloc
+
+    def nan_empty(shape, *, device, dtype):
+        t = torch.empty(shape, device=device, dtype=dtype)
+        return t.fill_(float("nan") if dtype.is_floating_point else -7)
+
+    monkeypatch.setattr(_alloc, "empty", nan_empty)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

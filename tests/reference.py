@@ -22,7 +22,7 @@ def literal_penalty_from_spectrum(lam, *, alpha=1.0, tau=10, beta=1.0):
     """Eq. (2), paper convention: 1-indexed tau, sum n = tau..N, scaled by beta / N."""
     N = lam.shape[0]
     s = torch.sort(lam, descending=True).values
-    n = torch.arange(1, N + 1, dtype=lam.dtype)
+    n = torch.arange(1, N + 1, dtype=lam.dtype, device=lam.device)
     lam_tau = s[tau - 1].detach()
     # gam_n = kappa n^-alpha, kappa = lam_tau tau^alpha, written as lam_tau (tau/n)^alpha so
     # that gam_tau equals lam_tau exactly in floating point.
@@ -47,7 +47,7 @@ def authors_loop_penalty(x, V, *, alpha=1.0, tau=10, beta=1.0):
     eigs = torch.sort(torch.diag(V.T @ cov @ V), descending=True).values
     with torch.no_grad():
         kappa = eigs[tau] * (tau + 1) ** alpha
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=x.device)
     for i in range(tau + 1, eigs.shape[0]):
         if eigs[i] > 0:
             gamma = kappa / (i + 1) ** alpha

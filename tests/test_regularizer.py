@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from powerlaw_fast.ops.spec_penalty import projected_spectrum, spec_penalty
+from powerlaw_fast.ops.spectral_penalty import projected_spectrum, spec_penalty
 from powerlaw_fast.regularizer import SpectralRegularizer
 
 

@@ -365,3 +365,49 @@ def pgd_update_cuda(
         eps_rows, eps_rows.stride(0), out, out.stride(0), out.stride(1),
         R, D, step_size, lo, hi)  # fmt: skip
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The "cuda" rows of the backend table (powerlaw_fast.ops.backends)
+# --------------------------------------------------------------------------------------------
+def _register_stages() -> None:
+    from powerlaw_fast.ops.backends import register
+    from powerlaw_fast.ops.centring import centre_columns_torch
+    from powerlaw_fast.ops.spectral_penalty import finish_spectrum_torch
+
+    register("column_mean", "cuda")(column_mean_cuda)
+    register("centred_gram", "cuda")(centred_gram_cuda)
+
+    @register("centred_projection", "cuda")
+    def centred_projection_stage(x, V, mean, plan):
+        """Centring kernel (torch when the GEMM operand is not x's dtype), one cuBLAS GEMM,
+        then the column sums of Z and Z * Z -> ``([2, 1, N], Z)``."""
+        _check_matrix(x, "x")
+        _check_cuda(x.device, x=x, V=V, mean=mean)
+        if plan.operand == x.dtype:
+            centred = centre_columns_cuda(x, _float32_vector(mean))
+        else:
+            centred = centre_columns_torch(x, mean, plan.operand)
+        z = torch.mm(centred, V.to(plan.operand))
+        sums = column_reduce_cuda(z, square=False, scale=1.0)
+        sumsq = column_reduce_cuda(z, square=True, scale=1.0)
+        return torch.stack([sums, sumsq]).unsqueeze(1), z
+
+    @register("spectrum_penalty", "cuda")
+    def spectrum_penalty_stage(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
+        """The spectrum finished in torch, eq. (2) by csrc/powerlaw_penalty.cu -> scratch."""
+        lam = src if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
+        penalty, grad, status = powerlaw_penalty_cuda(lam.float(), alpha, anchor, beta, skip)
+        overflow = (~torch.isfinite(penalty) | ~torch.isfinite(grad).all()) & (status[0] == 0)
+        return torch.cat([penalty.reshape(1), status.float(), overflow.reshape(1).float(),
+                          grad, lam.float()])  # fmt: skip
+
+    @register("backprojection", "cuda")
+    def backprojection_stage(z, coef, grad_out, V, scale, out_dtype, plan):
+        """Scaling kernel, then one cuBLAS GEMM against V^T."""
+        if grad_out is not None:
+            coef = coef * grad_out
+        return spectrum_backward_cuda(coef, z, V.to(z.dtype), scale).to(out_dtype)
+
+
+_register_stages()

@@ -1,9 +1,17 @@
-"""Column means of a batch ``x [B, N]``: the centring statistic of every op in this package.
+"""Column statistics of a batch ``x [B, N]``: means, the centring pass, column moments.
 
-The Triton kernel reads ``x`` once through its strides (no contiguous copy) and accumulates
-in float32 over a ``[BLOCK_B, BLOCK_N]`` tile of partial sums before a final tree reduction,
-so each partial sum holds only ``B / BLOCK_B`` terms: a mean of 5 with a spread of 0.1 keeps
-its small deviations. The reduction order is fixed, so the result is deterministic.
+- ``column_mean``: the centring statistic of every op in this package. The Triton kernel reads
+  ``x`` once through its strides (no contiguous copy) and accumulates in float32 over a
+  ``[BLOCK_B, BLOCK_N]`` tile of partial sums before a final tree reduction, so each partial
+  sum holds only ``B / BLOCK_B`` terms: a mean of 5 with a spread of 0.1 keeps its small
+  deviations. The column block narrows for wide layers so that there are enough programs to
+  fill the GPU (N / 32 programs at N = 8192 instead of N / 128). Deterministic.
+- ``centre_columns``: ``(x - mean)`` computed in float32 and rounded once to the GEMM operand
+  dtype, written contiguous: the input of a cuBLAS GEMM on the wide-layer route.
+- ``column_moments``: column sums of ``z`` and of ``z * z`` over row splits,
+  ``[2, splits, N]`` float32, summed by the consumer in a fixed order (deterministic).
+
+Each launcher has its plain-torch twin beside it.
 
 Example::
 
@@ -20,6 +28,9 @@ import torch
 
 from powerlaw_fast._backend import triton_available
 from powerlaw_fast.ops import _alloc
+from powerlaw_fast.ops.backends import register
+
+_MOMENT_ROWS = 512  # rows per program of column_moments
 
 if triton_available():
     import triton
@@ -49,19 +60,82 @@ if triton_available():
         total = tl.sum(acc, axis=0)
         tl.store(mean_ptr + cols, total / B, mask=col_ok)
 
+    @triton.jit
+    def _centre_columns_kernel(
+        x_ptr,
+        mean_ptr,
+        out_ptr,
+        B,
+        N,
+        stride_b,
+        stride_n,
+        BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        mask = (rows[:, None] < B) & (cols < N)[None, :]
+        x = tl.load(x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_n, mask=mask)
+        mu = tl.load(mean_ptr + cols, mask=cols < N, other=0.0)
+        centred = x.to(tl.float32) - mu[None, :]
+        tl.store(
+            out_ptr + rows[:, None] * N + cols[None, :],
+            centred.to(out_ptr.dtype.element_ty),
+            mask=mask,
+        )
 
+    @triton.jit
+    def _column_moments_kernel(
+        z_ptr,
+        out_ptr,
+        B,
+        N,
+        splits,
+        stride_b,
+        stride_n,
+        ROWS: tl.constexpr,
+        BLOCK_B: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+    ):
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        split = tl.program_id(1)
+        col_ok = cols < N
+        s1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+        for start in range(0, ROWS, BLOCK_B):
+            rows = split * ROWS + start + tl.arange(0, BLOCK_B).to(tl.int64)
+            mask = (rows[:, None] < B) & col_ok[None, :]
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_b + cols[None, :] * stride_n, mask=mask, other=0.0
+            ).to(tl.float32)
+            s1 += z
+            s2 += z * z
+        tl.store(out_ptr + split * N + cols, tl.sum(s1, axis=0), mask=col_ok)
+        tl.store(out_ptr + (splits + split) * N + cols, tl.sum(s2, axis=0), mask=col_ok)
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 data, float32 for everything else: the dtype sums are kept in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@register("column_mean", "torch")
 def column_mean_torch(x: torch.Tensor) -> torch.Tensor:
     """Reference: ``x.mean(0)`` accumulated in float32 (float64 for float64 input), ``[N]``."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return x.mean(0, dtype=acc)
+    return x.mean(0, dtype=accumulation_dtype(x.dtype))
 
 
-def column_mean_triton(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """Launcher: float32 column means of ``x [B, N]`` (any strides, float16/bfloat16/float32)."""
+def _column_block(N: int) -> int:
+    # about 256 programs for wide layers, 16..128 columns each
+    return max(16, min(128, triton.next_power_of_2(max(1, N // 256))))
+
+
+@register("column_mean", "triton")
+def column_mean_triton(x: torch.Tensor) -> torch.Tensor:
+    """Launcher: float32 column means ``[N]`` of ``x [B, N]`` (any strides, 16/32-bit floats)."""
     B, N = x.shape
-    if out is None:
-        out = _alloc.empty((N,), device=x.device, dtype=torch.float32)
-    block_n = min(128, triton.next_power_of_2(N))
+    out = _alloc.empty((N,), device=x.device, dtype=torch.float32)
+    block_n = _column_block(N)
     grid = (triton.cdiv(N, block_n),)
     _column_mean_kernel[grid](x, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n)
     return out
@@ -75,3 +149,40 @@ def column_mean(x: torch.Tensor, *, backend: str = "torch") -> torch.Tensor:
     if backend == "triton":
         return column_mean_triton(x)
     return column_mean_torch(x)
+
+
+def centre_columns_torch(x: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Reference: ``(x - mean)`` in the accumulation dtype, rounded once to ``dtype``."""
+    return (x.to(accumulation_dtype(x.dtype)) - mean).to(dtype).contiguous()
+
+
+def centre_columns_triton(x: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Launcher: contiguous ``[B, N]`` of ``dtype`` holding ``x - mean`` (float32 arithmetic)."""
+    B, N = x.shape
+    out = _alloc.empty((B, N), device=x.device, dtype=dtype)
+    block_n = min(128, triton.next_power_of_2(N))
+    grid = (triton.cdiv(B, 32), triton.cdiv(N, block_n))
+    _centre_columns_kernel[grid](
+        x, mean, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n
+    )
+    return out
+
+
+def column_moments_torch(z: torch.Tensor) -> torch.Tensor:
+    """Reference: ``[2, 1, N]`` float32 (float64): column sums of z and of z * z."""
+    acc = z.to(accumulation_dtype(z.dtype))
+    return torch.stack([acc.sum(0), (acc * acc).sum(0)]).unsqueeze(1)
+
+
+def column_moments_triton(z: torch.Tensor) -> torch.Tensor:
+    """Launcher: ``[2, splits, N]`` float32 partial column sums of z and of z * z."""
+    B, N = z.shape
+    splits = triton.cdiv(B, _MOMENT_ROWS)
+    out = _alloc.empty((2, splits, N), device=z.device, dtype=torch.float32)
+    block_n = min(64, triton.next_power_of_2(N))
+    grid = (triton.cdiv(N, block_n), splits)
+    _column_moments_kernel[grid](
+        z, out, B, N, splits, z.stride(0), z.stride(1),
+        ROWS=_MOMENT_ROWS, BLOCK_B=32, BLOCK_N=block_n,
+    )  # fmt: skip
+    return out

@@ -24,21 +24,17 @@ import torch
 
 from powerlaw_fast._backend import resolve_backend, triton_available, triton_interpreter_active
 from powerlaw_fast._validation import as_batch_matrix
-from powerlaw_fast.ops import _alloc
-from powerlaw_fast.ops.centring import column_mean
-from powerlaw_fast.ops.spec_penalty import (
-    _dot_in_fp32,
-    _dot_precision,
-    global_mean,
-    group_name_of,
-    resolve_group,
-)
+from powerlaw_fast.ops import _alloc, status
+from powerlaw_fast.ops._triton_gemm import dot_in_fp32, dot_precision
+from powerlaw_fast.ops.backends import implementation, register
+from powerlaw_fast.ops.centring import accumulation_dtype
+from powerlaw_fast.ops.spectral_penalty import global_mean, group_name_of, resolve_group
 
 if triton_available():
     import triton
     import triton.language as tl
 
-    from powerlaw_fast.ops.spec_penalty import accumulate_dot
+    from powerlaw_fast.ops._triton_gemm import accumulate_dot
 
     def _covariance_configs():
         if triton_interpreter_active():
@@ -105,6 +101,7 @@ if triton_available():
         )
 
 
+@register("centred_gram", "triton")
 def centred_gram_triton(x: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
     """Launcher: ``scale (x - mean)^T (x - mean)`` for ``x [B, N]`` (any strides; float32,
     float16 or bfloat16) and ``mean [N]`` float32 -> float32 ``[N, N]``."""
@@ -125,27 +122,18 @@ def centred_gram_triton(x: torch.Tensor, mean: torch.Tensor, scale: float) -> to
         x.stride(1),
         out.stride(0),
         out.stride(1),
-        IN_PRECISION=_dot_precision(x.dtype),
-        DOT_IN_FP32=_dot_in_fp32(x.dtype),
+        IN_PRECISION=dot_precision(x.dtype),
+        DOT_IN_FP32=dot_in_fp32(x.dtype),
     )
     return out
 
 
+@register("centred_gram", "torch")
 def centred_gram_torch(x: torch.Tensor, mean: torch.Tensor, scale: float) -> torch.Tensor:
     """Reference: centre in the accumulation dtype, round to x's dtype, one GEMM."""
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     centred = (x.to(acc) - mean).to(x.dtype).to(acc)
     return centred.T @ centred * scale
-
-
-def _centred_gram(x, mean, scale, backend):
-    if backend == "triton":
-        return centred_gram_triton(x, mean, scale)
-    if backend == "cuda":
-        from powerlaw_fast.cuda import centred_gram_cuda
-
-        return centred_gram_cuda(x, mean, scale)
-    return centred_gram_torch(x, mean, scale)
 
 
 @torch.library.custom_op("powerlaw_fast::batch_covariance", mutates_args=())
@@ -153,27 +141,22 @@ def _batch_covariance_op(
     x: torch.Tensor, backend: str, group_name: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     B = x.shape[0]
-    mean = column_mean_cuda(x) if backend == "cuda" else column_mean(x, backend=backend)
+    mean = implementation("column_mean", backend)(x)
+    centred_gram = implementation("centred_gram", backend)
     group = resolve_group(group_name)
     if group is None:
-        sigma = _centred_gram(x, mean, 1.0 / (B - 1), backend)
+        sigma = centred_gram(x, mean, 1.0 / (B - 1))
         return sigma, mean, torch.tensor(float(B), dtype=torch.float64, device=x.device)
     mean, count = global_mean(mean, B, group)
-    sigma = _centred_gram(x, mean, 1.0, backend)
+    sigma = centred_gram(x, mean, 1.0)
     torch.distributed.all_reduce(sigma, group=group)
     return sigma / (count - 1).to(sigma.dtype), mean, count
-
-
-def column_mean_cuda(x):
-    from powerlaw_fast.cuda import column_mean_cuda as impl
-
-    return impl(x)
 
 
 @_batch_covariance_op.register_fake
 def _(x, backend, group_name):
     N = x.shape[1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(x.dtype)
     return (
         x.new_empty((N, N), dtype=acc),
         x.new_empty((N,), dtype=acc),
@@ -201,13 +184,22 @@ def _covariance_backward(ctx, grad_sigma, grad_mean, grad_count):
 _batch_covariance_op.register_autograd(_covariance_backward, setup_context=_covariance_setup)
 
 
-def batch_covariance(x: torch.Tensor, *, backend: str = "auto", process_group=None) -> torch.Tensor:
+def batch_covariance(
+    x: torch.Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool | str = "deferred",
+    process_group=None,
+) -> torch.Tensor:
     """Unbiased covariance of a batch, differentiable in ``x``.
 
     Args:
         x: ``[B, N]`` or ``[B, *]`` (flattened per sample), B >= 2; float16, bfloat16, float32
             or float64.
         backend: "auto", "torch", "triton" or "cuda".
+        validate: a ValueError for non-finite entries (NaN or inf in x, or overflowing
+            products): "deferred" (default, no host synchronisation on a GPU), "immediate" /
+            True or "off" / False, as in :func:`powerlaw_fast.spec_penalty`.
         process_group: a ``torch.distributed`` group over which the batch is sharded: the
             covariance of the global batch on every rank (all-reduces of N + 1 and N * N
             floats); the backward pass needs no communication.
@@ -221,7 +213,21 @@ def batch_covariance(x: torch.Tensor, *, backend: str = "auto", process_group=No
         >>> torch.allclose(batch_covariance(x), torch.cov(x.T), atol=1e-5)
         True
     """
+    status.poll()
     group_name = group_name_of(process_group)
     x = as_batch_matrix(x, "x", min_batch=1 if group_name else 2)
+    mode = status.validation_mode(validate)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
-    return _batch_covariance_op(x, name, group_name)[0]
+    sigma = _batch_covariance_op(x, name, group_name)[0]
+    if mode != "off":
+        bad = (~torch.isfinite(sigma)).sum().reshape(1).float()
+        status.check(bad, mode, _raise_nonfinite)
+    return sigma
+
+
+def _raise_nonfinite(values):
+    if values[0]:
+        raise ValueError(
+            f"x: expected finite activations, got a covariance with {int(values[0])} non-finite "
+            f"entries (x contains NaN or inf, or its products overflow)"
+        )

@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     from triton.compiler import ASTSource
     from triton.runtime.autotuner import Autotuner
     from triton.runtime.jit import JITFunction
-    from powerlaw_fast.ops import centring, covariance, spec_penalty as sp
+    from powerlaw_fast.ops import centring, covariance, spectral_penalty as sp
 
     TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
              torch.int64: "i64", torch.int32: "i32"}
@@ -73,33 +73,37 @@ SCRIPT = textwrap.dedent(
         print(name, compiled.metadata.shared)
 
     meta = dict(device="meta")
-    lam = torch.empty(40, **meta)
-    for anchor in (0, 1, 9):  # anchor 1: tau = 2 (paper) or tau = 1 (authors)
-        compile_launch(sp, "_powerlaw_penalty_kernel", sp.powerlaw_penalty_triton,
-                       lam, 1.0, anchor, 1.0, False)
-    compile_launch(sp, "_powerlaw_penalty_kernel", sp.powerlaw_penalty_triton,
-                   torch.empty(1, **meta), 1.0, 0, 1.0, True)
+    f32 = torch.float32
+    for N, anchor, count in ((40, 0, 300), (40, 1, 300), (40, 9, 300), (1, 0, 2), (4096, 9, 6144)):
+        # anchor 1: tau = 2 (paper) or tau = 1 (authors); N = 1: one column; N = 4096: the
+        # widest one-program sort
+        moments = torch.empty(2, max(1, count // 128), N, **meta)
+        compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+                       moments, count, anchor, 1.0, 1.0, False, 1e-5, 1e-7)
+    compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+                   torch.empty(40, **meta), None, 3, 1.0, 1.0, True, None, 1e-7)
+    compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+                   torch.empty(2, 3, 40, **meta), torch.empty((), **meta), 3, 1.0, 1.0, False,
+                   1e-5, 1e-7)
     x = torch.empty(1, 1, dtype=torch.bfloat16, **meta)
     compile_launch(centring, "_column_mean_kernel", centring.column_mean_triton, x)
-    torch.set_float32_matmul_precision("high")
     x, V = torch.empty(300, 40, **meta), torch.empty(40, 40, **meta)
     mean = torch.empty(40, **meta)
-    compile_launch(sp, "_centred_projection_kernel", sp.centred_projection_triton, x, V, mean)
-    compile_launch(sp, "_scaled_backprojection_kernel", sp.spectrum_backward_triton,
-                   mean, x, V, 0.5)
+    compile_launch(centring, "_centre_columns_kernel", centring.centre_columns_triton, x, mean,
+                   torch.bfloat16)
+    compile_launch(centring, "_column_moments_kernel", centring.column_moments_triton, x)
+    torch.set_float32_matmul_precision("high")
+    for dtype, compute in ((f32, None), (torch.bfloat16, None), (torch.float16, None),
+                           (f32, torch.bfloat16)):
+        xd, Vd = x.to(dtype), V.to(compute or dtype)
+        plan = sp.plan_for(dtype, 40, compute)
+        compile_launch(sp, "_centred_projection_kernel", sp.centred_projection_triton,
+                       xd, Vd, mean, plan)
+        z = torch.empty(300, 40, dtype=plan.z_dtype, **meta)
+        compile_launch(sp, "_scaled_backprojection_kernel", sp.backprojection_triton,
+                       z, mean, torch.empty((), **meta), Vd, 0.5, dtype, plan)
     compile_launch(covariance, "_centred_gram_kernel", covariance.centred_gram_triton,
                    x, mean, 1.0)
-    launch_projection = sp._launch_centred_projection
-    # the finishing kernel alone: the projection it follows is stubbed out
-    sp._launch_centred_projection = lambda x, V, mean: (torch.empty(3, x.shape[1], **meta), x)
-    try:
-        compile_launch(sp, "_finish_spectrum_kernel", sp.projected_spectrum_triton, x, V, mean)
-        one = torch.empty(1, 1, **meta)  # N = 1 and a single row-block: both specialised to 1
-        sp._launch_centred_projection = lambda x, V, mean: (torch.empty(1, 1, **meta), x)
-        compile_launch(sp, "_finish_spectrum_kernel", sp.projected_spectrum_triton,
-                       torch.empty(2, 1, **meta), one, torch.empty(1, **meta))
-    finally:
-        sp._launch_centred_projection = launch_projection
     """
 )
 
@@ -124,5 +128,5 @@ def test_triton_kernels_compile_for_sm90_with_gpu_argument_specialisation():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.split("\n")
     shared = [int(line.split()[-1]) for line in lines if line.strip()]
-    assert len(shared) == 10  # one line per compiled kernel variant
+    assert len(shared) == 19  # one line per compiled kernel variant
     assert max(shared) <= H100_SHARED_MEMORY

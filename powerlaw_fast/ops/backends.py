@@ -1,0 +1,56 @@
+"""One table of implementations for every op: ``(stage, backend) -> function``.
+
+Each op family file registers its plain-torch twin and its Triton launcher for every stage it
+owns; the CUDA C++ backend (:mod:`powerlaw_fast.cuda.ops`) registers its own launchers under
+``"cuda"`` when it is first asked for, so importing the package needs neither CuPy nor a GPU.
+Resolving the user's ``backend=`` argument to one of these names is
+:func:`powerlaw_fast._backend.resolve_backend`.
+
+Stages (shapes for a batch ``x [B, N]``):
+
+=====================  ==========================================================================
+``column_mean``        ``x -> mean [N]`` float32 (float64 for float64 x)
+``centred_projection`` ``(x, V, mean, plan) -> (moments [2, M, N], Z [B, N])``: column sums of Z
+                       and of Z * Z over M row-blocks, ``Z = (x - mean) V``
+``spectrum_penalty``   ``(moments, count, penalty settings) -> scratch [4 + 2N]`` (see
+                       :mod:`powerlaw_fast.ops.spectral_penalty`)
+``sorted_penalty``     ``(lam, penalty settings) -> scratch``: eq. (2) on a given spectrum
+``backprojection``     ``(Z, coef, grad_out, V, scale, out_dtype, plan) -> grad_x [B, N]``
+``centred_gram``       ``(x, mean, scale) -> scale (x - mean)^T (x - mean)`` ``[N, N]``
+=====================  ==========================================================================
+
+Example::
+
+    >>> from powerlaw_fast.ops import backends
+    >>> import powerlaw_fast.ops.spectral_penalty  # registers its stages
+    >>> backends.implementation("column_mean", "torch").__name__
+    'column_mean_torch'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+_TABLE: dict[tuple[str, str], Callable] = {}
+
+
+def register(stage: str, backend: str):
+    """Decorator: ``fn`` implements ``stage`` for ``backend``."""
+
+    def add(fn: Callable) -> Callable:
+        _TABLE[(stage, backend)] = fn
+        return fn
+
+    return add
+
+
+def implementation(stage: str, backend: str) -> Callable:
+    """The function that runs ``stage`` on ``backend`` (an already resolved name)."""
+    fn = _TABLE.get((stage, backend))
+    if fn is None and backend == "cuda":
+        import powerlaw_fast.cuda.ops  # noqa: F401  (registers the "cuda" rows)
+
+        fn = _TABLE.get((stage, backend))
+    if fn is None:
+        raise NotImplementedError(f"backend={backend!r} has no implementation of {stage!r}")
+    return fn

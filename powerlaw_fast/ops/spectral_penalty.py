@@ -1,0 +1,989 @@
+"""The power-law spectral penalty of Nassar et al. (2020), eq. (2), as fused GPU ops.
+
+Math (paper conventions, n is 1-indexed; DESIGN.md section 2)::
+
+    Z    = (x - mu) V                          [B, N]  one GEMM, centring in its prologue
+    lam  = (S2 - S1^2 / B) / (B - 1)           [N]     = diag(V^T Sigma V), V's column order
+           S1 = column_sum(Z), S2 = column_sum(Z * Z)
+    s    = sort(lam, descending)
+    r_n  = s_n / gam_n,  gam_n = kappa n^-alpha,  kappa = s_tau tau^alpha (no gradient)
+    R    = beta / N * sum_{n = tau..N} [(r_n - 1)^2 + max(0, r_n - 1)]
+    dR/dx = 2 / (B - 1) * (Z * g) V^T,  g = dR/dlam in V's column order
+
+Why ``S1``: ``mu`` is rounded, so the columns of ``Z`` do not sum exactly to zero; the exact
+centred sum of squares is ``S2 - S1^2 / B``, and since ``S1`` holds only the mean's rounding
+error the subtraction loses nothing. A direction whose corrected value is at the rounding level
+of ``S2`` (``8 eps log2(B) S2``) has no variance: a constant layer gives an exactly zero
+spectrum and the clear rank-deficiency error, while activations with a mean of 1e3 keep their
+float32 accuracy. ``r_n`` is evaluated as ``(s_n / s_tau) (n / tau)^alpha`` so the anchor's
+ratio is exactly 1: its own term is 0 in value and slope.
+
+Kernels and launches for one forward + backward (Triton, N <= 4096, one process):
+
+1. ``column_mean`` (powerlaw_fast.ops.centring),
+2. ``_centred_projection_kernel``: Z with the centring in the prologue and the column sums of Z
+   and Z * Z in the epilogue, per row-block (``[2, ceil(B / 128), N]``: deterministic),
+3. ``_spectrum_penalty_kernel``: one program sums the row-blocks, finishes the spectrum, sorts
+   it (``tl.sort`` on value/index keys), evaluates eq. (2), scatters dR/dlam back to V's
+   column order and writes a status word,
+4. ``_scaled_backprojection_kernel``: ``2 / (B - 1) (Z * g * dLoss/dR) V^T``.
+
+Wide layers (N > 4096) take the cuBLAS route: a centring pass, ``torch.mm`` for both GEMMs and
+a column-moments pass, because there the GEMM dominates and cuBLAS's Hopper kernels beat a
+plain Triton GEMM (DESIGN.md section 5). ``POWERLAW_FAST_GEMM=triton|cublas`` forces a route.
+
+Everything a call writes lands in one float32 ``scratch [4 + 2N]``: ``[R, #non-finite values,
+anchor not positive, penalty overflow, dR/dlam (N), lam (N)]``.
+
+Precision: the GEMM operands are x's dtype (float32 follows
+``torch.get_float32_matmul_precision()``: "highest" exact, else TF32; bfloat16 on tensor
+cores), or ``compute_dtype=torch.bfloat16`` for any input: the batch estimates each eigenvalue
+with a sampling error of about sqrt(2 / B) (3.7% at B = 1500), far above bfloat16's rounding of
+the GEMM inputs (about 0.4% per element, averaging out over N terms), so bfloat16 costs nothing
+in meaning. float16 inputs are computed at TF32 (float16's 10-bit mantissa is exact in TF32),
+with Z kept in float32: a float16 Z overflows for activations of a few thousand. Sums are
+float32 (float64 for float64 input, torch backend). Z is kept for the backward instead of
+recomputed (a third GEMM): one ``[B, N]`` buffer.
+
+Host path: in eager mode one ``torch.autograd.Function`` node per call calls the launchers
+directly (no custom-op dispatch); under ``torch.compile`` the same launchers run inside the
+``powerlaw_fast::spectral_forward`` / ``spectral_backward`` custom ops. No zero-filled buffers,
+no host-to-device copies, no host synchronisation unless ``validate="immediate"``.
+
+Example::
+
+    >>> import torch
+    >>> from powerlaw_fast import spec_penalty
+    >>> x = torch.randn(300, 40, requires_grad=True)
+    >>> V = torch.linalg.eigh(torch.cov(x.detach().T))[1].flip(1)   # descending eigenvectors
+    >>> R = spec_penalty(x, V, alpha=1.0, tau=10, beta=1.0)
+    >>> R.backward()
+    >>> x.grad.shape
+    torch.Size([300, 40])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import NamedTuple
+
+import torch
+
+from powerlaw_fast._backend import resolve_backend, tf32_allowed, triton_available
+from powerlaw_fast._validation import (
+    as_batch_matrix,
+    check_float_dtype,
+    check_int_range,
+    check_real,
+    check_tensor,
+)
+from powerlaw_fast.ops import _alloc, status
+from powerlaw_fast.ops._triton_gemm import dot_in_fp32, dot_precision, size_bucket
+from powerlaw_fast.ops.backends import implementation, register
+from powerlaw_fast.ops.centring import (
+    accumulation_dtype,
+    centre_columns_torch,
+    column_moments_torch,
+)
+
+CONVENTIONS = ("paper", "authors")
+MAX_FUSED_N = 4096  # widest layer for the one-program sort and the Triton GEMM route
+_BLOCK_M = 128  # fixed so the launcher can size the row-block moments before the launch
+_SCRATCH_HEAD = 4  # penalty, non-finite count, anchor flag, overflow flag
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    from powerlaw_fast.ops._triton_gemm import accumulate_dot, gemm_configs, grouped_tile
+
+    HEAD = tl.constexpr(_SCRATCH_HEAD)  # kernels may only read constexpr globals
+
+    @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
+    @triton.jit
+    def _centred_projection_kernel(
+        x_ptr, mean_ptr, v_ptr, z_ptr, moments_ptr,
+        B, N, B_BUCKET,
+        stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
+        OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """Z = (x - mean) V; moments[0 | 1, pid_m, :] = column sums of Z | Z * Z over the
+        row-block. B_BUCKET is only an autotune key."""
+        num_m = tl.cdiv(B, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+        # int64 indices: index * stride passes 2^31 once B * N or N * N does.
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < B
+        col_ok = cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, N, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            k_ok = ks < N
+            a_mask = row_ok[:, None] & k_ok[None, :]
+            a = tl.load(
+                x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk, mask=a_mask, other=0.0
+            ).to(tl.float32)
+            mu = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
+            # Padding rows must stay exactly zero, or they would add mu^2 terms to the sums.
+            a = tl.where(a_mask, a - mu[None, :], 0.0)
+            b = tl.load(
+                v_ptr + ks[:, None] * stride_vk + cols[None, :] * stride_vn,
+                mask=k_ok[:, None] & col_ok[None, :],
+                other=0.0,
+            )
+            if OPERAND_FP32:
+                b = b.to(tl.float32)
+            acc = accumulate_dot(a.to(b.dtype), b, acc, IN_PRECISION, DOT_IN_FP32)
+        tl.store(
+            z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
+            acc.to(z_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & col_ok[None, :],
+        )
+        tl.store(moments_ptr + pid_m * N + cols, tl.sum(acc, axis=0), mask=col_ok)
+        tl.store(moments_ptr + (num_m + pid_m) * N + cols, tl.sum(acc * acc, axis=0), mask=col_ok)
+
+    @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
+    @triton.jit
+    def _scaled_backprojection_kernel(
+        z_ptr, coef_ptr, grad_out_ptr, v_ptr, out_ptr,
+        B, N, B_BUCKET, scale,
+        stride_zb, stride_zn, stride_vk, stride_vn, stride_ob, stride_ok,
+        HAS_GRAD_OUT: tl.constexpr, OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr,
+        DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """out = scale * grad_out * (Z * coef[None, :]) V^T, reducing over V's columns."""
+        num_m = tl.cdiv(B, BLOCK_M)
+        num_k = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_k = grouped_tile(tl.program_id(0), num_m, num_k, GROUP_M)
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        outs = pid_k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < B
+        out_ok = outs < N
+        if HAS_GRAD_OUT:
+            scale = scale * tl.load(grad_out_ptr).to(tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            n_ok = ns < N
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
+                mask=row_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0)
+            # V^T tile [n, k] read straight from V's strides: no transposed copy.
+            vt = tl.load(
+                v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
+                mask=n_ok[:, None] & out_ok[None, :],
+                other=0.0,
+            )
+            if OPERAND_FP32:
+                vt = vt.to(tl.float32)
+            a = (z * (c * scale)[None, :]).to(vt.dtype)
+            acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
+        tl.store(
+            out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & out_ok[None, :],
+        )
+
+    # An int argument equal to 1 is compiled as a constexpr, which has no .to(): anchor = 1
+    # would not compile on a GPU; num_m = 1 is common.
+    @triton.jit(do_not_specialize=["anchor", "num_m"])
+    def _spectrum_penalty_kernel(
+        src_ptr, count_ptr, out_ptr,
+        num_m, N, count, mean_tol, anchor, alpha, beta, tiny,
+        FROM_MOMENTS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
+        SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One program: spectrum (from row-block moments, or given), sort, eq. (2), dR/dlam
+        scattered to V's column order, status. ``out`` is the scratch layout of the module."""
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        if FROM_MOMENTS:
+            if COUNT_FROM_PTR:
+                count = tl.load(count_ptr).to(tl.float32)
+            s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+            s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+            for m in range(0, num_m):
+                s1 += tl.load(src_ptr + m * N + cols, mask=ok, other=0.0)
+                s2 += tl.load(src_ptr + (num_m + m) * N + cols, mask=ok, other=0.0)
+            raw = s2 - s1 * s1 / count
+            lam = tl.where(raw <= mean_tol * s2, 0.0, raw) / (count - 1.0)
+        else:
+            lam = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        finite = (lam == lam) & (tl.abs(lam) != float("inf"))
+        nonfinite = tl.sum(tl.where(ok & ~finite, 1.0, 0.0), axis=0)
+        tl.store(out_ptr + HEAD + N + cols, lam, mask=ok)
+
+        # Descending sort of (value, index) pairs as int64 keys: the float's bits mapped to an
+        # order-preserving int32 in the high half, the column index in the low half.
+        bits = lam.to(tl.int32, bitcast=True)
+        bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+        key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)
+        key = tl.where(ok, key, tl.full((BLOCK,), -2147483648, tl.int64) << 32)
+        key = tl.sort(key, descending=True)
+        high = (key >> 32).to(tl.int32)
+        high = high ^ ((high >> 31) & 0x7FFFFFFF)
+        s = high.to(tl.float32, bitcast=True)
+        order = (key & 0xFFFFFFFF).to(tl.int32)
+
+        s_first = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
+        s_anchor = tl.sum(tl.where(cols == anchor, s, 0.0), axis=0)
+        rank_ratio = tl.exp(alpha * (tl.log((cols + 1).to(tl.float32)) - tl.log(anchor + 1.0)))
+        r = s / s_anchor * rank_ratio
+        active = ok & (cols >= anchor)
+        if SKIP_NONPOSITIVE:
+            active = active & (s > 0)
+        d = r - 1.0
+        total = tl.sum(tl.where(active, d * d + tl.maximum(d, 0.0), 0.0), axis=0)
+        coef = beta / N
+        # 1 / gam_n = rank_ratio / s_anchor
+        slope = (2.0 * d + tl.where(d > 0.0, 1.0, 0.0)) * rank_ratio / s_anchor
+        grad = tl.where(active, coef * slope, 0.0)
+        tl.store(out_ptr + HEAD + order, grad, mask=ok)
+        penalty = coef * total
+        grad_bad = tl.sum(tl.where(active & ~((grad == grad) & (tl.abs(grad) != float("inf"))),
+                                   1.0, 0.0), axis=0)  # fmt: skip
+        penalty_bad = (penalty != penalty) | (tl.abs(penalty) == float("inf"))
+        overflow = ((grad_bad > 0) | penalty_bad) & (nonfinite == 0)
+        tl.store(out_ptr, penalty)
+        tl.store(out_ptr + 1, nonfinite)
+        tl.store(out_ptr + 2, tl.where(s_anchor > tiny * s_first, 0.0, 1.0))
+        tl.store(out_ptr + 3, tl.where(overflow, 1.0, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# What a call computes in: the GEMM operand dtype, Z's dtype, the dot precision, the route
+# --------------------------------------------------------------------------------------------
+class Plan(NamedTuple):
+    operand: torch.dtype  # dtype of both GEMM operands (V is cast to it once by the caller)
+    z_dtype: torch.dtype  # Z as kept for the backward
+    precision: str  # "ieee" or "tf32" for float32 operands
+    route: str  # "triton" (fused GEMMs) or "cublas" (torch.mm plus fused passes)
+
+
+def operand_dtype(x_dtype: torch.dtype, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """The GEMM operands' dtype (also Z's): the compute dtype, else x's (float32 for float16)."""
+    if x_dtype == torch.float64:
+        return torch.float64
+    return compute_dtype or (torch.float32 if x_dtype == torch.float16 else x_dtype)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(x_dtype, compute_dtype, tf32: bool, N: int, forced_route: str) -> Plan:
+    if x_dtype == torch.float64:
+        return Plan(torch.float64, torch.float64, "ieee", "triton")
+    operand = operand_dtype(x_dtype, compute_dtype)
+    if operand == torch.float32:
+        # float16 inputs: TF32 holds them exactly and cannot overflow where float16 would
+        precision = "tf32" if (tf32 or (x_dtype == torch.float16 and compute_dtype is None)) else "ieee"
+    else:
+        precision = "tf32"
+    route = forced_route if forced_route != "auto" else (
+        "triton" if N <= MAX_FUSED_N else "cublas"
+    )
+    return Plan(operand, operand, precision, route)
+
+
+def plan_for(x_dtype: torch.dtype, N: int, compute_dtype: torch.dtype | None = None) -> Plan:
+    """The :class:`Plan` for activations of ``x_dtype`` and width ``N``."""
+    forced = os.environ.get("POWERLAW_FAST_GEMM", "auto")
+    return _plan(x_dtype, compute_dtype, tf32_allowed(), N, forced)
+
+
+def _check_compute_dtype(compute_dtype, x_dtype):
+    if compute_dtype is None:
+        return None
+    if compute_dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(
+            f"compute_dtype: expected None, torch.float32 or torch.bfloat16, got {compute_dtype}"
+        )
+    if x_dtype == torch.float64:
+        raise TypeError("compute_dtype: float64 activations are computed in float64; pass None")
+    return compute_dtype
+
+
+def _mean_tolerance(count: int, dtype: torch.dtype) -> float:
+    """Relative rounding level of ``S2 - S1^2 / B`` (see the module docstring)."""
+    return 8.0 * torch.finfo(dtype).eps * math.log2(max(count, 2))
+
+
+def _anchor_tolerance(plan: Plan) -> float:
+    """An anchor at or below this fraction of the largest value is zero to rounding: the
+    accumulation's epsilon, or the squared epsilon of the GEMM operands (the rounding noise a
+    direction without variance picks up), whichever is larger."""
+    tf32 = plan.operand == torch.float32 and plan.precision == "tf32"
+    eps_operand = 2.0**-10 if tf32 else torch.finfo(plan.operand).eps
+    return max(torch.finfo(accumulation_dtype(plan.operand)).eps, eps_operand**2)
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (Triton) and their plain-torch twins, registered in the backend table
+# --------------------------------------------------------------------------------------------
+@register("centred_projection", "triton")
+def centred_projection_triton(x, V, mean, plan: Plan):
+    """``x [B, N]`` (any strides), ``V [N, N]`` in ``plan.operand``, ``mean [N]`` float32 ->
+    (moments ``[2, M, N]`` float32, ``Z [B, N]`` in ``plan.z_dtype``)."""
+    B, N = x.shape
+    if plan.route == "cublas":
+        from powerlaw_fast.ops.centring import centre_columns_triton, column_moments_triton
+
+        z = torch.mm(centre_columns_triton(x, mean, plan.operand), V.to(plan.operand))
+        return column_moments_triton(z), z
+    z = _alloc.empty((B, N), device=x.device, dtype=plan.z_dtype)
+    num_m = triton.cdiv(B, _BLOCK_M)
+    moments = _alloc.empty((2, num_m, N), device=x.device, dtype=torch.float32)
+
+    def grid(meta):
+        return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _centred_projection_kernel[grid](
+        x, mean, V, z, moments, B, N, size_bucket(B),
+        x.stride(0), x.stride(1), V.stride(0), V.stride(1), z.stride(0), z.stride(1),
+        OPERAND_FP32=plan.operand == torch.float32 and V.dtype != torch.float32,
+        IN_PRECISION=plan.precision, DOT_IN_FP32=dot_in_fp32(plan.operand), BLOCK_M=_BLOCK_M,
+    )  # fmt: skip
+    return moments, z
+
+
+@register("centred_projection", "torch")
+def centred_projection_torch(x, V, mean, plan: Plan):
+    """Twin of :func:`centred_projection_triton`: the same rounding steps in plain torch
+    (TF32 is not emulated: torch's own matmul decides on a GPU, exact float32 on a CPU)."""
+    acc = accumulation_dtype(x.dtype)
+    centred = x.to(acc) - mean
+    if plan.operand != acc:
+        centred = centred.to(plan.operand)
+    z = centred.to(acc) @ V.to(acc)
+    return column_moments_torch(z), z.to(plan.z_dtype)
+
+
+@register("spectrum_penalty", "triton")
+def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
+    """``src``: moments ``[2, M, N]`` (or a spectrum ``[N]`` when ``mean_tol is None``);
+    ``count``: rows (a number, or a 0-dim tensor after an all-reduce) -> scratch."""
+    N = src.shape[-1]
+    if N > MAX_FUSED_N:
+        return spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny)
+    out = _alloc.empty((_SCRATCH_HEAD + 2 * N,), device=src.device, dtype=torch.float32)
+    block = max(16, triton.next_power_of_2(N))
+    from_ptr = isinstance(count, torch.Tensor)
+    _spectrum_penalty_kernel[(1,)](
+        src, count if from_ptr else src, out,
+        src.shape[1] if mean_tol is not None else 1, N, float(count) if count is not None and not from_ptr else 0.0,
+        mean_tol or 0.0, anchor, alpha, beta, tiny,
+        FROM_MOMENTS=mean_tol is not None, COUNT_FROM_PTR=from_ptr,
+        SKIP_NONPOSITIVE=skip, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    )  # fmt: skip
+    return out
+
+
+def finish_spectrum_torch(moments, count, mean_tol):
+    """``[2, M, N]`` row-block moments -> ``lam [N] = (S2 - S1^2 / B) / (B - 1)``, with values
+    at the rounding level of ``S2`` set to 0 (see the module docstring)."""
+    s1, s2 = moments.sum(1)
+    raw = s2 - s1 * s1 / count
+    return torch.where(raw <= mean_tol * s2, 0.0, raw) / (count - 1)
+
+
+@register("spectrum_penalty", "torch")
+def spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
+    """Twin of :func:`spectrum_penalty_triton`, the same scratch layout."""
+    lam = src if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
+    N = lam.shape[0]
+    ordered, order = torch.sort(lam, descending=True)
+    ranks = torch.arange(1, N + 1, device=lam.device, dtype=lam.dtype)
+    rank_ratio = torch.exp(alpha * (torch.log(ranks) - math.log(anchor + 1)))
+    s_anchor = ordered[anchor]
+    r = ordered / s_anchor * rank_ratio
+    active = ranks > anchor
+    if skip:
+        active = active & (ordered > 0)
+    d = r - 1.0
+    term = torch.where(active, d * d + d.clamp_min(0.0), 0.0)
+    slope = (2.0 * d + (d > 0).to(lam.dtype)) * rank_ratio / s_anchor
+    grad_sorted = torch.where(active, slope * (beta / N), 0.0)
+    grad = torch.empty_like(lam).scatter_(0, order, grad_sorted)
+    penalty = term.sum() * (beta / N)
+    nonfinite = (~torch.isfinite(lam)).sum().to(lam.dtype)
+    overflow = (~torch.isfinite(grad_sorted[active])).any() | ~torch.isfinite(penalty)
+    head = torch.stack(
+        [
+            penalty,
+            nonfinite,
+            (~(s_anchor > tiny * ordered[0])).to(lam.dtype),
+            (overflow & (nonfinite == 0)).to(lam.dtype),
+        ]
+    )
+    return torch.cat([head, grad, lam])
+
+
+@register("backprojection", "triton")
+def backprojection_triton(z, coef, grad_out, V, scale, out_dtype, plan: Plan):
+    """``[B, N] = scale * grad_out * (Z * coef) V^T`` in ``out_dtype``; ``coef [N]`` float32,
+    ``grad_out`` a 0-dim tensor or None."""
+    B, N = z.shape
+    if plan.route == "cublas":
+        return backprojection_torch(z, coef, grad_out, V, scale, out_dtype, plan)
+    out = _alloc.empty((B, N), device=z.device, dtype=out_dtype)
+    num_m = triton.cdiv(B, _BLOCK_M)
+
+    def grid(meta):
+        return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+
+    _scaled_backprojection_kernel[grid](
+        z, coef, grad_out if grad_out is not None else coef, V, out, B, N, size_bucket(B), scale,
+        z.stride(0), z.stride(1), V.stride(0), V.stride(1), out.stride(0), out.stride(1),
+        HAS_GRAD_OUT=grad_out is not None,
+        OPERAND_FP32=plan.operand == torch.float32 and V.dtype != torch.float32,
+        IN_PRECISION=plan.precision, DOT_IN_FP32=dot_in_fp32(plan.operand), BLOCK_M=_BLOCK_M,
+    )  # fmt: skip
+    return out
+
+
+@register("backprojection", "torch")
+def backprojection_torch(z, coef, grad_out, V, scale, out_dtype, plan: Plan):
+    """Twin of :func:`backprojection_triton` (also the cuBLAS route on a GPU)."""
+    acc = accumulation_dtype(z.dtype)
+    factor = coef.to(acc) * scale
+    if grad_out is not None:
+        factor = factor * grad_out.to(acc)
+    scaled = (z.to(acc) * factor).to(plan.operand)
+    return (scaled.to(acc) @ V.to(acc).T).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Forward and backward, shared by the eager autograd.Function and the custom ops
+# --------------------------------------------------------------------------------------------
+class Settings(NamedTuple):
+    """Everything but the tensors; primitives only, so the custom ops can carry them."""
+
+    backend: str
+    anchor: int
+    alpha: float
+    beta: float
+    skip_nonpositive: bool
+    validate: str
+    group_name: str
+    source: str  # the argument errors are blamed on
+    tau: int
+    compute: str  # "" (x's dtype) or "bfloat16" / "float32"
+
+
+def _compute_dtype(settings: Settings):
+    return getattr(torch, settings.compute) if settings.compute else None
+
+
+def spectral_forward(x: torch.Tensor, V: torch.Tensor, settings: Settings):
+    """-> (scratch [4 + 2N] float32 (float64 for float64 x), Z [B, N], count).
+
+    ``count`` is B (an int) in one process and the global row count (a 0-dim float64 tensor)
+    with a process group.
+    """
+    B, N = x.shape
+    plan = plan_for(x.dtype, N, _compute_dtype(settings))
+    backend = settings.backend
+    mean = implementation("column_mean", backend)(x)
+    group = resolve_group(settings.group_name)
+    count = B
+    if group is not None:
+        mean, count = global_mean(mean, B, group)
+    moments, z = implementation("centred_projection", backend)(x, V, mean, plan)
+    if group is not None:
+        moments = moments.sum(1, keepdim=True)
+        torch.distributed.all_reduce(moments, group=group)
+        count = count.to(moments.dtype)
+    rows = B if group is None else B * torch.distributed.get_world_size(group)
+    mean_tol = _mean_tolerance(rows, accumulation_dtype(plan.operand))
+    scratch = implementation("spectrum_penalty", backend)(
+        moments, count, settings.anchor, settings.alpha, settings.beta,
+        settings.skip_nonpositive, mean_tol, _anchor_tolerance(plan),
+    )  # fmt: skip
+    status.check(scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings))
+    return scratch, z, count
+
+
+def spectral_backward(coef, grad_out, z, V, count, x_dtype, settings: Settings):
+    """``grad_x [B, N] = 2 / (count - 1) * grad_out * (Z * coef) V^T`` in x's dtype."""
+    plan = plan_for(x_dtype, z.shape[1], _compute_dtype(settings))
+    if isinstance(count, torch.Tensor):  # process group: keep 2 / (count - 1) on the device
+        coef = coef * (2.0 / (count - 1)).to(coef.dtype)
+        scale = 1.0
+    else:
+        scale = 2.0 / (count - 1)
+    return implementation("backprojection", settings.backend)(
+        z, coef, grad_out, V, scale, x_dtype, plan
+    )
+
+
+def _raiser(settings: Settings):
+    def raise_for(values):
+        nonfinite, anchor_bad, overflow = values[:3]
+        if nonfinite:
+            raise ValueError(_nonfinite_message(settings.source, int(nonfinite)))
+        if settings.source == "spectrum":  # projected_spectrum: no penalty to check
+            return
+        if anchor_bad:
+            raise ValueError(
+                f"{settings.source}: the batch is rank-deficient for tau = {settings.tau}: the "
+                f"{settings.anchor + 1}-th largest value of its projected spectrum is zero (to "
+                f"rounding), so the power-law target is undefined; use a larger or more varied "
+                f"batch, or a smaller tau"
+            )
+        if overflow:
+            raise ValueError(
+                f"alpha, beta: the penalty or its gradient is not finite in float32 with alpha = "
+                f"{settings.alpha} and beta = {settings.beta} ((n / tau)^alpha or beta overflows)"
+                f"; use a smaller alpha or beta"
+            )
+
+    return raise_for
+
+
+def _nonfinite_message(source: str, count: int) -> str:
+    if source in ("x", "spectrum"):
+        return (
+            f"x: expected finite activations, got a projected spectrum with {count} non-finite "
+            f"values (x contains NaN or inf, or its products overflow)"
+        )
+    return f"{source}: expected finite values, got {count} non-finite values"
+
+
+class _SpecPenalty(torch.autograd.Function):
+    """Eager path of :func:`spec_penalty`: one autograd node, launchers called directly."""
+
+    @staticmethod
+    def forward(ctx, x, V, settings):
+        scratch, z, count = spectral_forward(x, V, settings)
+        ctx.save_for_backward(z, V, scratch)
+        ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
+        ctx.set_materialize_grads(False)
+        return scratch[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None, None
+        z, V, scratch = ctx.saved_tensors
+        N = z.shape[1]
+        coef = scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
+        grad_x = spectral_backward(coef, grad_out, z, V, ctx.count, ctx.x_dtype, ctx.settings)
+        return grad_x, None, None
+
+
+class _ProjectedSpectrum(torch.autograd.Function):
+    """Eager path of :func:`projected_spectrum`: returns lam, backward through Z."""
+
+    @staticmethod
+    def forward(ctx, x, V, settings):
+        scratch, z, count = spectral_forward(x, V, settings)
+        N = x.shape[1]
+        ctx.save_for_backward(z, V)
+        ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
+        ctx.set_materialize_grads(False)
+        return scratch[_SCRATCH_HEAD + N :]
+
+    @staticmethod
+    def backward(ctx, grad_lam):
+        if grad_lam is None:
+            return None, None, None
+        z, V = ctx.saved_tensors
+        coef = grad_lam.to(accumulation_dtype(z.dtype)).contiguous()
+        return spectral_backward(coef, None, z, V, ctx.count, ctx.x_dtype, ctx.settings), None, None
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library custom ops: the same forward and backward, opaque to torch.compile
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("powerlaw_fast::spectral_forward", mutates_args=())
+def _spectral_forward_op(
+    x: torch.Tensor, V: torch.Tensor, backend: str, anchor: int, alpha: float, beta: float,
+    skip_nonpositive: bool, validate: str, group_name: str, source: str, tau: int, compute: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    settings = Settings(backend, anchor, alpha, beta, skip_nonpositive, validate, group_name,
+                        source, tau, compute)  # fmt: skip
+    scratch, z, count = spectral_forward(x, V, settings)
+    if not isinstance(count, torch.Tensor):
+        count = torch.full((), float(count), dtype=torch.float64, device=x.device)
+    return scratch, z, count.to(torch.float64)
+
+
+@_spectral_forward_op.register_fake
+def _(x, V, backend, anchor, alpha, beta, skip_nonpositive, validate, group_name, source, tau,
+      compute):  # fmt: skip
+    B, N = x.shape
+    z_dtype = operand_dtype(x.dtype, getattr(torch, compute) if compute else None)
+    return (
+        x.new_empty((_SCRATCH_HEAD + 2 * N,), dtype=accumulation_dtype(x.dtype)),
+        x.new_empty((B, N), dtype=z_dtype),
+        x.new_empty((), dtype=torch.float64),
+    )
+
+
+@torch.library.custom_op("powerlaw_fast::spectral_backward", mutates_args=())
+def _spectral_backward_op(
+    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, count: torch.Tensor, backend: str,
+    x_dtype: torch.dtype, compute: str,
+) -> torch.Tensor:  # fmt: skip
+    settings = Settings(backend, 0, 1.0, 0.0, False, "off", "", "x", 1, compute)
+    return spectral_backward(coef.contiguous(), None, z, V, count, x_dtype, settings)
+
+
+@_spectral_backward_op.register_fake
+def _(coef, z, V, count, backend, x_dtype, compute):
+    return z.new_empty(z.shape, dtype=x_dtype)
+
+
+def _forward_setup(ctx, inputs, output):
+    x, V, backend = inputs[0], inputs[1], inputs[2]
+    scratch, z, count = output
+    ctx.save_for_backward(z, V, scratch, count)
+    ctx.backend, ctx.x_dtype, ctx.compute = backend, x.dtype, inputs[-1]
+    ctx.mark_non_differentiable(z, count)
+
+
+def _forward_backward(ctx, grad_scratch, grad_z, grad_count):
+    z, V, scratch, count = ctx.saved_tensors
+    N = z.shape[1]
+    # dLoss/dlam: through the penalty (entry 0) and through lam itself (the last N entries)
+    coef = (
+        grad_scratch[0] * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
+        + grad_scratch[_SCRATCH_HEAD + N :]
+    )
+    grad_x = _spectral_backward_op(coef, z, V, count, ctx.backend, ctx.x_dtype, ctx.compute)
+    return (grad_x,) + (None,) * 11
+
+
+_spectral_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+
+
+@torch.library.custom_op("powerlaw_fast::powerlaw_penalty", mutates_args=())
+def _powerlaw_penalty_op(
+    lam: torch.Tensor, backend: str, anchor: int, alpha: float, beta: float,
+    skip_nonpositive: bool, validate: str, tau: int,
+) -> torch.Tensor:  # fmt: skip
+    settings = Settings(backend, anchor, alpha, beta, skip_nonpositive, validate, "", "lam", tau, "")
+    return _sorted_penalty(lam, settings)
+
+
+@_powerlaw_penalty_op.register_fake
+def _(lam, backend, anchor, alpha, beta, skip_nonpositive, validate, tau):
+    return lam.new_empty((_SCRATCH_HEAD + 2 * lam.shape[0],))
+
+
+def _penalty_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _penalty_backward(ctx, grad_scratch):
+    (scratch,) = ctx.saved_tensors
+    N = (scratch.shape[0] - _SCRATCH_HEAD) // 2
+    grad = grad_scratch[0] * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N] + grad_scratch[-N:]
+    return (grad,) + (None,) * 7
+
+
+_powerlaw_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup)
+
+
+def _sorted_penalty(lam: torch.Tensor, settings: Settings) -> torch.Tensor:
+    scratch = implementation("spectrum_penalty", settings.backend)(
+        lam.contiguous(), None, settings.anchor, settings.alpha, settings.beta,
+        settings.skip_nonpositive, None, torch.finfo(lam.dtype).eps,
+    )  # fmt: skip
+    status.check(scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings))
+    return scratch
+
+
+class _PowerlawPenalty(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, lam, settings):
+        scratch = _sorted_penalty(lam, settings)
+        ctx.save_for_backward(scratch)
+        ctx.set_materialize_grads(False)
+        return scratch[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if grad_out is None:
+            return None, None
+        (scratch,) = ctx.saved_tensors
+        N = (scratch.shape[0] - _SCRATCH_HEAD) // 2
+        return grad_out * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N], None
+
+
+# --------------------------------------------------------------------------------------------
+# Several processes: global mean and count
+# --------------------------------------------------------------------------------------------
+def global_mean(local_mean: torch.Tensor, local_count: int, group):
+    """All-reduce (column sums, count) in float64: one message of ``N + 1`` values."""
+    stats = torch.cat(
+        [
+            local_mean.to(torch.float64) * local_count,
+            torch.tensor([float(local_count)], dtype=torch.float64, device=local_mean.device),
+        ]
+    )
+    torch.distributed.all_reduce(stats, group=group)
+    count = stats[-1]
+    return (stats[:-1] / count).to(local_mean.dtype), count
+
+
+def resolve_group(group_name: str):
+    if not group_name:
+        return None
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(group_name)
+
+
+def group_name_of(process_group) -> str:
+    """The name that the ops carry for ``process_group`` ("" for a single process).
+
+    A group of one process needs no communication and is treated as none.
+    """
+    if process_group is None:
+        return ""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        raise ValueError("process_group: torch.distributed is not initialised (init_process_group)")
+    if dist.get_world_size(process_group) == 1:
+        return ""
+    return process_group.group_name
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+def anchor_index(N: int, tau: int, convention: str) -> int:
+    """0-based position of the anchor in the descending spectrum."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention: expected one of {CONVENTIONS}, got {convention!r}")
+    if convention == "paper":
+        return check_int_range(tau, "tau", 1, N, f" (1-indexed rank, N = {N})") - 1
+    return check_int_range(
+        tau, "tau", 0, N - 1, f" (0-indexed rank, convention='authors', N = {N})"
+    )
+
+
+def check_basis(V, x: torch.Tensor, compute_dtype, name: str = "V") -> torch.Tensor:
+    """``V [N, N]`` on x's device in x's dtype (or the compute dtype); returns V in the GEMM
+    operand dtype, detached (a cast costs one N x N copy per call: keep V in that dtype)."""
+    check_tensor(V, name)
+    n = x.shape[1]
+    if V.dim() != 2 or V.shape[0] != n or V.shape[1] != n:
+        raise ValueError(
+            f"{name}: expected shape [N, N] = [{n}, {n}] (eigenvectors as columns, "
+            f"N = features of x), got {tuple(V.shape)}"
+        )
+    allowed = {x.dtype} if compute_dtype is None else {x.dtype, compute_dtype}
+    if V.dtype not in allowed:
+        expected = " or ".join(sorted(str(d) for d in allowed))
+        raise TypeError(f"{name}: expected dtype {expected} (the dtype of x), got {V.dtype}")
+    if V.device != x.device:
+        raise ValueError(f"{name}: expected device {x.device} (the device of x), got {V.device}")
+    if compute_dtype is not None and V.dtype != compute_dtype:
+        V = V.to(compute_dtype)
+    return V.detach()
+
+
+def _settings(x, V, *, alpha, tau, beta, convention, backend, validate, process_group,
+              compute_dtype, source):  # fmt: skip
+    """Check every argument before any work; returns (x [B, N], V, Settings)."""
+    if not torch.compiler.is_compiling():
+        status.poll()
+    group_name = group_name_of(process_group)
+    x = as_batch_matrix(x, "x", min_batch=1 if group_name else 2)
+    compute_dtype = _check_compute_dtype(compute_dtype, x.dtype)
+    V = check_basis(V, x, compute_dtype)
+    N = x.shape[1]
+    anchor = anchor_index(N, tau, convention)
+    alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
+    beta = check_real(beta, "beta", low=0.0, low_inclusive=True)
+    mode = status.validation_mode(validate)
+    name = resolve_backend(backend, x.device, dtype=x.dtype)
+    compute = str(compute_dtype).removeprefix("torch.") if compute_dtype is not None else ""
+    settings = Settings(name, anchor, alpha, beta, convention == "authors", mode, group_name,
+                        source, tau, compute)  # fmt: skip
+    return x, V, settings
+
+
+def spec_penalty(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    tau: int = 10,
+    beta: float = 1.0,
+    convention: str = "paper",
+    backend: str = "auto",
+    validate: bool | str = "deferred",
+    compute_dtype: torch.dtype | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """The 1/n spectral penalty, eq. (2) of Nassar et al. (2020), differentiable in ``x``.
+
+    ``R = beta / N * sum_{n >= tau} [(lam_n / gam_n - 1)^2 + max(0, lam_n / gam_n - 1)]`` over the
+    per-batch spectrum ``lam_n = v_n^T Sigma v_n`` sorted in descending order, with the target
+    ``gam_n = lam_tau (tau / n)^alpha`` held constant (no gradient through the anchor).
+
+    The two conventions, side by side:
+
+    ============================  ==========================  ==============================
+    \\                             ``convention="paper"``      ``convention="authors"``
+    ============================  ==========================  ==============================
+    ``tau`` counts from           1 (tau = 10: 10th largest)  0 (tau = 10: 11th largest)
+    valid ``tau``                 1 .. N                      0 .. N - 1
+    terms with ``lam_n <= 0``     included                    skipped
+    scale                         beta / N                    beta / N (N = width)
+    ============================  ==========================  ==============================
+
+    ``"authors"`` reproduces josuenassar/power_law: its default ``tau = 10`` equals the paper's
+    ``tau = 11``. Since lam_n is a sum of squares it is only non-positive for a rank-deficient
+    batch, so the two conventions differ by the shift of tau alone on ordinary batches.
+
+    Args:
+        x: activations ``[B, N]`` or ``[B, *]`` (a conv output is flattened per sample);
+            float16, bfloat16, float32 or float64 (float64: torch backend); B >= 2.
+        V: ``[N, N]`` eigenvectors as columns (from the eigenbasis refresh), on x's device, in
+            x's dtype (or in ``compute_dtype``); treated as a constant.
+        alpha: power-law exponent > 0 (1 for the 1/n law).
+        tau: anchor rank (see the conventions above); the sum starts there.
+        beta: strength >= 0.
+        convention: "paper" or "authors".
+        backend: "auto" (Triton for CUDA tensors, torch otherwise), "torch", "triton", "cuda".
+        validate: how non-finite activations, a zero anchor value (a rank-deficient batch)
+            and an overflowing penalty are reported, each with a ValueError:
+            ``"deferred"`` (default: no host synchronisation; on a GPU the error is raised by
+            the next call or by :func:`powerlaw_fast.raise_pending_errors`),
+            ``"immediate"`` / True (one synchronisation, raised by this call), ``"off"`` /
+            False. Inside CUDA graphs nothing is checked; run the step once eagerly before
+            capturing it (the Triton kernels are also autotuned on that first call).
+        compute_dtype: None (the GEMMs in x's dtype) or ``torch.bfloat16``: bfloat16 GEMM
+            operands with float32 sums for float32 activations. The batch's own sampling
+            error per eigenvalue, about sqrt(2 / B), dwarfs bfloat16's rounding.
+        process_group: a ``torch.distributed`` group over which the batch is sharded (shards
+            may differ in size): the penalty of the global batch, identical on every rank, each
+            rank's gradient being its rows of the global gradient. Communication per step: one
+            all-reduce of N + 1 floats (count and column sums) before the GEMM and one of 2N
+            floats (column sums of Z and Z * Z) after it; none in the backward pass. Under
+            DistributedDataParallel, which averages gradients over ranks, add
+            ``world_size * penalty`` to each rank's loss to get the single-process gradient.
+
+    Returns:
+        A 0-dim tensor (float32; float64 for float64 input).
+
+    Example::
+
+        >>> x = torch.randn(200, 30, requires_grad=True)
+        >>> V = torch.linalg.eigh(torch.cov(x.detach().T))[1].flip(1)
+        >>> R = spec_penalty(x, V, tau=10)
+        >>> R.backward()
+    """
+    x, V, settings = _settings(
+        x, V, alpha=alpha, tau=tau, beta=beta, convention=convention, backend=backend,
+        validate=validate, process_group=process_group, compute_dtype=compute_dtype,
+        source="x",
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _spectral_forward_op(x, V, *settings)[0][0]
+    return _SpecPenalty.apply(x, V, settings)
+
+
+def projected_spectrum(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    backend: str = "auto",
+    validate: bool | str = "deferred",
+    compute_dtype: torch.dtype | None = None,
+    process_group=None,
+) -> torch.Tensor:
+    """Per-batch spectrum ``diag(V^T Sigma V)`` through the projection form, differentiable in x.
+
+    Args:
+        x: activations ``[B, N]`` or ``[B, *]`` (flattened per sample); float16, bfloat16,
+            float32 or float64; B >= 2.
+        V: ``[N, N]``, eigenvectors as columns, same device as x, in x's dtype (or
+            ``compute_dtype``); no gradient.
+        backend: "auto" (Triton on CUDA, torch otherwise), "torch", "triton" or "cuda".
+        validate: raise on non-finite results: "deferred" (default), "immediate"/True or
+            "off"/False, as in :func:`spec_penalty`.
+        compute_dtype: None or ``torch.bfloat16``, as in :func:`spec_penalty`.
+        process_group: a ``torch.distributed`` group whose ranks each hold a shard of the
+            batch (shards may differ in size, B >= 1 per rank): the spectrum is that of the
+            global batch. Every rank gets the same ``lam``; the backward pass needs no
+            communication.
+
+    Returns:
+        ``lam [N]`` in V's column order (float32; float64 for float64 input), with
+        ``lam[n] = ||(x - mu) V[:, n]||^2 / (B - 1)``.
+
+    Example::
+
+        >>> x = torch.randn(64, 8)
+        >>> V = torch.eye(8)
+        >>> torch.allclose(projected_spectrum(x, V), x.var(0), atol=1e-5)
+        True
+    """
+    x, V, settings = _settings(
+        x, V, alpha=1.0, tau=1, beta=0.0, convention="paper", backend=backend,
+        validate=validate, process_group=process_group, compute_dtype=compute_dtype,
+        source="spectrum",
+    )  # fmt: skip
+    N = x.shape[1]
+    if torch.compiler.is_compiling():
+        return _spectral_forward_op(x, V, *settings)[0][_SCRATCH_HEAD + N :]
+    return _ProjectedSpectrum.apply(x, V, settings)
+
+
+def powerlaw_penalty(
+    lam: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    tau: int = 10,
+    beta: float = 1.0,
+    convention: str = "paper",
+    backend: str = "auto",
+    validate: bool | str = "deferred",
+) -> torch.Tensor:
+    """Eq. (2) on a given spectrum ``lam [N]`` (any order; it is sorted descending inside).
+
+    See :func:`spec_penalty` for the arguments and the two conventions. Differentiable in lam.
+
+    Example::
+
+        >>> lam = 1.0 / torch.arange(1, 51, dtype=torch.float64)
+        >>> bool(powerlaw_penalty(lam, tau=10) < 1e-20)   # an exact 1/n spectrum costs nothing
+        True
+    """
+    if not torch.compiler.is_compiling():
+        status.poll()
+    check_tensor(lam, "lam")
+    if lam.dim() != 1 or lam.numel() < 1:
+        raise ValueError(f"lam: expected a 1-D spectrum [N], got shape {tuple(lam.shape)}")
+    check_float_dtype(lam, "lam")
+    if lam.dtype in (torch.float16, torch.bfloat16):
+        lam = lam.float()
+    anchor = anchor_index(lam.shape[0], tau, convention)
+    alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
+    beta = check_real(beta, "beta", low=0.0, low_inclusive=True)
+    mode = status.validation_mode(validate)
+    name = resolve_backend(backend, lam.device, dtype=lam.dtype)
+    settings = Settings(name, anchor, alpha, beta, convention == "authors", mode, "", "lam",
+                        tau, "")  # fmt: skip
+    if torch.compiler.is_compiling():
+        return _powerlaw_penalty_op(lam, name, anchor, alpha, beta, convention == "authors",
+                                    mode, tau)[0]  # fmt: skip
+    return _PowerlawPenalty.apply(lam, settings)
