@@ -396,18 +396,20 @@ def _register_stages() -> None:
     @register("spectrum_penalty", "cuda")
     def spectrum_penalty_stage(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
         """The spectrum finished in torch, eq. (2) by csrc/powerlaw_penalty.cu -> scratch."""
-        lam = src if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
+        lam, zbar = (src, None) if mean_tol is None else finish_spectrum_torch(src, count,
+                                                                                mean_tol)
         penalty, grad, status = powerlaw_penalty_cuda(lam.float(), alpha, anchor, beta, skip)
         overflow = (~torch.isfinite(penalty) | ~torch.isfinite(grad).all()) & (status[0] == 0)
-        return torch.cat([penalty.reshape(1), status.float(), overflow.reshape(1).float(),
-                          grad, lam.float()])  # fmt: skip
+        parts = [penalty.reshape(1), status.float(), overflow.reshape(1).float(), grad, lam]
+        return torch.cat(parts + ([] if zbar is None else [zbar]))
 
     @register("backprojection", "cuda")
-    def backprojection_stage(z, coef, grad_out, V, scale, out_dtype, plan):
-        """Scaling kernel, then one cuBLAS GEMM against V^T."""
+    def backprojection_stage(z, zbar, coef, grad_out, V, scale, out_dtype, plan):
+        """Z's column means subtracted, the scaling kernel, then one cuBLAS GEMM against V^T."""
         if grad_out is not None:
             coef = coef * grad_out
-        return spectrum_backward_cuda(coef, z, V.to(z.dtype), scale).to(out_dtype)
+        centred = (z.float() - zbar).to(z.dtype)
+        return spectrum_backward_cuda(coef, centred, V.to(z.dtype), scale).to(out_dtype)
 
 
 _register_stages()

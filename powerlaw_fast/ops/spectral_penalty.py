@@ -32,8 +32,10 @@ Wide layers (N > 4096) take the cuBLAS route: a centring pass, ``torch.mm`` for 
 a column-moments pass, because there the GEMM dominates and cuBLAS's Hopper kernels beat a
 plain Triton GEMM (DESIGN.md section 5). ``POWERLAW_FAST_GEMM=triton|cublas`` forces a route.
 
-Everything a call writes lands in one float32 ``scratch [4 + 2N]``: ``[R, #non-finite values,
-anchor not positive, penalty overflow, dR/dlam (N), lam (N)]``.
+Everything a call writes lands in one float32 ``scratch [4 + 3N]``: ``[R, #non-finite values,
+anchor not positive, penalty overflow, dR/dlam (N), lam (N), column means of Z (N)]``; the
+last part lets the backward subtract Z's column means, which are not exactly zero because
+``mu`` is rounded (with a mean of 1e3 that offset would dominate the tail directions).
 
 Precision: the GEMM operands are x's dtype (float32 follows
 ``torch.get_float32_matmul_precision()``: "highest" exact, else TF32; bfloat16 on tensor
@@ -155,14 +157,15 @@ if triton_available():
     @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
     @triton.jit
     def _scaled_backprojection_kernel(
-        z_ptr, coef_ptr, grad_out_ptr, v_ptr, out_ptr,
+        z_ptr, zbar_ptr, coef_ptr, grad_out_ptr, v_ptr, out_ptr,
         B, N, B_BUCKET, scale,
         stride_zb, stride_zn, stride_vk, stride_vn, stride_ob, stride_ok,
         HAS_GRAD_OUT: tl.constexpr, OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr,
         DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     ):  # fmt: skip
-        """out = scale * grad_out * (Z * coef[None, :]) V^T, reducing over V's columns."""
+        """out = scale * grad_out * ((Z - zbar) * coef[None, :]) V^T over V's columns; zbar, the
+        column means of Z (the centring's rounding error), makes the centring exact."""
         num_m = tl.cdiv(B, BLOCK_M)
         num_k = tl.cdiv(N, BLOCK_N)
         pid_m, pid_k = grouped_tile(tl.program_id(0), num_m, num_k, GROUP_M)
@@ -182,6 +185,7 @@ if triton_available():
                 other=0.0,
             ).to(tl.float32)
             c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0)
+            zb = tl.load(zbar_ptr + ns, mask=n_ok, other=0.0)
             # V^T tile [n, k] read straight from V's strides: no transposed copy.
             vt = tl.load(
                 v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
@@ -190,7 +194,7 @@ if triton_available():
             )
             if OPERAND_FP32:
                 vt = vt.to(tl.float32)
-            a = (z * (c * scale)[None, :]).to(vt.dtype)
+            a = ((z - zb[None, :]) * (c * scale)[None, :]).to(vt.dtype)
             acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
         tl.store(
             out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
@@ -220,7 +224,9 @@ if triton_available():
                 s1 += tl.load(src_ptr + m * N + cols, mask=ok, other=0.0)
                 s2 += tl.load(src_ptr + (num_m + m) * N + cols, mask=ok, other=0.0)
             raw = s2 - s1 * s1 / count
-            lam = tl.where(raw <= mean_tol * s2, 0.0, raw) / (count - 1.0)
+            noise = (raw <= mean_tol * s2) & (s2 != float("inf"))
+            lam = tl.where(noise, 0.0, raw) / (count - 1.0)
+            tl.store(out_ptr + HEAD + 2 * N + cols, s1 / count, mask=ok)
         else:
             lam = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         finite = (lam == lam) & (tl.abs(lam) != float("inf"))
@@ -377,7 +383,8 @@ def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tin
     N = src.shape[-1]
     if N > MAX_FUSED_N:
         return spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny)
-    out = _alloc.empty((_SCRATCH_HEAD + 2 * N,), device=src.device, dtype=torch.float32)
+    parts = 2 if mean_tol is None else 3
+    out = _alloc.empty((_SCRATCH_HEAD + parts * N,), device=src.device, dtype=torch.float32)
     block = max(16, triton.next_power_of_2(N))
     from_ptr = isinstance(count, torch.Tensor)
     _spectrum_penalty_kernel[(1,)](
@@ -391,17 +398,19 @@ def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tin
 
 
 def finish_spectrum_torch(moments, count, mean_tol):
-    """``[2, M, N]`` row-block moments -> ``lam [N] = (S2 - S1^2 / B) / (B - 1)``, with values
-    at the rounding level of ``S2`` set to 0 (see the module docstring)."""
+    """``[2, M, N]`` row-block moments -> (``lam [N] = (S2 - S1^2 / B) / (B - 1)``, with
+    values at the rounding level of ``S2`` set to 0 (see the module docstring); the column
+    means of Z, ``S1 / B``, which the backward subtracts)."""
     s1, s2 = moments.sum(1)
     raw = s2 - s1 * s1 / count
-    return torch.where(raw <= mean_tol * s2, 0.0, raw) / (count - 1)
+    noise = (raw <= mean_tol * s2) & (s2 != float("inf"))
+    return torch.where(noise, 0.0, raw) / (count - 1), s1 / count
 
 
 @register("spectrum_penalty", "torch")
 def spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
     """Twin of :func:`spectrum_penalty_triton`, the same scratch layout."""
-    lam = src if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
+    lam, zbar = (src, None) if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
     N = lam.shape[0]
     ordered, order = torch.sort(lam, descending=True)
     ranks = torch.arange(1, N + 1, device=lam.device, dtype=lam.dtype)
@@ -427,16 +436,16 @@ def spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny
             (overflow & (nonfinite == 0)).to(lam.dtype),
         ]
     )
-    return torch.cat([head, grad, lam])
+    return torch.cat([head, grad, lam] + ([] if zbar is None else [zbar.to(lam.dtype)]))
 
 
 @register("backprojection", "triton")
-def backprojection_triton(z, coef, grad_out, V, scale, out_dtype, plan: Plan):
-    """``[B, N] = scale * grad_out * (Z * coef) V^T`` in ``out_dtype``; ``coef [N]`` float32,
-    ``grad_out`` a 0-dim tensor or None."""
+def backprojection_triton(z, zbar, coef, grad_out, V, scale, out_dtype, plan: Plan):
+    """``[B, N] = scale * grad_out * ((Z - zbar) * coef) V^T`` in ``out_dtype``; ``zbar``,
+    ``coef [N]`` float32, ``grad_out`` a 0-dim tensor or None."""
     B, N = z.shape
     if plan.route == "cublas":
-        return backprojection_torch(z, coef, grad_out, V, scale, out_dtype, plan)
+        return backprojection_torch(z, zbar, coef, grad_out, V, scale, out_dtype, plan)
     out = _alloc.empty((B, N), device=z.device, dtype=out_dtype)
     num_m = triton.cdiv(B, _BLOCK_M)
 
@@ -444,7 +453,8 @@ def backprojection_triton(z, coef, grad_out, V, scale, out_dtype, plan: Plan):
         return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
 
     _scaled_backprojection_kernel[grid](
-        z, coef, grad_out if grad_out is not None else coef, V, out, B, N, size_bucket(B), scale,
+        z, zbar, coef, grad_out if grad_out is not None else coef, V, out, B, N, size_bucket(B),
+        scale,
         z.stride(0), z.stride(1), V.stride(0), V.stride(1), out.stride(0), out.stride(1),
         HAS_GRAD_OUT=grad_out is not None,
         OPERAND_FP32=plan.operand == torch.float32 and V.dtype != torch.float32,
@@ -454,13 +464,13 @@ def backprojection_triton(z, coef, grad_out, V, scale, out_dtype, plan: Plan):
 
 
 @register("backprojection", "torch")
-def backprojection_torch(z, coef, grad_out, V, scale, out_dtype, plan: Plan):
+def backprojection_torch(z, zbar, coef, grad_out, V, scale, out_dtype, plan: Plan):
     """Twin of :func:`backprojection_triton` (also the cuBLAS route on a GPU)."""
     acc = accumulation_dtype(z.dtype)
     factor = coef.to(acc) * scale
     if grad_out is not None:
         factor = factor * grad_out.to(acc)
-    scaled = (z.to(acc) * factor).to(plan.operand)
+    scaled = ((z.to(acc) - zbar.to(acc)) * factor).to(plan.operand)
     return (scaled.to(acc) @ V.to(acc).T).to(out_dtype)
 
 
@@ -515,8 +525,8 @@ def spectral_forward(x: torch.Tensor, V: torch.Tensor, settings: Settings):
     return scratch, z, count
 
 
-def spectral_backward(coef, grad_out, z, V, count, x_dtype, settings: Settings):
-    """``grad_x [B, N] = 2 / (count - 1) * grad_out * (Z * coef) V^T`` in x's dtype."""
+def spectral_backward(coef, grad_out, z, zbar, V, count, x_dtype, settings: Settings):
+    """``grad_x [B, N] = 2 / (count - 1) * grad_out * ((Z - zbar) * coef) V^T``, x's dtype."""
     plan = plan_for(x_dtype, z.shape[1], _compute_dtype(settings))
     if isinstance(count, torch.Tensor):  # process group: keep 2 / (count - 1) on the device
         coef = coef * (2.0 / (count - 1)).to(coef.dtype)
@@ -524,7 +534,7 @@ def spectral_backward(coef, grad_out, z, V, count, x_dtype, settings: Settings):
     else:
         scale = 2.0 / (count - 1)
     return implementation("backprojection", settings.backend)(
-        z, coef, grad_out, V, scale, x_dtype, plan
+        z, zbar, coef, grad_out, V, scale, x_dtype, plan
     )
 
 
@@ -579,7 +589,10 @@ class _SpecPenalty(torch.autograd.Function):
         z, V, scratch = ctx.saved_tensors
         N = z.shape[1]
         coef = scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
-        grad_x = spectral_backward(coef, grad_out, z, V, ctx.count, ctx.x_dtype, ctx.settings)
+        zbar = scratch[_SCRATCH_HEAD + 2 * N :]
+        grad_x = spectral_backward(
+            coef, grad_out, z, zbar, V, ctx.count, ctx.x_dtype, ctx.settings
+        )
         return grad_x, None, None
 
 
@@ -590,18 +603,20 @@ class _ProjectedSpectrum(torch.autograd.Function):
     def forward(ctx, x, V, settings):
         scratch, z, count = spectral_forward(x, V, settings)
         N = x.shape[1]
-        ctx.save_for_backward(z, V)
+        ctx.save_for_backward(z, V, scratch)
         ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
         ctx.set_materialize_grads(False)
-        return scratch[_SCRATCH_HEAD + N :]
+        return scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
 
     @staticmethod
     def backward(ctx, grad_lam):
         if grad_lam is None:
             return None, None, None
-        z, V = ctx.saved_tensors
-        coef = grad_lam.to(accumulation_dtype(z.dtype)).contiguous()
-        return spectral_backward(coef, None, z, V, ctx.count, ctx.x_dtype, ctx.settings), None, None
+        z, V, scratch = ctx.saved_tensors
+        coef = grad_lam.to(scratch.dtype).contiguous()
+        zbar = scratch[_SCRATCH_HEAD + 2 * z.shape[1] :]
+        grad_x = spectral_backward(coef, None, z, zbar, V, ctx.count, ctx.x_dtype, ctx.settings)
+        return grad_x, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -626,7 +641,7 @@ def _(x, V, backend, anchor, alpha, beta, skip_nonpositive, validate, group_name
     B, N = x.shape
     z_dtype = operand_dtype(x.dtype, getattr(torch, compute) if compute else None)
     return (
-        x.new_empty((_SCRATCH_HEAD + 2 * N,), dtype=accumulation_dtype(x.dtype)),
+        x.new_empty((_SCRATCH_HEAD + 3 * N,), dtype=accumulation_dtype(x.dtype)),
         x.new_empty((B, N), dtype=z_dtype),
         x.new_empty((), dtype=torch.float64),
     )
@@ -634,15 +649,15 @@ def _(x, V, backend, anchor, alpha, beta, skip_nonpositive, validate, group_name
 
 @torch.library.custom_op("powerlaw_fast::spectral_backward", mutates_args=())
 def _spectral_backward_op(
-    coef: torch.Tensor, z: torch.Tensor, V: torch.Tensor, count: torch.Tensor, backend: str,
-    x_dtype: torch.dtype, compute: str,
+    coef: torch.Tensor, z: torch.Tensor, zbar: torch.Tensor, V: torch.Tensor,
+    count: torch.Tensor, backend: str, x_dtype: torch.dtype, compute: str,
 ) -> torch.Tensor:  # fmt: skip
     settings = Settings(backend, 0, 1.0, 0.0, False, "off", "", "x", 1, compute)
-    return spectral_backward(coef.contiguous(), None, z, V, count, x_dtype, settings)
+    return spectral_backward(coef.contiguous(), None, z, zbar, V, count, x_dtype, settings)
 
 
 @_spectral_backward_op.register_fake
-def _(coef, z, V, count, backend, x_dtype, compute):
+def _(coef, z, zbar, V, count, backend, x_dtype, compute):
     return z.new_empty(z.shape, dtype=x_dtype)
 
 
@@ -660,9 +675,12 @@ def _forward_backward(ctx, grad_scratch, grad_z, grad_count):
     # dLoss/dlam: through the penalty (entry 0) and through lam itself (the last N entries)
     coef = (
         grad_scratch[0] * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
-        + grad_scratch[_SCRATCH_HEAD + N :]
+        + grad_scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
     )
-    grad_x = _spectral_backward_op(coef, z, V, count, ctx.backend, ctx.x_dtype, ctx.compute)
+    zbar = scratch[_SCRATCH_HEAD + 2 * N :]
+    grad_x = _spectral_backward_op(
+        coef, z, zbar, V, count, ctx.backend, ctx.x_dtype, ctx.compute
+    )
     return (grad_x,) + (None,) * 11
 
 
@@ -798,6 +816,17 @@ def check_basis(V, x: torch.Tensor, compute_dtype, name: str = "V") -> torch.Ten
     return V.detach()
 
 
+def _check_beta(beta) -> float:
+    beta = check_real(beta, "beta", low=0.0, low_inclusive=True)
+    limit = torch.finfo(torch.float32).max
+    if beta > limit:
+        raise ValueError(
+            f"alpha, beta: the penalty or its gradient is not finite in float32 with beta = "
+            f"{beta} (expected beta <= {limit:.3g}); use a smaller beta"
+        )
+    return beta
+
+
 def _settings(x, V, *, alpha, tau, beta, convention, backend, validate, process_group,
               compute_dtype, source):  # fmt: skip
     """Check every argument before any work; returns (x [B, N], V, Settings)."""
@@ -810,7 +839,7 @@ def _settings(x, V, *, alpha, tau, beta, convention, backend, validate, process_
     N = x.shape[1]
     anchor = anchor_index(N, tau, convention)
     alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
-    beta = check_real(beta, "beta", low=0.0, low_inclusive=True)
+    beta = _check_beta(beta)
     mode = status.validation_mode(validate)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
     compute = str(compute_dtype).removeprefix("torch.") if compute_dtype is not None else ""
@@ -944,7 +973,7 @@ def projected_spectrum(
     )  # fmt: skip
     N = x.shape[1]
     if torch.compiler.is_compiling():
-        return _spectral_forward_op(x, V, *settings)[0][_SCRATCH_HEAD + N :]
+        return _spectral_forward_op(x, V, *settings)[0][_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
     return _ProjectedSpectrum.apply(x, V, settings)
 
 
@@ -978,7 +1007,7 @@ def powerlaw_penalty(
         lam = lam.float()
     anchor = anchor_index(lam.shape[0], tau, convention)
     alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
-    beta = check_real(beta, "beta", low=0.0, low_inclusive=True)
+    beta = _check_beta(beta)
     mode = status.validation_mode(validate)
     name = resolve_backend(backend, lam.device, dtype=lam.dtype)
     settings = Settings(name, anchor, alpha, beta, convention == "authors", mode, "", "lam",

@@ -389,10 +389,10 @@ def test_opcheck(backend):
         sp_module._powerlaw_penalty_op, (lam, backend, 9, 1.0, 1.0, False, "immediate", 10)
     )
     z = torch.randn(40, 24, device=DEVICE)
-    coef = torch.randn(24, device=DEVICE)
+    coef, zbar = torch.randn(24, device=DEVICE), torch.randn(24, device=DEVICE)
     count = torch.tensor(40.0, dtype=torch.float64, device=DEVICE)
     torch.library.opcheck(
-        sp_module._spectral_backward_op, (coef, z, V, count, backend, torch.float32, "")
+        sp_module._spectral_backward_op, (coef, z, zbar, V, count, backend, torch.float32, "")
     )
 
 

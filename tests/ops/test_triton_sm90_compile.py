@@ -101,7 +101,7 @@ SCRIPT = textwrap.dedent(
                        xd, Vd, mean, plan)
         z = torch.empty(300, 40, dtype=plan.z_dtype, **meta)
         compile_launch(sp, "_scaled_backprojection_kernel", sp.backprojection_triton,
-                       z, mean, torch.empty((), **meta), Vd, 0.5, dtype, plan)
+                       z, mean, mean, torch.empty((), **meta), Vd, 0.5, dtype, plan)
     compile_launch(covariance, "_centred_gram_kernel", covariance.centred_gram_triton,
                    x, mean, 1.0)
     """

@@ -1,0 +1,104 @@
+"""Inputs a hostile user would try: large means, steep spectra, float16 near its range,
+overflow, absurd settings. Each case failed before the per-direction centring correction
+(which replaced a noise floor proportional to ||mean||^2) or the overflow checks."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from powerlaw_fast import batch_covariance, projected_spectrum, spec_penalty
+from tests.devices import BACKENDS, DEVICE, rel_err
+from tests.ops.test_spec_penalty import make_batch
+from tests.reference import literal_penalty, literal_spectrum, value_and_grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_keeps_float32_accuracy(backend):
+    # N = 128, B = 400, mean 100, lam_n ~ n^-2.5: the old floor zeroed 59 eigenvalues (R 11x)
+    x, V = make_batch(400, 128, mean=100.0, decay=1.25, seed=1)
+    ref = literal_spectrum(x.double(), V.double())
+    lam = projected_spectrum(x, V, backend=backend)
+    assert int((lam == 0).sum()) == 0
+    assert float(((lam.double() - ref).abs() / ref).max()) < 1e-3
+    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double())
+    val, grad = value_and_grad(spec_penalty, x, V, backend=backend)
+    assert math.isclose(float(val), float(ref_v), rel_tol=1e-4)
+    assert rel_err(grad, ref_g) < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tiny_spread_around_a_large_mean_is_not_rank_deficient(backend):
+    g = torch.Generator().manual_seed(2)
+    x = (100 + 0.003 * torch.randn(400, 300, generator=g)).to(DEVICE)
+    V = torch.linalg.eigh(torch.cov(x.double().T))[1].flip(1).float()
+    ref_v = literal_penalty(x.double(), V.double())
+    val = spec_penalty(x, V, backend=backend)  # raised "rank-deficient" before
+    assert math.isclose(float(val), float(ref_v), rel_tol=1e-3)
+
+
+CASES = [  # (B, N, mean, decay, tau, seed): means up to 1e3, spectra as steep as n^-3
+    (40, 24, 0.0, 0.5, 3, 0), (97, 61, 1.0, 1.5, 10, 1), (130, 70, 10.0, 1.0, 10, 2),
+    (64, 33, 100.0, 0.75, 5, 3), (200, 90, 1000.0, 0.5, 10, 4), (150, 47, 1000.0, 1.5, 4, 5),
+    (31, 80, 300.0, 1.0, 10, 6), (256, 128, -500.0, 1.25, 20, 7),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,N,mean,decay,tau,seed", CASES)
+def test_fuzz_against_float64_on_the_same_rounded_inputs(backend, B, N, mean, decay, tau, seed):
+    x, V = make_batch(B, N, mean=mean, decay=decay, seed=seed)
+    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), tau=tau)
+    val, grad = value_and_grad(spec_penalty, x, V, tau=tau, backend=backend)
+    assert math.isclose(float(val), float(ref_v), rel_tol=1e-4)
+    lam = literal_spectrum(x.double(), V.double()).sort(descending=True).values
+    r = lam / lam[tau - 1] * (torch.arange(1, N + 1, device=lam.device) / tau)
+    if bool(((r[tau:] - 1).abs() > 1e-3).all()):  # differentiable here: no term at its kink
+        assert rel_err(grad, ref_g) < 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float16_activations_near_its_range_give_finite_gradients(backend):
+    # |x| up to ~8,500 (finite in float16): Z overflowed float16 and 5,120 of 131,072 gradient
+    # entries came back non-finite; Z is now float32 and the GEMMs run at TF32
+    x, V = make_batch(256, 64, std=2000.0, seed=8)
+    x = x.clamp(-8473, 8473).half()
+    V = V.half()
+    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double())
+    val, grad = value_and_grad(spec_penalty, x, V, backend=backend)
+    assert torch.isfinite(grad).all()
+    assert math.isclose(float(val), float(ref_v), rel_tol=2e-2)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_overflowing_activations_are_reported_as_non_finite(backend):
+    x, V = make_batch(50, 20, seed=9)
+    with pytest.raises(ValueError, match="non-finite"):
+        spec_penalty(x * 1e20, V, tau=3, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", [dict(alpha=1e6), dict(beta=1e308)])
+def test_overflowing_settings_raise_instead_of_returning_inf(backend, kwargs):
+    x, V = make_batch(50, 20, seed=10)
+    with pytest.raises(ValueError, match="alpha, beta: the penalty or its gradient is not finite"):
+        spec_penalty(x, V, tau=3, backend=backend, **kwargs)
+
+
+def test_authors_convention_on_a_rank_deficient_batch_does_not_depend_on_dtype():
+    x, V = make_batch(6, 20, seed=11, device="cpu")
+    V = torch.linalg.qr(torch.randn(20, 20, generator=torch.Generator().manual_seed(1)))[0]
+    a64 = spec_penalty(x.double(), V.double(), tau=2, convention="authors", backend="torch")
+    a32 = spec_penalty(x, V, tau=2, convention="authors", backend="torch")
+    assert math.isclose(float(a32), float(a64), rel_tol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_covariance_refuses_non_finite_input(backend):
+    x = torch.randn(20, 6, device=DEVICE)
+    x[3, 2] = float("nan")
+    with pytest.raises(ValueError, match="x: expected finite activations, got a covariance"):
+        batch_covariance(x, backend=backend)
+    assert torch.isnan(batch_covariance(x, backend=backend, validate=False)).any()
