@@ -4,10 +4,14 @@
     python benchmarks/bench_penalty.py --sizes 1024    # one width
     python benchmarks/bench_penalty.py --smoke         # tiny CPU run of the torch paths, no file
 
-Implementations (DESIGN.md section 5): ``triton`` and ``cuda`` (this library), ``torch_projection``
-(plain torch, projection form), ``torch_covariance`` (Sigma first, then diag(V^T Sigma V)),
-``authors_loop`` (the authors' per-eigenvalue loop; N <= 2048), ``eigvalsh`` (exact per-batch
-eigenvalues) and ``gemm_floor`` (the two cuBLAS GEMMs of the same shapes, the roofline).
+Implementations (DESIGN.md section 5): ``triton`` and ``cuda`` (this library; at N >= 4096 also
+``triton_fused_gemm`` and ``triton_cublas_gemm``, the two GEMM routes forced, and for float32
+``triton_bf16_compute``), ``torch_projection`` (plain torch, projection form),
+``compiled_projection`` (torch.compile of it; N <= 2048), ``torch_covariance`` (Sigma first,
+then diag(V^T Sigma V)), ``authors_loop`` (the authors' per-eigenvalue loop; N <= 2048),
+``eigvalsh`` (exact per-batch eigenvalues; N <= 2048) and ``gemm_floor`` (the two cuBLAS GEMMs
+of the same shapes, the roofline). Each row: eager median, and for ours and plain torch the
+CUDA-graph replay median (GPU time alone) and the host enqueue time per call.
 Batch B = 1.5 N. Dtypes: float32 at matmul precision "highest" and "high", and bfloat16.
 Writes ``benchmarks/results/<gpu-name>/penalty.json``.
 """
@@ -15,7 +19,9 @@ Writes ``benchmarks/results/<gpu-name>/penalty.json``.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,18 +57,65 @@ def make_inputs(N: int, dtype: torch.dtype, device: str, seed: int = 0):
     return x, V.to(dtype)
 
 
-def implementations(N: int, include_cuda: bool):
+def implementations(N: int, include_cuda: bool, dtype: torch.dtype):
     impls = {
         "triton": lambda x, V: spec_penalty(x, V, tau=TAU, backend="triton"),
         "torch_projection": lambda x, V: projection_penalty(x, V, tau=TAU),
         "torch_covariance": lambda x, V: covariance_penalty(x, V, tau=TAU),
-        "eigvalsh": lambda x, V: eigvalsh_penalty(x, tau=TAU),
     }
+    if N >= 4096:  # both GEMM routes where the choice is made (MAX_FUSED_N)
+        impls["triton_fused_gemm"] = routed("triton")
+        impls["triton_cublas_gemm"] = routed("cublas")
+    if dtype == torch.float32:
+        impls["triton_bf16_compute"] = lambda x, V: spec_penalty(
+            x, V, tau=TAU, backend="triton", compute_dtype=torch.bfloat16
+        )
     if include_cuda:
         impls["cuda"] = lambda x, V: spec_penalty(x, V, tau=TAU, backend="cuda")
-    if N <= 2048:
+    if N <= 2048:  # seconds per call above; compiling costs ~10 s per shape
+        impls["compiled_projection"] = torch.compile(
+            lambda x, V: projection_penalty(x, V, tau=TAU), dynamic=False
+        )
         impls["authors_loop"] = lambda x, V: authors_loop_penalty(x, V, tau=TAU - 1)
+        impls["eigvalsh"] = lambda x, V: eigvalsh_penalty(x, tau=TAU)
     return impls
+
+
+def routed(route: str):
+    def fn(x, V):
+        os.environ["POWERLAW_FAST_GEMM"] = route
+        try:
+            return spec_penalty(x, V, tau=TAU, backend="triton")
+        finally:
+            os.environ.pop("POWERLAW_FAST_GEMM")
+
+    return fn
+
+
+def graph_and_enqueue_ms(step, calls: int = 20):
+    """(median GPU time of the step replayed from a CUDA graph, host time to enqueue one call).
+
+    The graph removes all host work: what is left is the GPU's. Enqueue time is the host's
+    cost per call without waiting for the GPU (the regime of the paper's widths)."""
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        step()
+    enqueue = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm on the side stream, as torch's capture recipe asks
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+        return median_ms(graph.replay, rep=50), enqueue
+    except Exception as err:  # not capturable (e.g. a host sync inside): report why
+        print(f"  (no CUDA graph: {type(err).__name__}: {str(err)[:80]})")
+        return None, enqueue
 
 
 def forward_backward(fn, x, V):
@@ -102,11 +155,15 @@ def run(sizes, settings, device: str, rep: int):
         for N in sizes:
             x, V = make_inputs(N, dtype, device)
             B = x.shape[0]
-            impls = implementations(N, include_cuda)
+            impls = implementations(N, include_cuda and device == "cuda", dtype)
             if device == "cpu":
-                impls.pop("triton", None)
+                for name in [n for n in impls if n.startswith("triton") or "compiled" in n]:
+                    impls.pop(name)
             for name, step in timed_steps(impls, x, V):
                 ms = median_ms(step, rep=rep)
+                graph_ms = enqueue_ms = None
+                if device == "cuda" and name in ("triton", "torch_projection", "triton_bf16_compute"):
+                    graph_ms, enqueue_ms = graph_and_enqueue_ms(step)
                 rows.append(
                     dict(
                         op="spec_penalty",
@@ -117,6 +174,8 @@ def run(sizes, settings, device: str, rep: int):
                         precision=precision,
                         impl=name,
                         median_ms=ms,
+                        graph_ms=graph_ms,
+                        enqueue_ms=enqueue_ms,
                         peak_mem_mb=peak_memory_mb(step),
                         tflops=4 * B * N * N / ms / 1e9,
                     )
@@ -157,7 +216,8 @@ def main(argv=None):
     rows = add_ratios(run(args.sizes, SETTINGS, "cuda", args.rep))
     print_table(
         rows,
-        ["impl", "N", "dtype", "precision", "median_ms", "tflops", "peak_mem_mb", "triton_speedup"],
+        ["impl", "N", "dtype", "precision", "median_ms", "graph_ms", "enqueue_ms", "tflops",
+         "peak_mem_mb", "triton_speedup"],
     )
     path = write_results("penalty", rows, args.out)
     print(f"wrote {path}")

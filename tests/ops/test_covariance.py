@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from powerlaw_fast import batch_covariance
-from powerlaw_fast.ops import _alloc
-from powerlaw_fast.ops.centring import column_mean
+from powerlaw_fast.ops.backends import implementation
+from tests.devices import BACKENDS, DEVICE, skip_unsupported
 
-BACKENDS = ["torch", "triton"]
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
@@ -22,7 +21,7 @@ def reference_covariance(x):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("B,N", [(2, 3), (37, 100), (257, 129), (100, 37)])
 def test_matches_float64(backend, B, N):
-    x = torch.randn(B, N) * torch.linspace(0.1, 3, N)
+    x = (torch.randn(B, N) * torch.linspace(0.1, 3, N)).to(DEVICE)
     out = batch_covariance(x, backend=backend)
     assert out.shape == (N, N) and out.dtype == torch.float32
     ref = reference_covariance(x)
@@ -32,9 +31,8 @@ def test_matches_float64(backend, B, N):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 def test_dtypes(backend, dtype):
-    if backend == "triton" and dtype == torch.float64:
-        pytest.skip("float64 runs on the torch backend")
-    x = torch.randn(150, 70).to(dtype)
+    skip_unsupported(backend, dtype)
+    x = torch.randn(150, 70).to(DEVICE, dtype)
     out = batch_covariance(x, backend=backend)
     ref = reference_covariance(x)
     assert float((out.double() - ref).abs().max() / ref.abs().max()) < TOL[dtype]
@@ -42,7 +40,7 @@ def test_dtypes(backend, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_and_non_contiguous(backend):
-    base = 5.0 + 0.1 * torch.randn(200, 80)
+    base = (5.0 + 0.1 * torch.randn(200, 80)).to(DEVICE)
     x = base[:, ::2]
     assert not x.is_contiguous()
     out = batch_covariance(x, backend=backend)
@@ -52,8 +50,8 @@ def test_large_mean_and_non_contiguous(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gradient_matches_float64(backend):
-    x = torch.randn(40, 13)
-    w = torch.randn(13, 13, dtype=torch.float64)
+    x = torch.randn(40, 13, device=DEVICE)
+    w = torch.randn(13, 13, dtype=torch.float64, device=DEVICE)
     leaf = x.clone().requires_grad_()
     (batch_covariance(leaf, backend=backend).double() * w).sum().backward()
     ref = x.double().requires_grad_()
@@ -66,21 +64,24 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda t: batch_covariance(t, backend="torch"), (x,))
 
 
-def test_triton_outputs_fully_written(monkeypatch):
-    def nan_empty(shape, *, device, dtype):
-        return torch.full(shape, float("nan"), device=device, dtype=dtype)
-
-    monkeypatch.setattr(_alloc, "empty", nan_empty)
-    x = torch.randn(131, 133)
-    assert torch.isfinite(batch_covariance(x, backend="triton")).all()
-    assert torch.isfinite(column_mean(x, backend="triton")).all()
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,N", [(131, 133), (2, 1), (600, 70)])
+def test_outputs_fully_written_and_right(poisoned, backend, B, N):
+    # every buffer starts as NaN: an element a kernel skips fails the comparison
+    x = (3.0 + torch.randn(B, N)).to(DEVICE)
+    ref = reference_covariance(x)
+    out = batch_covariance(x, backend=backend).double()
+    assert float((out - ref).abs().max() / ref.abs().max()) < 1e-5
+    mean = implementation("column_mean", backend)(x)
+    torch.testing.assert_close(mean.double(), x.double().mean(0), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_column_mean(backend):
-    x = (5 + torch.randn(301, 67))[:, 1:]
+    x = (5 + torch.randn(301, 67, device=DEVICE))[:, 1:]
     torch.testing.assert_close(
-        column_mean(x, backend=backend).double(), x.double().mean(0), rtol=1e-6, atol=1e-6
+        implementation("column_mean", backend)(x).double(), x.double().mean(0),
+        rtol=1e-6, atol=1e-6,
     )
 
 
@@ -96,6 +97,6 @@ def test_bad_input():
 def test_opcheck():
     from powerlaw_fast.ops import covariance
 
-    x = torch.randn(20, 6, requires_grad=True)
+    x = torch.randn(20, 6, device=DEVICE, requires_grad=True)
     for backend in BACKENDS:
         torch.library.opcheck(covariance._batch_covariance_op, (x, backend, ""))
