@@ -53,12 +53,9 @@ from tqdm.auto import tqdm
 from powerlaw_fast._backend import BACKENDS
 from powerlaw_fast._modules import find_submodule, module_device
 from powerlaw_fast._validation import check_int_range, check_real
-from powerlaw_fast.ops.spectral_penalty import (
-    CONVENTIONS,
-    powerlaw_penalty,
-    projected_spectrum,
-)
+from powerlaw_fast.ops.spectral_penalty import CONVENTIONS, penalty_and_spectrum
 from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
+from powerlaw_fast.ops.status import validation_mode
 from powerlaw_fast.spectra import (
     CovarianceAccumulator,
     eigh_descending,
@@ -100,8 +97,16 @@ class SpectralRegularizer:
             0-indexed, non-positive terms skipped); see :func:`~powerlaw_fast.spec_penalty`.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"cuda"`` for the penalty ops.
         progress: show a tqdm progress bar during :meth:`refresh`.
-        validate: let the penalty raise on non-finite activations and on a zero anchor
-            eigenvalue (one host synchronisation per layer and step); set False for CUDA graphs.
+        validate: how the penalty reports non-finite activations and a zero anchor eigenvalue:
+            ``"deferred"`` (default: no host synchronisation; on a GPU the error is raised by
+            the next step's penalty or by :func:`powerlaw_fast.raise_pending_errors`),
+            ``"immediate"`` / True (one synchronisation per layer and step) or ``"off"`` /
+            False. Nothing is checked inside a CUDA graph.
+        penalty_dtype: None (the penalty's GEMMs in the activations' dtype) or
+            ``torch.bfloat16``: bfloat16 GEMM operands with float32 sums, also for a float32
+            model. A batch of B rows estimates each eigenvalue with a sampling error of about
+            sqrt(2 / B) (3.7% at B = 1500); bfloat16 rounding moves each value by about 0.4%,
+            a small fraction of that, for a fraction of the GEMM time.
         process_group: a ``torch.distributed`` group whose ranks each see a shard of every batch
             (and of the refresh data, e.g. through a ``DistributedSampler``). The refresh merges
             the ranks' moments (one all-reduce of N^2 + N + 1 floats per layer and epoch) and
@@ -126,7 +131,8 @@ class SpectralRegularizer:
         convention: str = "paper",
         backend: str = "auto",
         progress: bool = True,
-        validate: bool = True,
+        validate: bool | str = "deferred",
+        penalty_dtype: torch.dtype | None = None,
         process_group=None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -139,7 +145,13 @@ class SpectralRegularizer:
         self.convention = convention
         self.backend = backend
         self.progress = bool(progress)
-        self.validate = bool(validate)
+        self.validate = validation_mode(validate)
+        if penalty_dtype not in (None, torch.float32, torch.bfloat16):
+            raise TypeError(
+                f"penalty_dtype: expected None, torch.float32 or torch.bfloat16, got "
+                f"{penalty_dtype}"
+            )
+        self.penalty_dtype = penalty_dtype
         self.process_group = process_group
 
         self._modules: dict[str, nn.Module] = {}
@@ -170,10 +182,12 @@ class SpectralRegularizer:
         self._latest_spectrum: dict[str, torch.Tensor] = {}
         self._small_batch_warned: set[str] = set()
         self._refresh_sink = None  # set during refresh(): called with (name, output)
+        self._fired: set[str] = set()  # layers that ran in the current training forward
         self._handles = [
             module.register_forward_hook(self._make_hook(name))
             for name, module in self._modules.items()
         ]
+        self._handles.append(self._model.register_forward_pre_hook(self._new_forward))
 
     # ----------------------------------------------------------------------------------------
     # Construction helpers
@@ -228,12 +242,22 @@ class SpectralRegularizer:
             raise ValueError(f"{what}: the mapping has no value for layers {missing}")
         return settings
 
+    def _new_forward(self, module, args) -> None:
+        self._fired.clear()
+
     def _make_hook(self, name: str):
         def hook(module, args, output):
             sink = self._refresh_sink
             if sink is not None:
                 sink(name, output)
             elif module.training and torch.is_grad_enabled():
+                if name in self._fired:
+                    raise RuntimeError(
+                        f"layer {name!r} ran twice in one forward pass: its basis describes one "
+                        f"use and the penalty would see another; a module reused within the "
+                        f"forward cannot be regularised (wrap each use in its own module)"
+                    )
+                self._fired.add(name)
                 self._captured[name] = output
 
         return hook
@@ -290,6 +314,11 @@ class SpectralRegularizer:
         if state.get("format") != _STATE_FORMAT:
             raise ValueError(f"state: expected format {_STATE_FORMAT}, got {state.get('format')!r}")
         entries = state["layers"]
+        if not isinstance(entries, Mapping):
+            raise TypeError(
+                f"state: expected 'layers' to map layer names to their basis and eigenvalues, "
+                f"got {type(entries).__name__}"
+            )
         if set(entries) != set(self.layer_names):
             raise ValueError(
                 f"state: expected layers {sorted(self.layer_names)}, got {sorted(entries)}"
@@ -308,11 +337,27 @@ class SpectralRegularizer:
                     f"state: layer {name!r}: expected basis float32 [N, N] and eigenvalues float64 "
                     f"[N], got {V.dtype} {tuple(V.shape)} and {lam.dtype} {tuple(lam.shape)}"
                 )
+            width = self._known_width(name)
+            if width is not None and width != N:
+                raise ValueError(
+                    f"state: layer {name!r}: expected a basis for {width} features (the layer's "
+                    f"width), got one for {N}"
+                )
+            if not (torch.isfinite(V).all() and torch.isfinite(lam).all()):
+                raise ValueError(
+                    f"state: layer {name!r}: expected finite basis and eigenvalues, got NaN or inf"
+                )
             self._check_tau(name, N)
             device = module_device(self._modules[name], fallback)
             basis[name] = V.detach().to(device, copy=True)
             values[name] = lam.detach().to(device, copy=True)
         self._install(basis, values)
+
+    def _known_width(self, name: str) -> int | None:
+        """The layer's number of output features when it can be known without a forward."""
+        if name in self._basis:
+            return self._basis[name].shape[0]
+        return getattr(self._modules[name], "out_features", None)
 
     def remove(self) -> None:
         """Take the forward hooks off the model and drop every kept tensor."""
@@ -341,9 +386,20 @@ class SpectralRegularizer:
             raise ValueError(f"tau for layer {name!r} (N = {N} features): {err}") from None
 
     def _install(self, basis: dict, values: dict) -> None:
+        # In place where the shapes allow: a CUDA graph captured around penalty() keeps reading
+        # the same V buffers, so a refresh outside the graph stays visible to its replays.
+        for key, cached in list(self._cast_basis.items()):
+            name = key[0]
+            if name in basis and cached.shape == basis[name].shape:
+                cached.copy_(basis[name])
+            else:
+                del self._cast_basis[key]
+        for name, V in basis.items():
+            old = self._basis.get(name)
+            if old is not None and old.shape == V.shape and old.device == V.device:
+                basis[name] = old.copy_(V)
         self._basis = basis
         self._eigenvalues = values
-        self._cast_basis.clear()
         self._latest_spectrum.clear()
 
     # ----------------------------------------------------------------------------------------
@@ -463,10 +519,11 @@ class SpectralRegularizer:
     # Penalty
     def _basis_like(self, name: str, x: torch.Tensor) -> torch.Tensor:
         # Under autocast the activations are bfloat16/float16: one cast per dtype and refresh.
-        key = (name, x.dtype, x.device)
+        dtype = self.penalty_dtype or x.dtype
+        key = (name, dtype, x.device)
         V = self._cast_basis.get(key)
         if V is None:
-            V = self._basis[name].to(device=x.device, dtype=x.dtype)
+            V = self._basis[name].to(device=x.device, dtype=dtype, copy=True)
             self._cast_basis[key] = V
         return V
 
@@ -534,17 +591,15 @@ class SpectralRegularizer:
         settings = self.settings(name)
         # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
         with torch.autocast(x.device.type, enabled=False):
-            lam = projected_spectrum(
-                x, V, backend=self.backend, validate=False, process_group=self.process_group
-            )
             try:
-                value = powerlaw_penalty(
-                    lam, **settings, convention=self.convention, backend=self.backend,
-                    validate=self.validate,
+                value, lam = penalty_and_spectrum(
+                    x, V, **settings, convention=self.convention, backend=self.backend,
+                    validate=self.validate, process_group=self.process_group,
+                    compute_dtype=self.penalty_dtype if x.dtype != torch.float64 else None,
                 )
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}") from None
-        self._latest_spectrum[name] = lam.detach()
+        self._latest_spectrum[name] = lam
         return value
 
     def __repr__(self) -> str:

@@ -506,3 +506,82 @@ def test_torch_compile_of_the_model_fires_the_hooks():
         loss.backward()
     compiled(x)
     torch.testing.assert_close(reg.penalty(), expected, rtol=1e-6, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Issue 12 / 16: penalty dtype, graphs, reuse within a forward, checkpoint validation
+# --------------------------------------------------------------------------------------------
+def _small_setup(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 3))
+    data = [(torch.randn(40, 12), torch.randint(0, 3, (40,))) for _ in range(2)]
+    reg = SpectralRegularizer(model, ["1"], tau=3, progress=False, **kwargs)
+    reg.refresh(data)
+    return model, reg, data
+
+
+def test_penalty_dtype_bfloat16_is_close_and_keeps_v_in_bfloat16():
+    model, reg, data = _small_setup()
+    model(data[0][0])
+    full = reg.penalty()
+    model16, reg16, _ = _small_setup(penalty_dtype=torch.bfloat16)
+    model16(data[0][0])
+    fast = reg16.penalty()
+    assert fast.dtype == torch.float32
+    assert abs(float(fast) / float(full) - 1) < 0.05
+    (V,) = reg16._cast_basis.values()
+    assert V.dtype == torch.bfloat16  # cast once per refresh, not per step
+    with pytest.raises(TypeError, match="penalty_dtype: expected None"):
+        SpectralRegularizer(model, ["1"], penalty_dtype=torch.float16, progress=False)
+
+
+def test_refresh_updates_the_basis_in_place_for_captured_graphs():
+    model, reg, data = _small_setup()
+    model(data[0][0])
+    reg.penalty()
+    (cached,) = reg._cast_basis.values()
+    before = cached.clone()
+    pointer = cached.data_ptr()
+    reg.refresh([(torch.randn(40, 12) * 3, None)])
+    (after,) = reg._cast_basis.values()
+    assert after.data_ptr() == pointer and not torch.equal(after, before)
+    assert torch.equal(after, reg.basis("1"))
+
+
+def test_layer_run_twice_in_one_forward_is_refused():
+    layer = nn.Linear(6, 6)
+    model = nn.Sequential(layer, nn.Tanh(), layer)
+    reg = SpectralRegularizer(model, [layer], tau=2, progress=False)
+    with pytest.raises(RuntimeError, match="ran twice in one forward pass"):
+        model(torch.randn(20, 6))
+    model.eval()
+    model(torch.randn(20, 6))  # evaluation passes keep nothing and are not refused
+    reg.remove()
+
+
+def test_load_state_dict_validates_before_installing():
+    model, reg, _ = _small_setup()
+    good = reg.state_dict()
+    with pytest.raises(TypeError, match="'layers' to map layer names"):
+        reg.load_state_dict({"format": 1, "layers": 3})
+    linear = SpectralRegularizer(model, ["0"], tau=3, progress=False)  # width known: 10
+    wide = {"format": 1, "layers": {"0": {"basis": torch.eye(12),
+                                          "eigenvalues": torch.ones(12, dtype=torch.float64)}}}
+    with pytest.raises(ValueError, match="expected a basis for 10 features"):
+        linear.load_state_dict(wide)
+    with pytest.raises(ValueError, match="expected a basis for 10 features"):
+        reg.load_state_dict({"format": 1, "layers": {"1": wide["layers"]["0"]}})  # refreshed
+    fresh = SpectralRegularizer(model, ["1"], tau=3, progress=False)
+    bad = {"format": 1, "layers": {"1": dict(good["layers"]["1"])}}
+    bad["layers"]["1"]["basis"] = good["layers"]["1"]["basis"].clone()
+    bad["layers"]["1"]["basis"][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite basis"):
+        fresh.load_state_dict(bad)
+    assert not fresh.refreshed
+
+
+def test_default_validation_is_deferred_and_modes_are_checked():
+    model, reg, _ = _small_setup()
+    assert reg.validate == "deferred"
+    with pytest.raises(TypeError, match="validate: expected True, False or one of"):
+        SpectralRegularizer(model, ["1"], validate="no", progress=False)

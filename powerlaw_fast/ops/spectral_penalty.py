@@ -580,10 +580,13 @@ class _SpecPenalty(torch.autograd.Function):
         ctx.save_for_backward(z, V, scratch)
         ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
         ctx.set_materialize_grads(False)
-        return scratch[0]
+        N = x.shape[1]
+        lam = scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
+        ctx.mark_non_differentiable(lam)
+        return scratch[0], lam
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_lam):
         if grad_out is None:
             return None, None, None
         z, V, scratch = ctx.saved_tensors
@@ -925,9 +928,25 @@ def spec_penalty(
         validate=validate, process_group=process_group, compute_dtype=compute_dtype,
         source="x",
     )  # fmt: skip
+    return _penalty_and_spectrum(x, V, settings)[0]
+
+
+def _penalty_and_spectrum(x, V, settings: Settings):
+    """(R, lam [N] without gradient): the regulariser keeps lam for its spectra()."""
     if torch.compiler.is_compiling():
-        return _spectral_forward_op(x, V, *settings)[0][0]
+        scratch = _spectral_forward_op(x, V, *settings)[0]
+        N = x.shape[1]
+        return scratch[0], scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N].detach()
     return _SpecPenalty.apply(x, V, settings)
+
+
+def penalty_and_spectrum(x, V, **kwargs):
+    """:func:`spec_penalty` that also returns the batch's spectrum ``lam [N]`` (detached, V's
+    column order) from the same call: ``(R, lam)``. Same arguments as :func:`spec_penalty`."""
+    kwargs.setdefault("process_group", None)
+    kwargs.setdefault("compute_dtype", None)
+    x, V, settings = _settings(x, V, source="x", **kwargs)
+    return _penalty_and_spectrum(x, V, settings)
 
 
 def projected_spectrum(
