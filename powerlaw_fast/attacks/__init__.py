@@ -1,5 +1,9 @@
 """Batched robustness evaluation: FGSM, PGD and white noise over a whole epsilon grid at once.
 
+PGD and FGSM curves count a sample as fooled at eps when any example the attack found within
+the eps-ball fools it (early retirement, nested balls; ``final_iterate=True`` for the plain
+loop's rule). See :mod:`powerlaw_fast.attacks.pgd`.
+
 >>> import torch
 >>> from powerlaw_fast.attacks import robustness_curve
 >>> model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
@@ -13,6 +17,6 @@
 from powerlaw_fast.attacks.curve import RobustnessCurve, robustness_curve
 from powerlaw_fast.attacks.fgsm import fgsm
 from powerlaw_fast.attacks.noise import white_noise
-from powerlaw_fast.attacks.pgd import pgd
+from powerlaw_fast.attacks.pgd import AttackResult, pgd
 
-__all__ = ["RobustnessCurve", "fgsm", "pgd", "robustness_curve", "white_noise"]
+__all__ = ["AttackResult", "RobustnessCurve", "fgsm", "pgd", "robustness_curve", "white_noise"]

@@ -283,6 +283,9 @@ def pgd_sweep(
 
 
 # ----------------------------------------------------------------------------- any-iterate search
+# Below this many rows (samples alive x radii) the next radii join the current attack.
+_GROUP_ROWS = {"cpu": 512, "cuda": 4096}
+
 @dataclass
 class _SearchConfig:
     model: torch.nn.Module
@@ -318,21 +321,28 @@ def _wrong_verified(cfg: _SearchConfig, logits, x, y, candidates, count: _Counte
     return out
 
 
-def _attack_rows(cfg: _SearchConfig, x_nat, y, eps: float, x_start, count: _Counter):
-    """PGD at one radius on ``[r, D]`` rows with early retirement.
+def _attack_rows(cfg: _SearchConfig, x_nat, y, eps_rows, x_start, sample, level,
+                 n_samples: int, count: _Counter):
+    """PGD with early retirement on ``[r, D]`` rows: several radii of the same samples at once.
 
-    Returns (step [r] int64: gradient steps before the first misclassified iterate, -1 if none;
-    x_out [r, D]: that iterate where fooled, else the final iterate).
+    Row i attacks sample ``sample[i]`` (local id < n_samples) at radius ``eps_rows[i]``, the
+    ``level[i]``-th radius of the group (ascending). A row is settled once its iterate is
+    misclassified, or once a row of the same sample at a smaller or equal level is (nested
+    balls: its verdict is then known). Settled rows keep their iterate (masked loss, zero
+    gradient) and are dropped at the next compaction.
+
+    Returns (step [r] int64: gradient steps before the row's first misclassified iterate, -1 if
+    none; x_out [r, D]: that iterate where there is one, else the row's last iterate).
     """
     r, D = x_nat.shape
     device = x_nat.device
-    eps_dtype = torch.float64 if x_nat.dtype == torch.float64 else torch.float32
     x = x_start.clone()
     x_out = torch.empty_like(x)
     step_of = torch.full((r,), -1, dtype=torch.long, device=device)
     pos = torch.arange(r, device=device)  # input row of each live row
     xn, yy = x_nat, y
-    eps_rows = torch.full((r,), eps, dtype=eps_dtype, device=device)
+    top = int(level.max()) + 1
+    min_level = torch.full((n_samples,), top, dtype=torch.long, device=device)
     done = torch.zeros(r, dtype=torch.bool, device=device)
     since_compact = 0
     for k in range(cfg.steps + 1):
@@ -342,13 +352,14 @@ def _attack_rows(cfg: _SearchConfig, x_nat, y, eps: float, x_start, count: _Coun
         with torch.set_grad_enabled(not last), gradient_precision(cfg.precision, device):
             logits = cfg.model(x_in)
         wrong = _wrong_verified(cfg, logits.detach(), x, yy, ~done, count)
-        new = wrong & ~done
-        step_of[pos] = torch.where(new, k, step_of[pos])
-        done = done | wrong
+        step_of[pos] = torch.where(wrong & (step_of[pos] < 0), k, step_of[pos])
+        # smallest level fooled so far, per sample; rows at or above it are settled
+        min_level.scatter_reduce_(0, sample, torch.where(wrong, level, top), "amin")
+        done = done | wrong | (level >= min_level[sample])
         if last:
             count.row_forwards += R
             break
-        # Fooled rows get a zero gradient (their loss is masked), so the update below leaves
+        # Settled rows get a zero gradient (their loss is masked), so the update below leaves
         # their iterate exactly as it is: sign(0) = 0 and both clamps are idempotent.
         with gradient_precision(cfg.precision, device):
             loss = (F.cross_entropy(logits, yy, reduction="none") * (~done).to(logits.dtype))
@@ -368,6 +379,7 @@ def _attack_rows(cfg: _SearchConfig, x_nat, y, eps: float, x_start, count: _Coun
                 kept = keep.nonzero().squeeze(1)
                 x, xn, yy = x[kept], xn[kept], yy[kept]
                 eps_rows, pos, done = eps_rows[kept], pos[kept], done[kept]
+                sample, level = sample[kept], level[kept]
                 if n_keep == 0:
                     return step_of, x_out
     x_out[pos] = x
@@ -408,6 +420,7 @@ def pgd_search(
     x2d = x.reshape(n, -1)
     D = x2d.shape[1]
     device = x.device
+    eps_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = y.long()
     if compact_every is None:
         compact_every = 1 if device.type != "cuda" else 4
@@ -432,33 +445,61 @@ def pgd_search(
 
     m = min(n, rows_per_chunk)
     chunks = [(i0, min(n, i0 + m)) for i0 in range(0, n, m)]
+    # Radii attacked together when few samples survive: a step has a fixed cost (dispatch,
+    # thread wake-ups; on a busy CPU each parallel region can wait a time slice for its other
+    # thread), so many sequential steps on a handful of rows would cost as much as big ones.
+    # Grouping changes only the schedule, not a single verdict.
+    group_rows = min(rows_per_chunk, _GROUP_ROWS.get(device.type, _GROUP_ROWS["cuda"]))
     bar = tqdm(total=len(chunks) * L, desc="pgd", disable=not progress)
     for i0, i1 in chunks:
-        for u, eps in enumerate(levels):
-            bar.update(1)
-            if eps == 0.0:
+        u = 0
+        while u < L:
+            if levels[u] == 0.0:
+                u += 1
+                bar.update(1)
                 continue
             alive = i0 + (level_of[i0:i1] == L).nonzero().squeeze(1)
+            a = alive.numel()
+            g = 1
+            # restarts keep one radius at a time: a later restart may still fool a sample at
+            # a smaller radius than an earlier restart did, and must get the chance to
+            while restarts == 1 and u + g < L and a * (g + 1) <= group_rows:
+                g += 1
+            bar.update(g)
             for _ in range(restarts):
-                if alive.numel() == 0:
+                if a == 0:
                     break
-                xn = x2d[alive]
+                group = torch.tensor(levels[u : u + g], dtype=torch.float64, device=device)
+                rows_sample = torch.arange(a, device=device).repeat(g)  # level-major rows
+                rows_level = torch.arange(g, device=device).repeat_interleave(a)
+                xn = x2d[alive].repeat(g, 1)
+                eps_rows = group.to(eps_dtype)[rows_level]
                 if random_start:
-                    # drawn for the whole chunk, so a sample's start does not depend on which
-                    # other samples are still alive (and matches a plain loop's draw)
-                    noise = draw((i1 - i0, D), "uniform", generator, x2d)[alive - i0]
-                    start = (xn + (2 * noise - 1) * eps).clamp_(bounds[0], bounds[1])
+                    # drawn for the whole chunk at each radius, so a sample's start does not
+                    # depend on which other samples are alive (and matches a plain loop's draw)
+                    noise = torch.cat([draw((i1 - i0, D), "uniform", generator, x2d)[alive - i0]
+                                       for _ in range(g)])
+                    start = (xn + (2 * noise - 1) * eps_rows.to(x2d.dtype)[:, None])
+                    start = start.clamp_(bounds[0], bounds[1])
                 else:
                     start = xn
-                k, x_out = _attack_rows(cfg, xn, y[alive], eps, start, count)
-                fooled = k >= 0
+                k, x_out = _attack_rows(cfg, xn, y[alive].repeat(g), eps_rows, start,
+                                        rows_sample, rows_level, a, count)
+                # per sample: the smallest level whose row was fooled (g: none)
+                lvl = torch.where(k >= 0, rows_level, g)
+                first = torch.full((a,), g, dtype=torch.long, device=device)
+                first.scatter_reduce_(0, rows_sample, lvl, "amin")
+                fooled = first < g
+                row = first[fooled] * a + torch.arange(a, device=device)[fooled]
                 hit = alive[fooled]
-                level_of[hit] = u
-                step_of[hit] = k[fooled]
-                x_found[hit] = x_out[fooled]
+                level_of[hit] = u + first[fooled]
+                step_of[hit] = k[row]
+                x_found[hit] = x_out[row]
                 if need_adv:
-                    x_last[u, alive] = x_out
+                    x_last[u : u + g, alive] = x_out.view(g, a, D)
                 alive = alive[~fooled]
+                a = alive.numel()
+            u += g
     bar.close()
 
     # Final check of every success, once per sample (a larger ball holds it as well).
