@@ -50,9 +50,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from powerlaw_fast._backend import BACKENDS
+from powerlaw_fast._backend import BACKENDS, resolve_backend
 from powerlaw_fast._modules import find_submodule, module_device
 from powerlaw_fast._validation import check_int_range, check_real
+from powerlaw_fast.ops.grouped_penalty import can_group, grouped_penalty_triton
 from powerlaw_fast.ops.spectral_penalty import CONVENTIONS, penalty_and_spectrum
 from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
 from powerlaw_fast.ops.status import validation_mode
@@ -177,7 +178,9 @@ class SpectralRegularizer:
 
         self._basis: dict[str, torch.Tensor] = {}
         self._eigenvalues: dict[str, torch.Tensor] = {}
-        self._cast_basis: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+        # (dtype, device) -> {layer: V}, every layer's V a view of one flat buffer (the grouped
+        # kernels read all layers' bases from it)
+        self._cast_basis: dict[tuple[torch.dtype, torch.device], dict[str, torch.Tensor]] = {}
         self._captured: dict[str, torch.Tensor] = {}
         self._latest_spectrum: dict[str, torch.Tensor] = {}
         self._small_batch_warned: set[str] = set()
@@ -388,10 +391,10 @@ class SpectralRegularizer:
     def _install(self, basis: dict, values: dict) -> None:
         # In place where the shapes allow: a CUDA graph captured around penalty() keeps reading
         # the same V buffers, so a refresh outside the graph stays visible to its replays.
-        for key, cached in list(self._cast_basis.items()):
-            name = key[0]
-            if name in basis and cached.shape == basis[name].shape:
-                cached.copy_(basis[name])
+        for key, views in list(self._cast_basis.items()):
+            if all(views[n].shape == basis[n].shape for n in views):
+                for n, view in views.items():
+                    view.copy_(basis[n])
             else:
                 del self._cast_basis[key]
         for name, V in basis.items():
@@ -517,15 +520,22 @@ class SpectralRegularizer:
 
     # ----------------------------------------------------------------------------------------
     # Penalty
-    def _basis_like(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        # Under autocast the activations are bfloat16/float16: one cast per dtype and refresh.
-        dtype = self.penalty_dtype or x.dtype
-        key = (name, dtype, x.device)
-        V = self._cast_basis.get(key)
-        if V is None:
-            V = self._basis[name].to(device=x.device, dtype=dtype, copy=True)
-            self._cast_basis[key] = V
-        return V
+    def _bases(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """Every layer's V in ``dtype`` on ``device``, as views of one flat buffer: cast once
+        per refresh (under autocast, or with ``penalty_dtype``), updated in place after."""
+        key = (dtype, device)
+        views = self._cast_basis.get(key)
+        if views is None:
+            flat = torch.cat(
+                [self._basis[n].to(device=device, dtype=dtype).reshape(-1) for n in self.layer_names]
+            )
+            views, offset = {}, 0
+            for name in self.layer_names:
+                N = self._basis[name].shape[0]
+                views[name] = flat[offset : offset + N * N].view(N, N)
+                offset += N * N
+            self._cast_basis[key] = views
+        return views
 
     def penalty(self) -> torch.Tensor:
         """Sum over the layers of the spectral penalty on the latest training forward pass.
@@ -534,6 +544,11 @@ class SpectralRegularizer:
         settings, ``x`` its output ``[B, *]`` flattened to ``[B, N]``. Differentiable in the
         activations (hence in the model's parameters); the bases are constants. The kept
         activations are released, so each forward pass can be penalised once.
+
+        On the Triton backend all layers go through one grouped op (six launches for any
+        number of layers, no host synchronisation with the default deferred validation) when
+        they share a batch size, a dtype and a device, are at most 4096 wide and no process
+        group is set; otherwise each layer is one call of the single-layer op.
 
         Returns a 0-dim tensor (float32; float64 when every layer's activations are float64).
 
@@ -550,23 +565,33 @@ class SpectralRegularizer:
                 f"after each training forward pass (model in training mode, gradients enabled); "
                 f"the activations of a forward pass are released by the first penalty() call"
             )
-        total = None
-        for name in self.layer_names:
-            out = captured.pop(name)
-            if not isinstance(out, torch.Tensor):
-                raise TypeError(
-                    f"layer {name!r}: expected the layer to output a tensor, got "
-                    f"{type(out).__name__}"
-                )
-            term = self._layer_penalty(name, out)
-            if total is None:
-                total = term
-            else:
-                total = total + term.to(torch.promote_types(total.dtype, term.dtype))
-            del out
-        return total
+        xs = [self._activations(name, captured.pop(name)) for name in self.layer_names]
+        device, dtype = xs[0].device, xs[0].dtype
+        backend = resolve_backend(self.backend, device, dtype=dtype)
+        grouped = (
+            self.process_group is None
+            and all(x.device == device for x in xs)
+            and can_group(xs, backend)
+        )
+        # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
+        with torch.autocast(device.type, enabled=False):
+            if grouped:
+                return self._grouped_penalty(xs)
+            total = None
+            for name, x in zip(self.layer_names, xs, strict=True):
+                term = self._layer_penalty(name, x)
+                if total is None:
+                    total = term
+                else:
+                    total = total + term.to(torch.promote_types(total.dtype, term.dtype))
+            return total
 
-    def _layer_penalty(self, name: str, out: torch.Tensor) -> torch.Tensor:
+    def _activations(self, name: str, out) -> torch.Tensor:
+        """A layer's kept output as ``[B, N]``, checked against its basis."""
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(
+                f"layer {name!r}: expected the layer to output a tensor, got {type(out).__name__}"
+            )
         x = out.reshape(out.shape[0], -1)
         N = self._basis[name].shape[0]
         if x.shape[1] != N:
@@ -585,20 +610,40 @@ class SpectralRegularizer:
                 f"layer {name!r}: batch of B = {B} rows for N = {N} features; the per-batch "
                 f"spectrum is rank-deficient below B = N and noisy below B = 1.5 N (the paper "
                 f"uses B >= 1.5 x the widest regularised layer)",
-                stacklevel=3,
+                stacklevel=4,
             )
-        V = self._basis_like(name, x)
-        settings = self.settings(name)
-        # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
-        with torch.autocast(x.device.type, enabled=False):
-            try:
-                value, lam = penalty_and_spectrum(
-                    x, V, **settings, convention=self.convention, backend=self.backend,
-                    validate=self.validate, process_group=self.process_group,
-                    compute_dtype=self.penalty_dtype if x.dtype != torch.float64 else None,
-                )
-            except ValueError as err:
-                raise ValueError(f"layer {name!r}: {err}") from None
+        return x
+
+    def _compute_dtype(self, x: torch.Tensor):
+        return self.penalty_dtype if x.dtype != torch.float64 else None
+
+    def _grouped_penalty(self, xs) -> torch.Tensor:
+        compute = self._compute_dtype(xs[0])
+        views = self._bases(compute or xs[0].dtype, xs[0].device)
+        names = self.layer_names
+        total, lams = grouped_penalty_triton(
+            xs, [views[n] for n in names],
+            alphas=[self._alpha[n] for n in names],
+            anchors=[_anchor_index(x.shape[1], self._tau[n], self.convention)
+                     for n, x in zip(names, xs, strict=True)],
+            betas=[self._beta[n] for n in names],
+            convention=self.convention, validate=self.validate, compute_dtype=compute,
+            names=names, taus=[self._tau[n] for n in names],
+        )  # fmt: skip
+        for name, lam in zip(names, lams, strict=True):
+            self._latest_spectrum[name] = lam
+        return total
+
+    def _layer_penalty(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        compute = self._compute_dtype(x)
+        V = self._bases(compute or x.dtype, x.device)[name]
+        try:
+            value, lam = penalty_and_spectrum(
+                x, V, **self.settings(name), convention=self.convention, backend=self.backend,
+                validate=self.validate, process_group=self.process_group, compute_dtype=compute,
+            )  # fmt: skip
+        except ValueError as err:
+            raise ValueError(f"layer {name!r}: {err}") from None
         self._latest_spectrum[name] = lam
         return value
 

@@ -474,12 +474,12 @@ def test_autocast_bfloat16_is_close_to_float32_and_casts_the_basis_once():
     torch.testing.assert_close(value, reference, rtol=0.02, atol=0.0)  # measured: 6e-4
     value.backward()
     assert all(torch.isfinite(p.grad).all() for p in model[:4].parameters())
-    cast = reg._cast_basis[("1", torch.bfloat16, x.device)]
+    cast = reg._cast_basis[(torch.bfloat16, x.device)]["1"]
     assert cast.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x[:96])
         reg.penalty()
-    assert reg._cast_basis[("1", torch.bfloat16, x.device)] is cast
+    assert reg._cast_basis[(torch.bfloat16, x.device)]["1"] is cast
 
 
 def test_torch_compile_of_the_model_fires_the_hooks():
@@ -529,8 +529,8 @@ def test_penalty_dtype_bfloat16_is_close_and_keeps_v_in_bfloat16():
     fast = reg16.penalty()
     assert fast.dtype == torch.float32
     assert abs(float(fast) / float(full) - 1) < 0.05
-    (V,) = reg16._cast_basis.values()
-    assert V.dtype == torch.bfloat16  # cast once per refresh, not per step
+    (views,) = reg16._cast_basis.values()
+    assert views["1"].dtype == torch.bfloat16  # cast once per refresh, not per step
     with pytest.raises(TypeError, match="penalty_dtype: expected None"):
         SpectralRegularizer(model, ["1"], penalty_dtype=torch.float16, progress=False)
 
@@ -539,11 +539,11 @@ def test_refresh_updates_the_basis_in_place_for_captured_graphs():
     model, reg, data = _small_setup()
     model(data[0][0])
     reg.penalty()
-    (cached,) = reg._cast_basis.values()
-    before = cached.clone()
-    pointer = cached.data_ptr()
+    (views,) = reg._cast_basis.values()
+    before = views["1"].clone()
+    pointer = views["1"].data_ptr()
     reg.refresh([(torch.randn(40, 12) * 3, None)])
-    (after,) = reg._cast_basis.values()
+    after = reg._cast_basis[(torch.float32, torch.device("cpu"))]["1"]
     assert after.data_ptr() == pointer and not torch.equal(after, before)
     assert torch.equal(after, reg.basis("1"))
 
@@ -585,3 +585,40 @@ def test_default_validation_is_deferred_and_modes_are_checked():
     assert reg.validate == "deferred"
     with pytest.raises(TypeError, match="validate: expected True, False or one of"):
         SpectralRegularizer(model, ["1"], validate="no", progress=False)
+
+
+def test_triton_backend_takes_the_grouped_path_with_the_same_result():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 3)
+    )
+    x = torch.randn(300, 20)
+    values = {}
+    for backend in ("torch", "triton"):
+        reg = SpectralRegularizer(model, ["1", "3"], tau=4, backend=backend, progress=False,
+                                  beta={"1": 1.0, "3": 2.0})  # fmt: skip
+        reg.refresh(x, batch_size=128)
+        model.zero_grad()
+        model(x[:96])
+        if backend == "triton":
+            import powerlaw_fast.regularizer as module
+
+            calls = []
+            original = module.grouped_penalty_triton
+            module.grouped_penalty_triton = lambda *a, **k: calls.append(1) or original(*a, **k)
+            try:
+                value = reg.penalty()
+            finally:
+                module.grouped_penalty_triton = original
+            assert calls == [1]
+        else:
+            value = reg.penalty()
+        value.backward()
+        values[backend] = (value.detach(), model[0].weight.grad.clone(), reg.spectra())
+        reg.remove()
+    (v_t, g_t, s_t), (v_g, g_g, s_g) = values["torch"], values["triton"]
+    torch.testing.assert_close(v_g, v_t, rtol=2e-4, atol=0)
+    torch.testing.assert_close(g_g, g_t, rtol=2e-3, atol=1e-7)
+    for name in s_t:
+        torch.testing.assert_close(s_g[name], s_t[name], rtol=1e-4, atol=1e-8)

@@ -202,43 +202,31 @@ if triton_available():
             mask=row_ok[:, None] & out_ok[None, :],
         )
 
-    # An int argument equal to 1 is compiled as a constexpr, which has no .to(): anchor = 1
-    # would not compile on a GPU; num_m = 1 is common.
-    @triton.jit(do_not_specialize=["anchor", "num_m"])
-    def _spectrum_penalty_kernel(
-        src_ptr, count_ptr, out_ptr,
-        num_m, N, count, mean_tol, anchor, alpha, beta, tiny,
-        FROM_MOMENTS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
-        SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        """One program: spectrum (from row-block moments, or given), sort, eq. (2), dR/dlam
-        scattered to V's column order, status. ``out`` is the scratch layout of the module."""
-        cols = tl.arange(0, BLOCK)
-        ok = cols < N
-        if FROM_MOMENTS:
-            if COUNT_FROM_PTR:
-                count = tl.load(count_ptr).to(tl.float32)
-            s1 = tl.zeros((BLOCK,), dtype=tl.float32)
-            s2 = tl.zeros((BLOCK,), dtype=tl.float32)
-            for m in range(0, num_m):
-                s1 += tl.load(src_ptr + m * N + cols, mask=ok, other=0.0)
-                s2 += tl.load(src_ptr + (num_m + m) * N + cols, mask=ok, other=0.0)
-            raw = s2 - s1 * s1 / count
-            noise = (raw <= mean_tol * s2) & (s2 != float("inf"))
-            lam = tl.where(noise, 0.0, raw) / (count - 1.0)
-            tl.store(out_ptr + HEAD + 2 * N + cols, s1 / count, mask=ok)
-        else:
-            lam = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    @triton.jit
+    def finish_moments(moments_ptr, row_stride, num_m, cols, ok, count, mean_tol, BLOCK: tl.constexpr):
+        """Row-block moments (S1 rows, then S2 rows, ``row_stride`` apart) -> (lam, Z's column
+        means): ``lam = (S2 - S1^2 / B) / (B - 1)`` with rounding-level values set to 0."""
+        s1 = tl.zeros((BLOCK,), dtype=tl.float32)
+        s2 = tl.zeros((BLOCK,), dtype=tl.float32)
+        for m in range(0, num_m):
+            s1 += tl.load(moments_ptr + m * row_stride + cols, mask=ok, other=0.0)
+            s2 += tl.load(moments_ptr + (num_m + m) * row_stride + cols, mask=ok, other=0.0)
+        raw = s2 - s1 * s1 / count
+        noise = (raw <= mean_tol * s2) & (s2 != float("inf"))
+        return tl.where(noise, 0.0, raw) / (count - 1.0), s1 / count
+
+    @triton.jit
+    def sorted_penalty(lam, cols, ok, N, anchor, alpha, beta, tiny, SKIP_NONPOSITIVE: tl.constexpr):
+        """Eq. (2) over one spectrum held in a block -> (penalty, dR/dlam in sorted order, the
+        column of each sorted position, [non-finite count, anchor flag, overflow flag])."""
         finite = (lam == lam) & (tl.abs(lam) != float("inf"))
         nonfinite = tl.sum(tl.where(ok & ~finite, 1.0, 0.0), axis=0)
-        tl.store(out_ptr + HEAD + N + cols, lam, mask=ok)
-
         # Descending sort of (value, index) pairs as int64 keys: the float's bits mapped to an
         # order-preserving int32 in the high half, the column index in the low half.
         bits = lam.to(tl.int32, bitcast=True)
         bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
         key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)
-        key = tl.where(ok, key, tl.full((BLOCK,), -2147483648, tl.int64) << 32)
+        key = tl.where(ok, key, tl.full(cols.shape, -2147483648, tl.int64) << 32)
         key = tl.sort(key, descending=True)
         high = (key >> 32).to(tl.int32)
         high = high ^ ((high >> 31) & 0x7FFFFFFF)
@@ -258,16 +246,43 @@ if triton_available():
         # 1 / gam_n = rank_ratio / s_anchor
         slope = (2.0 * d + tl.where(d > 0.0, 1.0, 0.0)) * rank_ratio / s_anchor
         grad = tl.where(active, coef * slope, 0.0)
-        tl.store(out_ptr + HEAD + order, grad, mask=ok)
         penalty = coef * total
-        grad_bad = tl.sum(tl.where(active & ~((grad == grad) & (tl.abs(grad) != float("inf"))),
-                                   1.0, 0.0), axis=0)  # fmt: skip
+        grad_ok = (grad == grad) & (tl.abs(grad) != float("inf"))
+        grad_bad = tl.sum(tl.where(active & ~grad_ok, 1.0, 0.0), axis=0)
         penalty_bad = (penalty != penalty) | (tl.abs(penalty) == float("inf"))
         overflow = ((grad_bad > 0) | penalty_bad) & (nonfinite == 0)
+        anchor_bad = tl.where(s_anchor > tiny * s_first, 0.0, 1.0)
+        return penalty, grad, order, nonfinite, anchor_bad, tl.where(overflow, 1.0, 0.0)
+
+    # An int argument equal to 1 is compiled as a constexpr, which has no .to(): anchor = 1
+    # would not compile on a GPU; num_m = 1 is common.
+    @triton.jit(do_not_specialize=["anchor", "num_m"])
+    def _spectrum_penalty_kernel(
+        src_ptr, count_ptr, out_ptr,
+        num_m, N, count, mean_tol, anchor, alpha, beta, tiny,
+        FROM_MOMENTS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
+        SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
+    ):  # fmt: skip
+        """One program: spectrum (from row-block moments, or given), sort, eq. (2), dR/dlam
+        scattered to V's column order, status. ``out`` is the scratch layout of the module."""
+        cols = tl.arange(0, BLOCK)
+        ok = cols < N
+        if FROM_MOMENTS:
+            if COUNT_FROM_PTR:
+                count = tl.load(count_ptr).to(tl.float32)
+            lam, zbar = finish_moments(src_ptr, N, num_m, cols, ok, count, mean_tol, BLOCK)
+            tl.store(out_ptr + HEAD + 2 * N + cols, zbar, mask=ok)
+        else:
+            lam = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + HEAD + N + cols, lam, mask=ok)
+        penalty, grad, order, nonfinite, anchor_bad, overflow = sorted_penalty(
+            lam, cols, ok, N, anchor, alpha, beta, tiny, SKIP_NONPOSITIVE
+        )
+        tl.store(out_ptr + HEAD + order, grad, mask=ok)
         tl.store(out_ptr, penalty)
         tl.store(out_ptr + 1, nonfinite)
-        tl.store(out_ptr + 2, tl.where(s_anchor > tiny * s_first, 0.0, 1.0))
-        tl.store(out_ptr + 3, tl.where(overflow, 1.0, 0.0))
+        tl.store(out_ptr + 2, anchor_bad)
+        tl.store(out_ptr + 3, overflow)
 
 
 # --------------------------------------------------------------------------------------------
@@ -389,7 +404,8 @@ def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tin
     from_ptr = isinstance(count, torch.Tensor)
     _spectrum_penalty_kernel[(1,)](
         src, count if from_ptr else src, out,
-        src.shape[1] if mean_tol is not None else 1, N, float(count) if count is not None and not from_ptr else 0.0,
+        src.shape[1] if mean_tol is not None else 1, N,
+        float(count) if count is not None and not from_ptr else 0.0,
         mean_tol or 0.0, anchor, alpha, beta, tiny,
         FROM_MOMENTS=mean_tol is not None, COUNT_FROM_PTR=from_ptr,
         SKIP_NONPOSITIVE=skip, BLOCK=block, num_warps=4 if block <= 1024 else 8,
