@@ -46,6 +46,7 @@ from powerlaw_fast.baselines import (  # noqa: E402
 SIZES = (1024, 2048, 4096, 8192, 16384)
 SETTINGS = (("float32", "highest"), ("float32", "high"), ("bfloat16", "high"))
 TAU = 10
+GRAPHED = ("triton", "torch_projection", "triton_bf16_compute")  # also timed as CUDA graphs
 
 
 def make_inputs(N: int, dtype: torch.dtype, device: str, seed: int = 0):
@@ -162,7 +163,7 @@ def run(sizes, settings, device: str, rep: int):
             for name, step in timed_steps(impls, x, V):
                 ms = median_ms(step, rep=rep)
                 graph_ms = enqueue_ms = None
-                if device == "cuda" and name in ("triton", "torch_projection", "triton_bf16_compute"):
+                if device == "cuda" and name in GRAPHED:
                     graph_ms, enqueue_ms = graph_and_enqueue_ms(step)
                 rows.append(
                     dict(

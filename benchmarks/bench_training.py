@@ -2,14 +2,17 @@
 
 Rows (median ms and peak memory, same device and run):
 
-- ``train_step``: one Adam step (lr 1e-4) of the paper's MLP 784-1000-1000-1000-10 (tanh) on a
-  batch of 1500 with cross-entropy, ``mode`` =
-  ``vanilla`` (no penalty), ``specreg`` (:class:`powerlaw_fast.SpectralRegularizer` on all three
-  hidden layers, backend "auto") and ``authors``
+- ``train_step``: one Adam step (lr 1e-4) with cross-entropy of ``model`` = ``mlp`` (the paper's
+  784-1000-1000-1000-10 tanh, B = 1500), ``cnn`` (the paper's CNN, B = 1500) or ``wide_mlp``
+  (3 x 4096, B = 6144); ``mode`` = ``vanilla`` (no penalty), ``specreg``
+  (:class:`powerlaw_fast.SpectralRegularizer` on every hidden layer, backend "auto", with
+  ``penalty_dtype`` "model" or "bfloat16") and, for the MLP, ``authors``
   (:func:`powerlaw_fast.baselines.authors_loop_penalty` on each hidden layer, the per-eigenvalue
   loop of josuenassar/power_law's ``eigen_val_regulate``: covariance first, 0-indexed tau = 10,
-  one host synchronisation per eigenvalue, V copied from the host every step). float32 rows,
-  plus bfloat16 autocast rows for ``vanilla`` and ``specreg``.
+  one host synchronisation per eigenvalue, V copied from the host every step); ``dtype``
+  float32 or bfloat16 autocast; ``execution`` ``eager`` or ``graphed`` (the whole step captured
+  in one CUDA graph and replayed); ``x_vanilla``: the time over vanilla's in the same model,
+  dtype and execution.
 - ``refresh``: :meth:`SpectralRegularizer.refresh` over the 60 000 MNIST training images (already
   on the GPU, batches of 2000) for the MLP (3 layers of 1000) and the CNN (2704, 800, 1000).
   Real MNIST from ``--data`` or ``$POWERLAW_FAST_DATA`` (torchvision's layout); when neither is
@@ -112,48 +115,107 @@ def _make_step(model, optimiser, x, y, dtype, reg, capture, V_host):
     return step
 
 
+def _graphed(step, optimiser):
+    """The whole step captured once in a CUDA graph (torch's whole-network recipe: warm-up on
+    a side stream, grads set to None before the capture, Adam(capturable=True)); returns the
+    replay. A refresh outside the graph updates V in place, so the graph stays valid."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    optimiser.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
+
+
+# (model label, regularised layers' widths for the label, batch): the paper's MLP and CNN, and a
+# wide MLP where the penalty's GEMMs dominate
+MODELS = {
+    "mlp": (lambda: MLP(widths=(1000, 1000, 1000), activation="tanh"), 1500),
+    "cnn": (lambda: CNN(activation="tanh"), 1500),
+    "wide_mlp": (lambda: MLP(widths=(4096, 4096, 4096), activation="tanh"), 6144),
+}
+
+
 def bench_train_steps(args, device, images, labels):
-    widths = (64, 64, 64) if args.smoke else (1000, 1000, 1000)
-    B = 96 if args.smoke else 1500
     rows = []
-    names = ["hidden1", "hidden2", "hidden3"]
-    x, y = images[:B], labels[:B]
     precision = torch.get_float32_matmul_precision()
-    cases = [("vanilla", torch.float32), ("specreg", torch.float32), ("authors", torch.float32)]
-    if device.type == "cuda":
-        cases += [("vanilla", torch.bfloat16), ("specreg", torch.bfloat16)]
-    for mode, dtype in cases:
-        torch.manual_seed(0)
-        model = MLP(widths=widths, activation="tanh").to(device)
-        model.train()
-        optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
-        reg = capture = V_host = None
-        hidden = model.hidden_layers()
-        if mode == "specreg":
-            reg = SpectralRegularizer(model, names, tau=10, beta=BETA, progress=False)
-            reg.refresh(images[: 4 * B], batch_size=2000)
-            impl = "powerlaw_fast.SpectralRegularizer"
-        elif mode == "authors":
-            seed_reg = SpectralRegularizer(model, names, tau=10, progress=False)
-            seed_reg.refresh(images[: 4 * B], batch_size=2000)
-            V_host = {n: seed_reg.basis(n).cpu() for n in names}
-            seed_reg.remove()
-            capture = _HiddenCapture(hidden)
-            impl = "authors' per-eigenvalue loop (baselines.authors_loop_penalty)"
-        else:
-            impl = "no penalty"
-        step = _make_step(model, optimiser, x, y, dtype, reg, capture, V_host)
-        ms = median_ms(step, **_timing(args, slow=mode == "authors"))
-        rows.append({
-            "op": "train_step", "mode": mode, "B": B, "N": widths[0],
-            "dtype": str(dtype).replace("torch.", ""), "precision": precision, "impl": impl,
-            "median_ms": ms, "peak_mem_mb": peak_memory_mb(step),
-        })
-        if reg is not None:
-            reg.remove()
-        if capture is not None:
-            capture.remove()
+    models = {"mlp": (lambda: MLP(widths=(64, 64, 64), activation="tanh"), 96)} if args.smoke \
+        else MODELS  # fmt: skip
+    executions = ["eager", "graphed"] if device.type == "cuda" else ["eager"]
+    for label, (make_model, B) in models.items():
+        x, y = images[:B], labels[:B]
+        cases = [("vanilla", None), ("specreg", None), ("specreg", torch.bfloat16)]
+        dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+        for execution in executions:
+            for dtype in dtypes:
+                for mode, penalty_dtype in cases:
+                    rows.append(_train_row(args, device, label, make_model, images, x, y, dtype,
+                                           mode, penalty_dtype, execution, precision))  # fmt: skip
+        if label == "mlp":
+            rows.append(_train_row(args, device, label, make_model, images, x, y, torch.float32,
+                                   "authors", None, "eager", precision))  # fmt: skip
+    _add_ratios(rows)
     return rows
+
+
+def _train_row(args, device, label, make_model, images, x, y, dtype, mode, penalty_dtype,
+               execution, precision):  # fmt: skip
+    torch.manual_seed(0)
+    model = make_model().to(device)
+    model.train()
+    graphed = execution == "graphed"
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4, capturable=graphed)
+    reg = capture = V_host = None
+    hidden = model.hidden_layers()
+    names = list(hidden)
+    B = x.shape[0]
+    if mode == "specreg":
+        reg = SpectralRegularizer(model, names, tau=10, beta=BETA, progress=False,
+                                  penalty_dtype=penalty_dtype)  # fmt: skip
+        reg.refresh(images[: 4 * B], batch_size=2000)
+        impl = "powerlaw_fast.SpectralRegularizer"
+    elif mode == "authors":
+        seed_reg = SpectralRegularizer(model, names, tau=10, progress=False)
+        seed_reg.refresh(images[: 4 * B], batch_size=2000)
+        V_host = {n: seed_reg.basis(n).cpu() for n in names}
+        seed_reg.remove()
+        capture = _HiddenCapture(hidden)
+        impl = "authors' per-eigenvalue loop (baselines.authors_loop_penalty)"
+    else:
+        impl = "no penalty"
+    step = _make_step(model, optimiser, x, y, dtype, reg, capture, V_host)
+    if graphed:
+        step = _graphed(step, optimiser)
+    ms = median_ms(step, **_timing(args, slow=mode == "authors"))
+    row = {
+        "op": "train_step", "model": label, "mode": mode, "execution": execution, "B": B,
+        "N": max(model.hidden_widths().values()), "widths": list(model.hidden_widths().values()),
+        "dtype": str(dtype).replace("torch.", ""), "precision": precision,
+        "penalty_dtype": str(penalty_dtype or "model").replace("torch.", ""), "impl": impl,
+        "median_ms": ms, "peak_mem_mb": peak_memory_mb(step),
+    }
+    if reg is not None:
+        reg.remove()
+    if capture is not None:
+        capture.remove()
+    return row
+
+
+def _add_ratios(rows):
+    """x_vanilla: each step's time over vanilla's, same model, dtype and execution."""
+    vanilla = {
+        (r["model"], r["dtype"], r["execution"]): r["median_ms"]
+        for r in rows if r["op"] == "train_step" and r["mode"] == "vanilla"
+    }  # fmt: skip
+    for r in rows:
+        key = (r.get("model"), r["dtype"], r.get("execution"))
+        if r["op"] == "train_step" and key in vanilla:
+            r["x_vanilla"] = r["median_ms"] / vanilla[key]
 
 
 def bench_refresh(args, device, images):
@@ -187,15 +249,10 @@ def bench_refresh(args, device, images):
 
 
 def _print_rows(rows):
-    """The table, with each train step's time relative to vanilla's (same dtype) for reading."""
-    vanilla = {r["dtype"]: r["median_ms"] for r in rows if r["mode"] == "vanilla"}
-    shown = [
-        {**r, "x_vanilla": r["median_ms"] / vanilla[r["dtype"]]}
-        if r["op"] == "train_step" and r["dtype"] in vanilla else r
-        for r in rows
-    ]
     print_table(
-        shown, ["op", "mode", "B", "N", "dtype", "median_ms", "x_vanilla", "peak_mem_mb", "impl"]
+        rows,
+        ["op", "model", "mode", "execution", "dtype", "penalty_dtype", "B", "N", "median_ms",
+         "x_vanilla", "peak_mem_mb"],
     )
 
 

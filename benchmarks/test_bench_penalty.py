@@ -39,7 +39,8 @@ def test_penalty_forward_backward(benchmark, impl, N):
         backend = "triton" if ON_GPU else "torch"
         step = forward_backward(lambda a, b: spec_penalty(a, b, tau=10, backend=backend), x, V)
     else:
-        step = forward_backward(implementations(N, include_cuda=False, dtype=torch.float32)[impl], x, V)
+        impls = implementations(N, include_cuda=False, dtype=torch.float32)
+        step = forward_backward(impls[impl], x, V)
 
     def timed():
         step()

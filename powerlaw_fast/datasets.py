@@ -68,7 +68,9 @@ def _read_bytes(raw_dir: Path, name: str) -> tuple[bytes, Path]:
             raise MNISTFileError(f"{gz}: corrupt gzip file ({err})") from err
     if plain.exists():
         return plain.read_bytes(), plain
-    raise MNISTNotFoundError(f"{gz}: missing MNIST file (neither {gz.name} nor {plain.name} exists)")
+    raise MNISTNotFoundError(
+        f"{gz}: missing MNIST file (neither {gz.name} nor {plain.name} exists)"
+    )
 
 
 def read_idx(raw_dir: Path, name: str, *, magic: int, ndim: int) -> np.ndarray:

@@ -144,7 +144,7 @@ def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
         ax.loglog(ranks, kappa * ranks**-alpha, "k--", lw=1,
                   label=rf"{target} target, anchored at rank $\tau$ = {tau}")
         # the penalty's sum starts at n = tau: ranks before it are free (eq. 2)
-        ax.axvspan(1, tau, color="0.88", zorder=0, label=rf"ranks $n < \tau$: not penalised")
+        ax.axvspan(1, tau, color="0.88", zorder=0, label=r"ranks $n < \tau$: not penalised")
     ax.set_xlabel("rank n")
     ax.set_ylabel(r"eigenvalue $\lambda_n$")
     runs0 = next(iter(groups.values()))

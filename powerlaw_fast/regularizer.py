@@ -527,7 +527,7 @@ class SpectralRegularizer:
         views = self._cast_basis.get(key)
         if views is None:
             flat = torch.cat(
-                [self._basis[n].to(device=device, dtype=dtype).reshape(-1) for n in self.layer_names]
+                [self._basis[n].to(device=device, dtype=dtype).flatten() for n in self.layer_names]
             )
             views, offset = {}, 0
             for name in self.layer_names:
@@ -569,7 +569,8 @@ class SpectralRegularizer:
         device, dtype = xs[0].device, xs[0].dtype
         backend = resolve_backend(self.backend, device, dtype=dtype)
         grouped = (
-            self.process_group is None
+            not torch.compiler.is_compiling()  # compiled steps use the opaque custom ops
+            and self.process_group is None
             and all(x.device == device for x in xs)
             and can_group(xs, backend)
         )

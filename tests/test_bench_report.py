@@ -161,14 +161,20 @@ def test_penalty_target_not_measured_without_the_width(files):
 def test_training_tables_and_verdicts(files):
     training = by_name(files, "training")
     text = report.training_tables(training)
-    assert (f"| {FAKE_GPU} | B=1500, N=1000 | float32 / highest | 12.0 | 10.0 (0.83x) | "
-            "500 (41.7x) |") in text
-    assert f"| {FAKE_GPU} | B=1500, N=1000 | bfloat16 / highest | 8.00 | 5.00 (0.62x) | – |" \
-        in text
+    # files without model/execution/penalty_dtype fields: the eager MLP, penalty in the model's
+    # dtype; each row against vanilla in the same model, execution and dtype
+    assert (f"| {FAKE_GPU} | mlp | B=1500, N=1000 | eager | float32 / highest | specreg | model "
+            "| 12.0 (1.20x) |") in text
+    assert (f"| {FAKE_GPU} | mlp | B=1500, N=1000 | eager | bfloat16 / highest | specreg | "
+            "model | 8.00 (1.60x) |") in text
+    assert (f"| {FAKE_GPU} | mlp | B=1500, N=1000 | eager | float32 / highest | authors | model "
+            "| 500 (50.0x) |") in text
     assert f"| {FAKE_GPU} | cnn | 60000 | 2704, 800, 1000 | 1500 | 2.00 |" in text
     step, refresh = report.training_verdicts(training)
     assert step.status == "NOT met"
-    assert step.line().endswith("NOT met (bfloat16: 1.60x vanilla, target <= 1.30x)")
+    assert step.line().endswith(
+        "NOT met (eager bfloat16, penalty model: 1.60x vanilla, target <= 1.30x)"
+    )
     assert refresh.line().endswith("NOT met (cnn: 1.50 s, target < 1 s)")
 
 

@@ -17,7 +17,6 @@ from powerlaw_fast.datasets import (
 )
 
 
-
 def _real_mnist_raw() -> Path | None:
     """The raw IDX folder of real MNIST: $POWERLAW_FAST_DATA, else the sibling ../shared."""
     candidates = [os.environ.get("POWERLAW_FAST_DATA", ""),

@@ -82,11 +82,10 @@ from powerlaw_fast._validation import (
     check_tensor,
 )
 from powerlaw_fast.ops import _alloc, status
-from powerlaw_fast.ops._triton_gemm import dot_in_fp32, dot_precision, size_bucket
+from powerlaw_fast.ops._triton_gemm import dot_in_fp32, size_bucket
 from powerlaw_fast.ops.backends import implementation, register
 from powerlaw_fast.ops.centring import (
     accumulation_dtype,
-    centre_columns_torch,
     column_moments_torch,
 )
 
@@ -203,7 +202,9 @@ if triton_available():
         )
 
     @triton.jit
-    def finish_moments(moments_ptr, row_stride, num_m, cols, ok, count, mean_tol, BLOCK: tl.constexpr):
+    def finish_moments(
+        moments_ptr, row_stride, num_m, cols, ok, count, mean_tol, BLOCK: tl.constexpr
+    ):
         """Row-block moments (S1 rows, then S2 rows, ``row_stride`` apart) -> (lam, Z's column
         means): ``lam = (S2 - S1^2 / B) / (B - 1)`` with rounding-level values set to 0."""
         s1 = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -309,7 +310,8 @@ def _plan(x_dtype, compute_dtype, tf32: bool, N: int, forced_route: str) -> Plan
     operand = operand_dtype(x_dtype, compute_dtype)
     if operand == torch.float32:
         # float16 inputs: TF32 holds them exactly and cannot overflow where float16 would
-        precision = "tf32" if (tf32 or (x_dtype == torch.float16 and compute_dtype is None)) else "ieee"
+        half_input = x_dtype == torch.float16 and compute_dtype is None
+        precision = "tf32" if (tf32 or half_input) else "ieee"
     else:
         precision = "tf32"
     route = forced_route if forced_route != "auto" else (
@@ -711,7 +713,8 @@ def _powerlaw_penalty_op(
     lam: torch.Tensor, backend: str, anchor: int, alpha: float, beta: float,
     skip_nonpositive: bool, validate: str, tau: int,
 ) -> torch.Tensor:  # fmt: skip
-    settings = Settings(backend, anchor, alpha, beta, skip_nonpositive, validate, "", "lam", tau, "")
+    settings = Settings(backend, anchor, alpha, beta, skip_nonpositive, validate, "", "lam", tau,
+                        "")  # fmt: skip
     return _sorted_penalty(lam, settings)
 
 

@@ -53,7 +53,8 @@ def test_sixteen_bit_layers(dtype):
     settings = dict(alphas=[1.0, 1.0], anchors=[9, 9], betas=[1.0, 1.0])
     total, _ = grouped_penalty_triton(xs, [V.to(dtype) for V in Vs], **settings,
                                       convention="paper")  # fmt: skip
-    ref = sum(float(literal_penalty(x.double(), V.to(dtype).double())) for x, V in zip(xs, Vs))
+    pairs = zip(xs, Vs, strict=True)
+    ref = sum(float(literal_penalty(x.double(), V.to(dtype).double())) for x, V in pairs)
     assert math.isclose(float(total), ref, rel_tol=3e-2)
 
 

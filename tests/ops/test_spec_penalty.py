@@ -25,6 +25,7 @@ from tests.reference import (
     value_and_grad,
 )
 
+
 def make_batch(
     B, N, *, dtype=torch.float32, mean=0.0, std=1.0, decay=0.5, seed=0, device=DEVICE
 ):
@@ -250,7 +251,9 @@ def test_triton_is_deterministic():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("precision", ["highest", "high"])
-@pytest.mark.parametrize("B,N,tau,mean", [(64, 40, 10, 0.0), (100, 37, 5, 3.0), (300, 257, 10, 0.5)])
+@pytest.mark.parametrize(
+    "B,N,tau,mean", [(64, 40, 10, 0.0), (100, 37, 5, 3.0), (300, 257, 10, 0.5)]
+)
 def test_float32_follows_matmul_precision(backend, precision, B, N, tau, mean):
     """"highest": exact float32 tolerances. "high" (TF32; the Triton interpreter emulates TF32's
     rounding, so this branch runs on a CPU too): no worse than twice the torch backend's own
@@ -355,7 +358,8 @@ def test_rank_deficient_batch_raises(backend):
         spec_penalty(torch.ones(8, 12, device=DEVICE), V, tau=1, backend=backend)
     # a constant batch whose mean does not round exactly: its spectrum is rounding noise only
     constant = (torch.full((37, 12), 0.1) + torch.arange(12) * 0.3).to(DEVICE)
-    Q = torch.linalg.qr(torch.randn(12, 12, generator=torch.Generator().manual_seed(0)))[0].to(DEVICE)
+    g = torch.Generator().manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(12, 12, generator=g))[0].to(DEVICE)
     assert float(projected_spectrum(constant, Q, backend=backend).abs().max()) == 0.0
     with pytest.raises(ValueError, match="rank-deficient"):
         spec_penalty(constant, Q, tau=1, backend=backend)

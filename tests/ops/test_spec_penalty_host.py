@@ -11,8 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from powerlaw_fast import projected_spectrum, raise_pending_errors, spec_penalty
-from powerlaw_fast.ops import status
 from powerlaw_fast.ops import spectral_penalty as sp_module
+from powerlaw_fast.ops import status
 from tests.devices import DEVICE
 from tests.ops.test_spec_penalty import make_batch
 
