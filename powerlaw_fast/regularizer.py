@@ -11,6 +11,15 @@ The training scheme of Nassar et al. (2020), sec. 3.2 (DESIGN.md sections 2 and 
    pass, and :meth:`SpectralRegularizer.penalty` returns
    ``sum_layers spec_penalty(x_layer, V_layer; alpha, tau, beta)`` to add to the loss.
 
+Optionally (``basis_update="running"``) the basis follows training instead of the epoch
+refresh: :meth:`SpectralRegularizer.penalty` folds each layer's covariance of the batch it
+penalises into a float64 running average (exponential, weight ``basis_momentum`` on the newest
+batch; no extra forward pass) and every ``basis_every`` penalties installs the running
+average's eigenvectors as ``V`` in place. A stale ``V`` lets the network satisfy the penalty by
+rotating its spectrum instead of flattening it; a basis at most a step old is what moves the
+tail of the spectrum onto 1/n (issue 15's measurements). Cost per layer: one ``[B, N]``
+float64 GEMM per step and one ``N x N`` float64 ``eigh`` every ``basis_every`` steps.
+
 When the hooks keep activations: only in a forward pass that runs with gradients enabled while
 the layer is in training mode, i.e. the training forward. Evaluation passes (``model.eval()``,
 ``torch.no_grad()``, adversarial attacks on an eval-mode model) leave nothing behind, so they
@@ -66,6 +75,7 @@ from powerlaw_fast.spectra import (
 )
 
 _STATE_FORMAT = 1
+BASIS_UPDATES = ("epoch", "running")
 
 
 class _AllLayersCaptured(Exception):
@@ -117,6 +127,25 @@ class SpectralRegularizer:
             ``world_size * reg.penalty()`` to each rank's loss to get the single-process
             gradient.
 
+        basis_update: where ``V`` comes from. ``"epoch"`` (default, the paper's scheme): only
+            :meth:`refresh` (a pass over the data, once per epoch) and :meth:`load_state_dict`
+            set it. ``"running"``: each :meth:`penalty` also folds the covariance of the batch
+            it penalises (training-mode activations, float64) into a running average and, on
+            its first call and every ``basis_every`` calls after, installs that average's
+            eigenvectors in place (before computing the penalty, so the basis includes the
+            current batch); :meth:`refresh` is then optional (it sets ``V`` but leaves the
+            running average alone). Cost: one ``[B, N]`` float64 GEMM per layer and step plus
+            one ``N x N`` float64 ``eigh`` per layer every ``basis_every`` steps. The update is
+            not CUDA-graph capturable (``eigh`` synchronises): capture the rest of the step, or
+            use ``"epoch"``. With a ``process_group`` the batch moments are all-reduced and
+            rank 0's eigenvectors broadcast.
+        basis_every: with ``basis_update="running"``, penalty calls between two
+            eigendecompositions (default 1: every step; issue 15 found that a basis more than a
+            few steps old leaves the spectrum's tail where vanilla training puts it).
+        basis_momentum: with ``basis_update="running"``, the weight of the newest batch's
+            covariance in the running average, in (0, 1] (default 0.1: about the last 10
+            batches; 1 = the current batch only, which over-shoots at ``B`` near ``N``).
+
     Attributes:
         layer_names: the names of the regularised layers, in the order given.
     """
@@ -135,6 +164,9 @@ class SpectralRegularizer:
         validate: bool | str = "deferred",
         penalty_dtype: torch.dtype | None = None,
         process_group=None,
+        basis_update: str = "epoch",
+        basis_every: int = 1,
+        basis_momentum: float = 0.1,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -154,6 +186,19 @@ class SpectralRegularizer:
             )
         self.penalty_dtype = penalty_dtype
         self.process_group = process_group
+        if basis_update not in BASIS_UPDATES:
+            raise ValueError(
+                f"basis_update: expected one of {BASIS_UPDATES}, got {basis_update!r}"
+            )
+        self.basis_update = basis_update
+        self.basis_every = check_int_range(basis_every, "basis_every", 1, 1 << 30)
+        self.basis_momentum = check_real(basis_momentum, "basis_momentum", low=0.0,
+                                         low_inclusive=False)
+        if self.basis_momentum > 1.0:
+            raise ValueError(f"basis_momentum: expected a number in (0, 1], got {basis_momentum}")
+        # running mode: name -> float64 running covariance [N, N]; penalty calls so far
+        self._running: dict[str, torch.Tensor] = {}
+        self._running_steps = 0
 
         self._modules: dict[str, nn.Module] = {}
         for entry in self._as_layer_list(layers):
@@ -557,7 +602,8 @@ class SpectralRegularizer:
                 pass (with gradients, in training mode) since the last ``penalty()``.
         """
         captured, self._captured = self._captured, {}
-        self._require_refreshed()
+        if self.basis_update == "epoch":
+            self._require_refreshed()
         missing = [n for n in self.layer_names if n not in captured]
         if missing:
             raise RuntimeError(
@@ -566,6 +612,8 @@ class SpectralRegularizer:
                 f"the activations of a forward pass are released by the first penalty() call"
             )
         xs = [self._activations(name, captured.pop(name)) for name in self.layer_names]
+        if self.basis_update == "running":
+            self._update_running_basis(xs)
         device, dtype = xs[0].device, xs[0].dtype
         backend = resolve_backend(self.backend, device, dtype=dtype)
         grouped = (
@@ -594,7 +642,8 @@ class SpectralRegularizer:
                 f"layer {name!r}: expected the layer to output a tensor, got {type(out).__name__}"
             )
         x = out.reshape(out.shape[0], -1)
-        N = self._basis[name].shape[0]
+        known = self._basis.get(name, self._running.get(name))
+        N = x.shape[1] if known is None else known.shape[0]
         if x.shape[1] != N:
             raise ValueError(
                 f"layer {name!r}: expected {N} features per sample (as at the last refresh), got "
@@ -614,6 +663,63 @@ class SpectralRegularizer:
                 stacklevel=4,
             )
         return x
+
+    def running_covariance(self, layer) -> torch.Tensor | None:
+        """With ``basis_update="running"``: the float64 running average ``[N, N]`` of
+        ``layer``'s batch covariances (None before the first penalty, or in ``"epoch"`` mode)."""
+        name = self._layer_name(layer, "layer")
+        return self._running.get(name)
+
+    @torch.compiler.disable
+    def _update_running_basis(self, xs: list[torch.Tensor]) -> None:
+        """Fold the batch covariances into the running averages; every ``basis_every`` calls
+        (and on the first) eigendecompose them and install the bases in place."""
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "SpectralRegularizer(basis_update='running'): the basis update cannot run inside "
+                "a CUDA graph capture (eigh synchronises); capture without the penalty or use "
+                "basis_update='epoch'"
+            )
+        m = self.basis_momentum
+        with torch.no_grad(), torch.autocast(xs[0].device.type, enabled=False):
+            for name, x in zip(self.layer_names, xs, strict=True):
+                rows = x.detach().to(torch.float64)
+                count = torch.tensor(float(rows.shape[0]), dtype=torch.float64,
+                                     device=rows.device)
+                total = rows.sum(0)
+                if self.process_group is not None:
+                    import torch.distributed as dist
+
+                    # raw moments of the global batch: N^2 + N + 1 floats per layer and step
+                    moments = torch.cat([count.reshape(1), total, (rows.T @ rows).flatten()])
+                    dist.all_reduce(moments, group=self.process_group)
+                    N = rows.shape[1]
+                    count, total = moments[0], moments[1 : N + 1]
+                    second = moments[N + 1 :].view(N, N)
+                    mean = total / count
+                    cov = (second - count * torch.outer(mean, mean)) / (count - 1)
+                else:
+                    centred = rows - total / count
+                    cov = centred.T @ centred / (count - 1)
+                old = self._running.get(name)
+                if old is None or old.shape != cov.shape or old.device != cov.device:
+                    self._running[name] = cov
+                else:
+                    old.mul_(1.0 - m).add_(cov, alpha=m)
+        due = not self._basis or self._running_steps % self.basis_every == 0
+        self._running_steps += 1
+        if not due:
+            return
+        basis, values = {}, {}
+        for name in self.layer_names:
+            cov = self._running[name]
+            self._check_tau(name, cov.shape[0])
+            lam, vectors = eigh_descending(cov)
+            basis[name] = vectors.to(torch.float32)
+            values[name] = lam
+            if self.process_group is not None:
+                self._broadcast_from_first_rank(basis[name], values[name])
+        self._install(basis, values)
 
     def _compute_dtype(self, x: torch.Tensor):
         return self.penalty_dtype if x.dtype != torch.float64 else None

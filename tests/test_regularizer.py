@@ -655,3 +655,150 @@ def test_whole_training_step_under_torch_compile_matches_eager():
         losses[label] = torch.stack([run(x, y) for _ in range(3)])
         reg.remove()
     torch.testing.assert_close(losses["compiled"], losses["eager"], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# basis_update="running": the basis from a running average of the training batches' covariances
+
+
+def _batch_cov(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().to(torch.float64)
+    centred = x - x.mean(0)
+    return centred.T @ centred / (x.shape[0] - 1)
+
+
+def _running_setup(**kwargs):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 3))
+    outputs = {}
+    model[1].register_forward_hook(lambda m, a, out: outputs.__setitem__("1", out))
+    reg = SpectralRegularizer(model, ["1"], tau=3, progress=False, basis_update="running",
+                              **kwargs)
+    return model, reg, outputs
+
+
+def test_running_basis_is_the_eigenbasis_of_the_ema_of_batch_covariances():
+    model, reg, outputs = _running_setup(basis_momentum=0.25)
+    assert not reg.refreshed and reg.running_covariance("1") is None
+    expected = None
+    g = torch.Generator().manual_seed(3)
+    for _ in range(4):
+        model(torch.randn(50, 12, generator=g) * 2)
+        cov = _batch_cov(outputs["1"])
+        expected = cov if expected is None else 0.75 * expected + 0.25 * cov
+        reg.penalty().backward()
+        torch.testing.assert_close(reg.running_covariance("1"), expected, rtol=1e-12, atol=1e-14)
+        lam, V = reg.eigenvalues("1"), reg.basis("1").double()
+        ref = torch.linalg.eigvalsh(expected).flip(0)
+        torch.testing.assert_close(lam, ref, rtol=1e-10, atol=1e-14)
+        # V diagonalises the running average, columns in descending eigenvalue order
+        torch.testing.assert_close(V.T @ expected @ V, torch.diag(ref), rtol=0, atol=1e-6)
+    reg.remove()
+
+
+def test_running_basis_includes_the_current_batch_before_the_penalty():
+    # momentum 1: V is the current batch's eigenbasis, so the projected per-batch spectrum is
+    # that batch's eigenvalues and the penalty equals spec_penalty with that V
+    model, reg, outputs = _running_setup(basis_momentum=1.0)
+    for seed in (1, 2):
+        model(torch.randn(60, 12, generator=torch.Generator().manual_seed(seed)))
+        x = outputs["1"]
+        value = reg.penalty()
+        lam, V = torch.linalg.eigh(_batch_cov(x))
+        V = V.flip(1).float()
+        expected = spec_penalty(x.detach(), V, alpha=1.0, tau=3, beta=1.0)
+        torch.testing.assert_close(value.detach(), expected, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(reg.spectra()["1"].double(), lam.flip(0), rtol=1e-4,
+                                   atol=1e-6)
+    reg.remove()
+
+
+def test_running_basis_updates_every_k_steps_in_place():
+    model, reg, _ = _running_setup(basis_every=3, basis_momentum=0.5)
+    g = torch.Generator().manual_seed(5)
+    snapshots, pointers = [], set()
+    for _ in range(7):
+        model(torch.randn(40, 12, generator=g) * 3)
+        reg.penalty()
+        (views,) = reg._cast_basis.values()
+        pointers.add((reg.basis("1").data_ptr(), views["1"].data_ptr()))
+        snapshots.append(reg.basis("1").clone())
+    assert len(pointers) == 1  # installed in place: CUDA graphs keep reading the same buffers
+    changed = [i for i in range(1, 7) if not torch.equal(snapshots[i], snapshots[i - 1])]
+    assert changed == [3, 6]
+    torch.testing.assert_close(views["1"], reg.basis("1"), rtol=0, atol=0)
+    reg.remove()
+
+
+def test_running_basis_drives_the_true_spectrum_while_a_stale_one_does_not():
+    """Penalty-only training of a small tanh layer: the true spectrum's distance to 1/n
+    (the penalty with the true eigenbasis) falls further with a fresh basis."""
+    results = {}
+    data = torch.randn(400, 12, generator=torch.Generator().manual_seed(0)) * 2
+    for mode in ("epoch", "running"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(12, 16), nn.Tanh())
+        reg = SpectralRegularizer(model, ["1"], tau=3, beta=10.0, progress=False,
+                                  basis_update=mode)
+        if mode == "epoch":
+            reg.refresh(data)  # once: stale for the whole run
+        opt = torch.optim.Adam(model.parameters(), lr=3e-2)
+        for step in range(60):
+            model(data[(step % 4) * 100 : (step % 4 + 1) * 100])
+            loss = reg.penalty()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            out = model(data)
+        lam, V = torch.linalg.eigh(_batch_cov(out))
+        results[mode] = float(spec_penalty(out, V.flip(1).float(), alpha=1.0, tau=3, beta=10.0))
+        reg.remove()
+    assert results["running"] < 0.5 * results["epoch"], results
+
+
+def test_running_basis_arguments_and_epoch_mode_unchanged():
+    model = nn.Sequential(nn.Linear(12, 16), nn.Tanh())
+    with pytest.raises(ValueError, match="basis_update: expected one of"):
+        SpectralRegularizer(model, ["1"], basis_update="step", progress=False)
+    with pytest.raises(ValueError, match="basis_momentum"):
+        SpectralRegularizer(model, ["1"], basis_update="running", basis_momentum=1.5)
+    with pytest.raises(ValueError, match="basis_momentum"):
+        SpectralRegularizer(model, ["1"], basis_update="running", basis_momentum=0.0)
+    with pytest.raises(ValueError, match="basis_every"):
+        SpectralRegularizer(model, ["1"], basis_update="running", basis_every=0)
+    reg = SpectralRegularizer(model, ["1"], tau=3, progress=False)
+    assert reg.basis_update == "epoch"
+    model(torch.randn(30, 12))
+    with pytest.raises(RuntimeError, match="no eigenbasis yet"):
+        reg.penalty()
+    assert reg.running_covariance("1") is None
+    reg.remove()
+    running = SpectralRegularizer(model, ["1"], tau=20, progress=False, basis_update="running")
+    model(torch.randn(30, 12))
+    with pytest.raises(ValueError, match="tau for layer '1'"):
+        running.penalty()  # a width below tau is refused at the first eigendecomposition
+    running.remove()
+
+
+def test_running_basis_on_the_grouped_triton_path():
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(),
+                         nn.Linear(24, 3))
+    x = torch.randn(96, 20)
+    values = {}
+    for backend in ("torch", "triton"):
+        reg = SpectralRegularizer(base, ["1", "3"], tau=4, backend=backend, progress=False,
+                                  basis_update="running", basis_momentum=0.5)
+        out = []
+        for i in range(2):
+            base.zero_grad()
+            base(x[i * 48 : (i + 1) * 48] * (1 + i))
+            value = reg.penalty()
+            value.backward()
+            out.append(value.detach())
+        values[backend] = (torch.stack(out), base[0].weight.grad.clone())
+        reg.remove()
+    torch.testing.assert_close(values["triton"][0], values["torch"][0], rtol=2e-4, atol=0)
+    torch.testing.assert_close(values["triton"][1], values["torch"][1], rtol=2e-3, atol=1e-7)
