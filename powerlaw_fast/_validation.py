@@ -49,20 +49,25 @@ def as_batch_matrix(x, name: str = "x", *, min_batch: int = 2) -> torch.Tensor:
     return x
 
 
-def check_basis(V, x: torch.Tensor, name: str = "V") -> None:
-    """``V`` must be ``[N, N]`` with the dtype and device of ``x``."""
+def check_basis(V, x: torch.Tensor, compute_dtype=None, name: str = "V") -> torch.Tensor:
+    """``V [N, N]`` on x's device in x's dtype (or ``compute_dtype``); returns V detached, in
+    ``compute_dtype`` when one is given (a cast costs one N x N copy per call: keep V in it)."""
     check_tensor(V, name)
     n = x.shape[1]
     if V.dim() != 2 or V.shape[0] != n or V.shape[1] != n:
         raise ValueError(
             f"{name}: expected shape [N, N] = [{n}, {n}] (eigenvectors as columns, "
-            f"N = features of x), "
-            f"got {tuple(V.shape)}"
+            f"N = features of x), got {tuple(V.shape)}"
         )
-    if V.dtype != x.dtype:
-        raise TypeError(f"{name}: expected dtype {x.dtype} (the dtype of x), got {V.dtype}")
+    allowed = {x.dtype} if compute_dtype is None else {x.dtype, compute_dtype}
+    if V.dtype not in allowed:
+        expected = " or ".join(sorted(str(d) for d in allowed))
+        raise TypeError(f"{name}: expected dtype {expected} (the dtype of x), got {V.dtype}")
     if V.device != x.device:
         raise ValueError(f"{name}: expected device {x.device} (the device of x), got {V.device}")
+    if compute_dtype is not None and V.dtype != compute_dtype:
+        V = V.to(compute_dtype)
+    return V.detach()
 
 
 def check_real(value, name: str, *, low: float, low_inclusive: bool) -> float:

@@ -59,8 +59,13 @@ if triton_available():
     import triton
     import triton.language as tl
 
-    from powerlaw_fast.ops._triton_gemm import accumulate_dot, gemm_configs, grouped_tile
-    from powerlaw_fast.ops.spectral_penalty import finish_moments, sorted_penalty
+    from powerlaw_fast.ops._triton_gemm import gemm_configs, grouped_tile
+    from powerlaw_fast.ops.spectral_penalty import (
+        backprojection_tile,
+        finish_moments,
+        projection_tile,
+        sorted_penalty,
+    )
 
     @triton.jit
     def _find_layer(pid, widths_ptr, L, num_m, BLOCK_N: tl.constexpr):
@@ -122,23 +127,10 @@ if triton_available():
         cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
         row_ok = rows < B
         col_ok = cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            k_ok = ks < N
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            a = tl.load(x_layer + rows[:, None] * N + ks[None, :], mask=a_mask, other=0.0)
-            mu = tl.load(mean_ptr + col0 + ks, mask=k_ok, other=0.0)
-            # Padding rows must stay exactly zero, or they would add mu^2 terms to the sums.
-            a = tl.where(a_mask, a.to(tl.float32) - mu[None, :], 0.0)
-            b = tl.load(
-                v_layer + ks[:, None] * N + cols[None, :],
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            if OPERAND_FP32:
-                b = b.to(tl.float32)
-            acc = accumulate_dot(a.to(b.dtype), b, acc, IN_PRECISION, DOT_IN_FP32)
+        acc = projection_tile(
+            x_layer, mean_ptr + col0, v_layer, rows, cols, B, N, N, 1, N, 1,
+            OPERAND_FP32, IN_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         tl.store(
             z_layer + rows[:, None] * N + cols[None, :],
             acc.to(z_ptr.dtype.element_ty),
@@ -204,26 +196,10 @@ if triton_available():
         row_ok = rows < B
         out_ok = outs < N
         scale = scale * tl.load(grad_out_ptr).to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            n_ok = ns < N
-            z = tl.load(
-                z_layer + rows[:, None] * N + ns[None, :],
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            c = tl.load(parts_ptr + col0 + ns, mask=n_ok, other=0.0)
-            zb = tl.load(parts_ptr + 2 * TOTAL + col0 + ns, mask=n_ok, other=0.0)
-            vt = tl.load(
-                v_layer + outs[None, :] * N + ns[:, None],
-                mask=n_ok[:, None] & out_ok[None, :],
-                other=0.0,
-            )
-            if OPERAND_FP32:
-                vt = vt.to(tl.float32)
-            a = ((z - zb[None, :]) * (c * scale)[None, :]).to(vt.dtype)
-            acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
+        acc = backprojection_tile(
+            z_layer, parts_ptr + 2 * TOTAL + col0, parts_ptr + col0, v_layer, rows, outs, B, N,
+            scale, N, 1, N, 1, OPERAND_FP32, IN_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         tl.store(
             out_layer + rows[:, None] * N + outs[None, :],
             acc.to(out_ptr.dtype.element_ty),

@@ -76,6 +76,7 @@ import torch
 from powerlaw_fast._backend import resolve_backend, tf32_allowed, triton_available
 from powerlaw_fast._validation import (
     as_batch_matrix,
+    check_basis,
     check_float_dtype,
     check_int_range,
     check_real,
@@ -106,24 +107,14 @@ if triton_available():
 
     HEAD = tl.constexpr(_SCRATCH_HEAD)  # kernels may only read constexpr globals
 
-    @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
     @triton.jit
-    def _centred_projection_kernel(
-        x_ptr, mean_ptr, v_ptr, z_ptr, moments_ptr,
-        B, N, B_BUCKET,
-        stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
+    def projection_tile(
+        x_ptr, mean_ptr, v_ptr, rows, cols, B, N,
+        stride_xb, stride_xk, stride_vk, stride_vn,
         OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
     ):  # fmt: skip
-        """Z = (x - mean) V; moments[0 | 1, pid_m, :] = column sums of Z | Z * Z over the
-        row-block. B_BUCKET is only an autotune key."""
-        num_m = tl.cdiv(B, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-        # int64 indices: index * stride passes 2^31 once B * N or N * N does.
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        """The ``[BLOCK_M, BLOCK_N]`` tile ``(x - mean)[rows] V[:, cols]``, float32."""
         row_ok = rows < B
         col_ok = cols < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -145,6 +136,66 @@ if triton_available():
             if OPERAND_FP32:
                 b = b.to(tl.float32)
             acc = accumulate_dot(a.to(b.dtype), b, acc, IN_PRECISION, DOT_IN_FP32)
+        return acc
+
+    @triton.jit
+    def backprojection_tile(
+        z_ptr, zbar_ptr, coef_ptr, v_ptr, rows, outs, B, N, scale,
+        stride_zb, stride_zn, stride_vk, stride_vn,
+        OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    ):  # fmt: skip
+        """The tile ``scale ((Z - zbar) * coef)[rows] V^T[:, outs]``, float32; the reduction
+        runs over V's columns."""
+        row_ok = rows < B
+        out_ok = outs < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK_K):
+            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            n_ok = ns < N
+            z = tl.load(
+                z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
+                mask=row_ok[:, None] & n_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0)
+            zb = tl.load(zbar_ptr + ns, mask=n_ok, other=0.0)
+            # V^T tile [n, k] read straight from V's strides: no transposed copy.
+            vt = tl.load(
+                v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
+                mask=n_ok[:, None] & out_ok[None, :],
+                other=0.0,
+            )
+            if OPERAND_FP32:
+                vt = vt.to(tl.float32)
+            a = ((z - zb[None, :]) * (c * scale)[None, :]).to(vt.dtype)
+            acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
+        return acc
+
+    @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
+    @triton.jit
+    def _centred_projection_kernel(
+        x_ptr, mean_ptr, v_ptr, z_ptr, moments_ptr,
+        B, N, B_BUCKET,
+        stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
+        OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        GROUP_M: tl.constexpr,
+    ):  # fmt: skip
+        """Z = (x - mean) V; moments[0 | 1, pid_m, :] = column sums of Z | Z * Z over the
+        row-block. B_BUCKET is only an autotune key."""
+        num_m = tl.cdiv(B, BLOCK_M)
+        num_n = tl.cdiv(N, BLOCK_N)
+        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
+        # int64 indices: index * stride passes 2^31 once B * N or N * N does.
+        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
+        row_ok = rows < B
+        col_ok = cols < N
+        acc = projection_tile(
+            x_ptr, mean_ptr, v_ptr, rows, cols, B, N, stride_xb, stride_xk, stride_vk, stride_vn,
+            OPERAND_FP32, IN_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         tl.store(
             z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
             acc.to(z_ptr.dtype.element_ty),
@@ -174,27 +225,11 @@ if triton_available():
         out_ok = outs < N
         if HAS_GRAD_OUT:
             scale = scale * tl.load(grad_out_ptr).to(tl.float32)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            n_ok = ns < N
-            z = tl.load(
-                z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0)
-            zb = tl.load(zbar_ptr + ns, mask=n_ok, other=0.0)
-            # V^T tile [n, k] read straight from V's strides: no transposed copy.
-            vt = tl.load(
-                v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
-                mask=n_ok[:, None] & out_ok[None, :],
-                other=0.0,
-            )
-            if OPERAND_FP32:
-                vt = vt.to(tl.float32)
-            a = ((z - zb[None, :]) * (c * scale)[None, :]).to(vt.dtype)
-            acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
+        acc = backprojection_tile(
+            z_ptr, zbar_ptr, coef_ptr, v_ptr, rows, outs, B, N, scale,
+            stride_zb, stride_zn, stride_vk, stride_vn,
+            OPERAND_FP32, IN_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
+        )  # fmt: skip
         tl.store(
             out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
             acc.to(out_ptr.dtype.element_ty),
@@ -815,27 +850,6 @@ def anchor_index(N: int, tau: int, convention: str) -> int:
     return check_int_range(
         tau, "tau", 0, N - 1, f" (0-indexed rank, convention='authors', N = {N})"
     )
-
-
-def check_basis(V, x: torch.Tensor, compute_dtype, name: str = "V") -> torch.Tensor:
-    """``V [N, N]`` on x's device in x's dtype (or the compute dtype); returns V in the GEMM
-    operand dtype, detached (a cast costs one N x N copy per call: keep V in that dtype)."""
-    check_tensor(V, name)
-    n = x.shape[1]
-    if V.dim() != 2 or V.shape[0] != n or V.shape[1] != n:
-        raise ValueError(
-            f"{name}: expected shape [N, N] = [{n}, {n}] (eigenvectors as columns, "
-            f"N = features of x), got {tuple(V.shape)}"
-        )
-    allowed = {x.dtype} if compute_dtype is None else {x.dtype, compute_dtype}
-    if V.dtype not in allowed:
-        expected = " or ".join(sorted(str(d) for d in allowed))
-        raise TypeError(f"{name}: expected dtype {expected} (the dtype of x), got {V.dtype}")
-    if V.device != x.device:
-        raise ValueError(f"{name}: expected device {x.device} (the device of x), got {V.device}")
-    if compute_dtype is not None and V.dtype != compute_dtype:
-        V = V.to(compute_dtype)
-    return V.detach()
 
 
 def _check_beta(beta) -> float:
