@@ -231,11 +231,23 @@ def run(args, on_progress=None) -> tuple[list[dict], dict]:
             if args.impls:
                 sweeps = {k: v for k, v in sweeps.items() if k in args.impls}
             results = {}
-            for impl, fn in sweeps.items():
-                ms, (acc, work) = time_median_ms(fn, args.repeats, args.warmup)
-                results[impl] = (ms, acc, work)
-                print(f"{model_name} {attack} {impl}: {ms:.1f} ms, row_steps "
-                      f"{work['row_steps']}, accuracy {[round(a, 4) for a in acc]}", flush=True)
+            if args.interleave:
+                # on a shared machine the load drifts over minutes: alternating the
+                # implementations gives each the same mix of quiet and busy moments
+                times = {impl: [] for impl in sweeps}
+                for _ in range(args.repeats):
+                    for impl, fn in sweeps.items():
+                        ms, out = time_median_ms(fn, 1, args.warmup)
+                        times[impl].append(ms)
+                        results[impl] = (statistics.median(times[impl]), *out)
+                        print(f"{model_name} {attack} {impl}: {ms:.1f} ms", flush=True)
+            else:
+                for impl, fn in sweeps.items():
+                    ms, (acc, work) = time_median_ms(fn, args.repeats, args.warmup)
+                    results[impl] = (ms, acc, work)
+                    print(f"{model_name} {attack} {impl}: {ms:.1f} ms, row_steps "
+                          f"{work['row_steps']}, accuracy {[round(a, 4) for a in acc]}",
+                          flush=True)
             base = results.get("plain_loop")
             ta = results.get("torchattacks")
             for impl, (ms, acc, work) in results.items():
@@ -288,6 +300,8 @@ def parse_args(argv=None):
                         "one sweep takes seconds and has nothing to compile or capture)")
     p.add_argument("--impls", type=lambda s: s.split(","), default=None,
                    help="only these implementations (default: all)")
+    p.add_argument("--interleave", action="store_true",
+                   help="alternate the implementations repeat by repeat (shared machines)")
     p.add_argument("--bf16-on-cpu", action="store_true",
                    help="add the ours_bf16 PGD row on the CPU as well")
     p.add_argument("--seed", type=int, default=0)
@@ -315,7 +329,7 @@ def _extra(args, training) -> dict:
             "data": f"MNIST ({args.data or 'POWERLAW_FAST_DATA or the shipped subset'}): "
                     f"first {args.n} test images, first {args.train_n} training images",
             "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "warmup": args.warmup}
+            "warmup": args.warmup, "interleaved": args.interleave}
 
 
 def main(argv=None) -> None:
