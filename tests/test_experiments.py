@@ -334,3 +334,152 @@ def test_robustness_curve_repr_is_a_summary():
     text = repr(curve)
     assert text.startswith("RobustnessCurve(attack='fgsm', eps=[0, 0.1], accuracy=[")
     assert "n_samples=300" in text and "tensor" not in text and len(text) < 200
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets, batch-norm placement, the running basis and the per-run summary (issue 15)
+
+
+def test_presets_hold_the_documented_settings():
+    paper, authors, fresh = (ex.preset_fields(n) for n in ("paper", "authors", "fresh-basis"))
+    assert set(ex.PRESETS) == {"paper", "authors", "fresh-basis"}
+    assert all(ex.PRESETS[n]["why"] for n in ex.PRESETS)
+    assert (paper["activation"], paper["batch_norm_position"], paper["lr"], paper["batch_size"],
+            paper["epochs"], paper["basis_update"]) == ("sigmoid", "pre", 1e-4, None, 50, "epoch")
+    assert (authors["activation"], authors["batch_norm_position"], authors["lr"],
+            authors["batch_size"], authors["basis_update"], authors["convention"]) == (
+        "tanh", "post", 1e-3, 3500, "epoch", "authors")
+    assert (fresh["activation"], fresh["batch_norm_position"], fresh["lr"], fresh["batch_size"],
+            fresh["basis_update"], fresh["basis_every"], fresh["basis_momentum"]) == (
+        "tanh", "pre", 1e-3, None, "running", 1, 0.1)
+    assert fresh["epochs"] >= 10
+    # the paper preset is what a RunConfig without it means (so old sweeps resume)
+    default = RunConfig("shallow", "shallow", "specreg", beta=1.0)
+    assert RunConfig("shallow", "shallow", "specreg", beta=1.0, **paper) == default
+    with pytest.raises(ValueError, match="preset: expected one of"):
+        ex.preset_fields("nope")
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(activation="gelu"), "activation: expected one of"),
+        (dict(batch_norm_position="middle"), "batch_norm_position: expected one of"),
+        (dict(basis_update="step"), "basis_update: expected one of"),
+        (dict(basis_update="running", refresh_every=3), "refresh_every"),
+        (dict(basis_momentum=0.0), "basis_momentum"),
+        (dict(basis_every=0), "basis_every"),
+    ],
+)
+def test_new_config_fields_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunConfig("shallow", "shallow", "specreg", beta=1.0, **kwargs)
+
+
+def test_mlp_refuses_a_sigmoid_activation():
+    with pytest.raises(ValueError, match="tanh network"):
+        RunConfig("whitening", "mlp", "vanilla", activation="sigmoid")
+
+
+def test_batch_norm_after_the_activation_is_the_regularised_output():
+    cfg = RunConfig("shallow", "shallow", "specreg", beta=1.0, width=16, activation="tanh",
+                    batch_norm_position="post")
+    model, layers = ex.build_model(cfg)
+    block = model.blocks["hidden1"]
+    kinds = [type(m).__name__ for m in block]
+    assert kinds == ["Linear", "Tanh", "BatchNorm1d"] and layers == ["hidden1"]
+    model.train()
+    out = block(torch.rand(64, 784))  # batch-norm output: zero mean, unit variance per unit
+    torch.testing.assert_close(out.mean(0), torch.zeros(16), atol=1e-5, rtol=0)
+    pre, _ = ex.build_model(RunConfig("shallow", "shallow", "vanilla", width=16))
+    assert [type(m).__name__ for m in pre.blocks["hidden1"]] == [
+        "Linear", "BatchNorm1d", "Sigmoid"]
+
+
+def test_running_basis_run_records_the_summary(data, monkeypatch):
+    import powerlaw_fast.experiments.training as training
+
+    calls = {"refresh": 0}
+    original = training.SpectralRegularizer.refresh
+
+    def counting(self, *args, **kwargs):
+        calls["refresh"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(training.SpectralRegularizer, "refresh", counting)
+    settings = {**TINY, "pgd_eps": (), "noise_sigma": (), "sensitivity_ranks": (1,),
+                **ex.preset_fields("fresh-basis"), "epochs": 2, "batch_size": 40}
+    cfg = RunConfig("shallow", "shallow", "specreg", beta=2.0, **settings)
+    result = ex.run_experiment(cfg, data, device="cpu", progress=False)
+    assert calls["refresh"] == 0  # the running basis needs no pass over the data
+    s = result["summary"]
+    assert s["basis_update"] == "running" and s["layer"] == "hidden1"
+    spec = result["spectra"]["hidden1"]
+    assert s["alpha_tau_to_n"] == spec["alpha_fit"] and s["alpha_tau_to_n_window"] == [10, 16]
+    assert s["alpha_decade"] == spec["alpha_fit_decade"]
+    assert s["effective_dimension"] == spec["effective_dimension"] >= 1
+    assert len(s["penalty_per_epoch"]) == 2 and all(p > 0 for p in s["penalty_per_epoch"])
+    assert s["penalty_per_epoch_per_beta"] == [p / 2.0 for p in s["penalty_per_epoch"]]
+    assert s["penalty_first_step"] > 0
+    assert result["history"][0]["penalty_first_step"] == s["penalty_first_step"]
+
+
+def test_vanilla_summary_has_no_penalty(data):
+    cfg = RunConfig("shallow", "shallow", "vanilla", batch_size=40,
+                    **{**TINY, "pgd_eps": (), "noise_sigma": (), "sensitivity_ranks": (1,)})
+    s = ex.run_experiment(cfg, data, device="cpu", progress=False)["summary"]
+    assert s["penalty_per_epoch"] is None and s["penalty_first_step"] is None
+    assert s["alpha_decade"] is not None and s["layer"] == "hidden1"
+
+
+def test_sweep_resumes_a_result_written_before_the_new_fields(data, tmp_path):
+    (cfg,) = [c for c in _tiny_sweep() if c.variant == "vanilla" and c.seed == 0][:1]
+    ex.run_sweep([cfg], tmp_path, data, device="cpu", progress=False)
+    path = tmp_path / f"{cfg.name}.json"
+    result = json.loads(path.read_text())
+    for key in ("activation", "batch_norm_position", "basis_update", "basis_every",
+                "basis_momentum"):
+        del result["config"][key]  # as an older version wrote it
+    path.write_text(json.dumps(result))
+    assert ex.run_sweep([cfg], tmp_path, data, device="cpu", progress=False) == [
+        (cfg.name, "skipped")]
+    changed = RunConfig.from_dict({**cfg.to_dict(), "basis_update": "running"})
+    assert ex.run_sweep([changed], tmp_path, data, device="cpu", progress=False) == [
+        (cfg.name, "ran")]
+
+
+def _fake_run(seed: int, variant: str, beta=None):
+    lam = [1.0 / n * (1 + 0.1 * seed) for n in range(1, 41)]
+    return {
+        "name": f"r{variant}{seed}", "config": {"experiment": "shallow", "arch": "shallow",
+                                               "variant": variant, "beta": beta, "tau": 10,
+                                               "alpha": 1.0},
+        "model": {"hidden_widths": {"hidden1": 40},
+                  "regularised_layers": ["hidden1"] if beta else []},
+        "spectra": {"hidden1": {"eigenvalues": lam}},
+        "history": [{"penalty": (beta or 0) * (1.0 + seed) / (e + 1)} for e in range(3)],
+        "robustness": {}, "data": {"n_train": 100, "source": "test"},
+    }
+
+
+def test_spectra_and_penalty_plots_draw_one_std_bands_over_seeds():
+    from matplotlib.collections import PolyCollection
+
+    from powerlaw_fast import plots
+
+    plt = plots._pyplot()
+    runs = [_fake_run(s, "vanilla") for s in range(2)] + [
+        _fake_run(s, "specreg", 2.0) for s in range(3)]
+    (groups,) = plots.group_runs(runs).values()
+    fig, (ax, pax) = plt.subplots(1, 2)
+    plots.plot_spectra(groups, ax)
+    assert sum(isinstance(c, PolyCollection) for c in ax.collections) == 2  # one band per curve
+    assert plots.plot_penalty(groups, pax)
+    (band,) = [c for c in pax.collections if isinstance(c, PolyCollection)]
+    (line,) = pax.get_lines()
+    # per unit beta, mean over seeds: epoch 1 -> (1 + 2 + 3) / 3 = 2
+    assert line.get_ydata()[0] == pytest.approx(2.0)
+    ys = band.get_paths()[0].vertices[:, 1]
+    std = float(torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False))
+    assert max(ys) == pytest.approx(2.0 + std)
+    plt.close(fig)

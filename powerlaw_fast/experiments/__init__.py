@@ -37,8 +37,10 @@ from .config import (
     DEFAULT_NOISE,
     DEFAULT_RANKS,
     EXPERIMENTS,
+    PRESETS,
     SPECREG_VARIANTS,
     RunConfig,
+    preset_fields,
     sweep_configs,
 )
 from .data import Data, load_data
@@ -63,6 +65,7 @@ __all__ = [
     "DEFAULT_NOISE",
     "DEFAULT_RANKS",
     "EXPERIMENTS",
+    "PRESETS",
     "RESULT_FORMAT",
     "ResultWarning",
     "SPECREG_VARIANTS",
@@ -83,6 +86,7 @@ __all__ = [
     "load_results",
     "measure_sensitivity",
     "measure_spectra",
+    "preset_fields",
     "read_result",
     "run_experiment",
     "run_sweep",

@@ -15,8 +15,13 @@ def build_model(cfg: RunConfig) -> tuple[nn.Module, list[str]]:
     """The network of ``cfg`` and the names of its spectrally regularised layers."""
     whiten = cfg.variant in ("whiten", "whiten+specreg-last")
     if cfg.arch == "shallow":
-        model = ShallowNet(width=cfg.width or 2000, activation="sigmoid",
+        model = ShallowNet(width=cfg.width or 2000, activation=cfg.activation or "sigmoid",
                            batch_norm=cfg.batch_norm)
+        if cfg.batch_norm and cfg.batch_norm_position == "post":
+            # the authors' order: linear, nonlinearity, batch norm; the block's output (the
+            # regularised, measured and attacked representation) is the batch-norm output
+            linear, norm, act = model.blocks["hidden1"]
+            model.blocks["hidden1"] = nn.Sequential(linear, act, norm)
     elif cfg.arch == "mlp":
         width = cfg.width or 1000
         # Running statistics in eval mode: the attacks put rows for several epsilons in one

@@ -16,6 +16,34 @@ from .results import RESULT_FORMAT, write_json_atomic
 from .training import train_model
 
 
+def summarise(result: dict, cfg: RunConfig) -> dict:
+    """The numbers issue 15 compares runs by, for the regularised (else the last hidden) layer:
+    the fitted power-law exponent over ranks tau..N and over the decade tau..10 tau, the
+    90%-variance dimension, and the penalty per epoch (mean over its steps; also per unit beta,
+    comparable across betas) with its first step's value."""
+    layers = result["model"]["regularised_layers"] or list(result["model"]["hidden_widths"])
+    layer = layers[-1]
+    spec = result["spectra"].get(layer, {})
+    history = result["history"]
+    per_epoch = [h.get("penalty") for h in history] if cfg.regularised else None
+    beta = cfg.beta if cfg.regularised else None
+    return {
+        "layer": layer,
+        "alpha_tau_to_n": spec.get("alpha_fit"),
+        "alpha_tau_to_n_window": spec.get("window_fit"),
+        "alpha_decade": spec.get("alpha_fit_decade"),
+        "alpha_decade_window": spec.get("window_fit_decade"),
+        "effective_dimension": spec.get("effective_dimension"),
+        "penalty_first_step": history[0].get("penalty_first_step") if per_epoch else None,
+        "penalty_per_epoch": per_epoch,
+        "penalty_per_epoch_per_beta": (
+            [p / beta if p is not None and beta else None for p in per_epoch]
+            if per_epoch else None
+        ),
+        "basis_update": cfg.basis_update,
+    }
+
+
 def run_experiment(
     cfg: RunConfig,
     data: Data,
@@ -65,6 +93,7 @@ def run_experiment(
         "spectra": measure_spectra(model, cfg, data, device),
         "sensitivity": measure_sensitivity(model, cfg, data, device),
     }
+    result["summary"] = summarise(result, cfg)
     result["wall_seconds"] = round(time.time() - started, 2)
     result["history"] = [
         {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in h.items()}

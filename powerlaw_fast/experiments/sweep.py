@@ -79,7 +79,7 @@ def run_sweep(
     for cfg in bar:
         path = out_dir / f"{cfg.name}.json"
         done = read_result(path)
-        skip = done is not None and done["config"] == cfg.to_dict()
+        skip = done is not None and _same_config(done["config"], cfg)
         if data_parallel is not None:
             import torch.distributed as dist
 
@@ -95,3 +95,14 @@ def run_sweep(
         outcome.append((cfg.name, "ran"))
     bar.close()
     return outcome
+
+
+def _same_config(stored: dict, cfg: RunConfig) -> bool:
+    """A stored config equals ``cfg``; fields added since it was written count at their
+    defaults (a sweep from before a new option resumes instead of rerunning)."""
+    if stored == cfg.to_dict():
+        return True
+    try:
+        return RunConfig.from_dict(stored).to_dict() == cfg.to_dict()
+    except (TypeError, ValueError):
+        return False

@@ -54,7 +54,11 @@ def train_model(
     if layers:
         reg = SpectralRegularizer(model, layers, alpha=cfg.alpha, tau=cfg.tau, beta=cfg.beta,
                                   convention=cfg.convention, progress=False,
-                                  process_group=parallel.group if parallel is not None else None)
+                                  process_group=parallel.group if parallel is not None else None,
+                                  basis_update=cfg.basis_update, basis_every=cfg.basis_every,
+                                  basis_momentum=cfg.basis_momentum)
+    epoch_refresh = reg is not None and cfg.basis_update == "epoch"
+    first_penalty = None  # the penalty of the first step, read once (one host sync)
     # each rank refreshes on its share of the training set; the regulariser merges the moments
     refresh_x = train_x[rank::world]
     order = torch.Generator().manual_seed(cfg.seed)
@@ -71,7 +75,7 @@ def train_model(
         # summed on the device, read once per epoch: no host synchronisation per step
         running = torch.zeros(3, dtype=torch.float64, device=device)
         for i in range(steps_per_epoch):
-            if reg is not None and (
+            if epoch_refresh and (
                 i == 0 or (cfg.refresh_every is not None and step % cfg.refresh_every == 0)
             ):
                 reg.refresh(refresh_x, batch_size=cfg.eval_batch)
@@ -95,12 +99,16 @@ def train_model(
             loss.backward()
             loss = ce + penalty  # logged: the single-process value
             optimiser.step()
+            if reg is not None and first_penalty is None:
+                first_penalty = float(penalty.detach())
             step += 1
             running += torch.stack([t.detach().to(torch.float64) for t in (loss, ce, penalty)])
         sums = dict(zip(("loss", "cross_entropy", "penalty"), running.tolist(), strict=True))
         if world > 1:
             sums = mean_over_ranks(sums, parallel, device)
         record = {k: v / max(1, steps_per_epoch) for k, v in sums.items()}
+        if reg is not None and epoch == 0:
+            record["penalty_first_step"] = first_penalty
         record.update(
             epoch=epoch + 1,
             steps=steps_per_epoch,
