@@ -4,7 +4,10 @@
   package, 3 seeds (about a minute on 2 CPU cores); prints the robustness tables, writes the run
   JSONs and the figures. ``--quick``: a smoke test of the installation in seconds.
 - ``reproduce {shallow,whitening,all-layers}``: the sweeps of sec. 4.1 - 4.3 with the paper's
-  hyperparameters, one JSON per run, resumable.
+  hyperparameters, one JSON per run, resumable. ``--preset`` picks a documented setting
+  (:data:`~powerlaw_fast.experiments.config.PRESETS`): ``paper`` (the paper as written, the
+  default), ``authors`` (the authors' code's values) or ``fresh-basis`` (the per-step running
+  basis under which the regularised spectrum follows 1/n); explicit options override it.
 - ``plot RESULTS_DIR``: redraw every figure from the JSON results.
 
 Every check that can fail (arguments, the output folder, matplotlib, the data, the runs'
@@ -32,10 +35,12 @@ from .experiments import (
     DEFAULT_EPS,
     DEFAULT_NOISE,
     EXPERIMENTS,
+    PRESETS,
     RunConfig,
     check_runs,
     distributed_shard,
     load_data,
+    preset_fields,
     run_experiment,
     run_sweep,
     sweep_configs,
@@ -275,11 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--beta", type=_non_negative, nargs="+", default=[1.0, 2.0, 5.0],
                      help="spectral penalty strengths, one run each (default: 1 2 5, the "
                      "paper's)")
-    rep.add_argument("--lr", type=_learning_rate, default=1e-4,
-                     help="Adam learning rate (default: %(default)g, the paper's)")
+    rep.add_argument("--preset", choices=list(PRESETS), default=None,
+                     help="a documented setting: paper (the paper as written: sigmoid, batch "
+                     "norm before it, lr 1e-4, batch 1.5 N, V refreshed per epoch, 50 epochs; "
+                     "what runs without --preset), authors (their code: tanh, batch norm after "
+                     "it and regularised, lr 1e-3, batch 3500, per-epoch eval-mode refresh, "
+                     "authors' tau convention) or fresh-basis (tanh, batch norm before it, lr "
+                     "1e-3, batch 1.5 N, V from a running average of the training batches' "
+                     "covariances re-diagonalised every step: the spectrum follows 1/n). "
+                     "--lr, --batch-size, --epochs override it")
+    rep.add_argument("--lr", type=_learning_rate, default=None,
+                     help="Adam learning rate (default: the preset's; 1e-4, the paper's)")
     rep.add_argument("--batch-size", type=_batch, default=None,
-                     help="training batch, at least 2 (default: 1.5 x the widest hidden layer, "
-                     "the paper's rule)")
+                     help="training batch, at least 2 (default: the preset's; 1.5 x the widest "
+                     "hidden layer, the paper's rule)")
     rep.add_argument("--width", type=_positive, default=None,
                      help="hidden width (default: shallow 2000, MLP layers / CNN fc 1000)")
     rep.add_argument("--limit-train", type=_positive, default=None, metavar="N",
@@ -295,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--pgd-steps", type=_positive, default=40, metavar="N",
                      help="PGD steps of 0.01 each (default: %(default)s, the paper's)")
     rep.add_argument("--refresh-every", type=_positive, default=None, metavar="N",
-                     help="also refresh the eigenbases every N steps (default: per epoch)")
+                     help="also refresh the eigenbases every N steps (default: per epoch; not "
+                     "with --preset fresh-basis, whose basis is updated every step)")
     rep.add_argument("--no-plot", action="store_true", help="do not draw figures at the end")
     rep.add_argument("--parallel", choices=["runs", "data"], default="runs",
                      help="under torchrun: divide the runs among the processes (runs, default) "
@@ -402,14 +417,23 @@ def cmd_reproduce(args) -> int:
     _check_out(args.out)
     if not args.no_plot:
         _check_matplotlib("reproduce", ", or pass --no-plot")
-    overrides = dict(
-        lr=args.lr, batch_size=args.batch_size, width=args.width,
-        limit_train=args.limit_train, limit_test=args.limit_test,
+    preset = args.preset or "paper"
+    overrides = preset_fields(preset)
+    overrides.update(
+        width=args.width, limit_train=args.limit_train, limit_test=args.limit_test,
         fgsm_eps=tuple(args.eps), pgd_eps=tuple(args.eps), noise_sigma=tuple(args.noise),
         pgd_steps=args.pgd_steps, refresh_every=args.refresh_every,
     )
-    if args.epochs is not None:
-        overrides["epochs"] = args.epochs
+    for option in ("lr", "batch_size", "epochs"):
+        if getattr(args, option) is not None:
+            overrides[option] = getattr(args, option)
+    if args.experiment != "shallow":
+        # the MLP and CNN are tanh networks without ShallowNet's batch norm
+        overrides.pop("activation")
+        overrides.pop("batch_norm_position")
+    if args.preset is not None:
+        # recorded only when asked for, so that a sweep started without --preset resumes
+        overrides["notes"] = {"preset": preset, "why": PRESETS[preset]["why"]}
     try:
         configs = sweep_configs(args.experiment, arch=args.arch, seeds=args.seeds,
                                 betas=args.beta, **overrides)
@@ -423,7 +447,8 @@ def cmd_reproduce(args) -> int:
         raise CommandError(str(err)) from None
     rank, world = distributed_shard()
     print(f"{args.experiment}: {len(configs)} runs on {device}; data: {data.source}, using "
-          f"{n_train} train / {n_test} test images", flush=True)
+          f"{n_train} train / {n_test} test images; preset {preset}"
+          f"{'' if args.preset else ' (the default)'}", flush=True)
     if data.source.startswith("shipped"):
         print("  note: the paper used all of MNIST (60000 / 10000): pass --data DIR or set "
               "POWERLAW_FAST_DATA", flush=True)

@@ -1,8 +1,10 @@
 """The paper's figures from run JSONs (see :mod:`powerlaw_fast.experiments`).
 
-- Eigenspectra on log-log axes (mean over seeds), the 1/n target anchored at rank tau, a star
-  where the cumulative variance passes 90% and the ranks n < tau, which the penalty leaves
-  free, shaded grey (Fig. 2A); the data set in the title.
+- Eigenspectra on log-log axes (mean over seeds, a +-1 standard deviation band), the 1/n target
+  anchored at rank tau, a star where the cumulative variance passes 90% and the ranks n < tau,
+  which the penalty leaves free, shaded grey (Fig. 2A); the data set in the title. Beside it,
+  when runs are regularised, the penalty per epoch per unit beta (mean +- 1 std over seeds):
+  whether training drives it down.
 - Test accuracy against the L-inf radius epsilon for FGSM and PGD (and the noise sigma for
   white noise), mean with a +-1 standard deviation band over seeds (Fig. 2B, C; 4; 5).
 - Sensitivity maps d lambda_n / d x (eq. 9), one row per variant: the input digit, then one
@@ -81,7 +83,8 @@ def _spectrum_layer(runs: list[dict]) -> str:
     return list(model["hidden_widths"])[-1]
 
 
-def _mean_spectrum(runs: list[dict], layer: str) -> np.ndarray | None:
+def _spectra(runs: list[dict], layer: str) -> np.ndarray | None:
+    """``[seeds, N]`` eigenvalues of ``layer`` (NaN where a value was not finite)."""
     spectra = []
     for r in runs:
         entry = r.get("spectra", {}).get(layer)
@@ -89,9 +92,14 @@ def _mean_spectrum(runs: list[dict], layer: str) -> np.ndarray | None:
             continue
         lam = np.array([v if v is not None else np.nan for v in entry["eigenvalues"]], float)
         spectra.append(lam)
-    if not spectra:
+    if not spectra or len({s.size for s in spectra}) != 1:
         return None
-    return np.nanmean(np.stack(spectra), axis=0)
+    return np.stack(spectra)
+
+
+def _mean_spectrum(runs: list[dict], layer: str) -> np.ndarray | None:
+    spectra = _spectra(runs, layer)
+    return None if spectra is None else np.nanmean(spectra, axis=0)
 
 
 def _effective_dimension(lam: np.ndarray, threshold: float = 0.9) -> int:
@@ -126,8 +134,16 @@ def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
         ranks = np.arange(1, lam.size + 1)
         positive = lam > 0
         seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
-        (line,) = ax.loglog(ranks[positive], lam[positive], label=f"{label} [{name}{seeds}]",
-                            color=f"C{index}", lw=1.5)
+        all_seeds = _spectra(runs, name)
+        band = ", mean +- 1 std" if all_seeds.shape[0] > 1 else ""
+        (line,) = ax.loglog(ranks[positive], lam[positive],
+                            label=f"{label} [{name}{seeds}{band}]", color=f"C{index}", lw=1.5)
+        if all_seeds.shape[0] > 1:
+            std = np.nanstd(all_seeds, axis=0)
+            low = np.where(lam - std > 0, lam - std, lam[positive].min() * 0.5
+                           if positive.any() else 1e-12)
+            ax.fill_between(ranks[positive], low[positive], (lam + std)[positive],
+                            color=f"C{index}", alpha=0.2, lw=0)
         d = _effective_dimension(lam)
         if 1 <= d <= lam.size and lam[d - 1] > 0:
             ax.plot([d], [lam[d - 1]], marker="*", ms=14, color=line.get_color(),
@@ -152,6 +168,39 @@ def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
     ax.set_title(f"eigenspectrum ({where}{_data_title(runs0)})\n"
                  "star: 90% of the variance", fontsize=9)
     ax.legend(fontsize=7)
+
+
+def plot_penalty(groups: OrderedDict, ax) -> bool:
+    """The training penalty per epoch per unit beta (mean over its steps), mean +- 1 std over
+    seeds, for each regularised group; False when no run has a penalty history."""
+    drawn = False
+    for index, (label, runs) in enumerate(groups.items()):
+        curves = []
+        for r in runs:
+            beta = r["config"].get("beta")
+            history = r.get("history") or []
+            if not beta or not r["model"]["regularised_layers"] or not history:
+                continue
+            curves.append([h["penalty"] / beta if h.get("penalty") is not None else np.nan
+                           for h in history])
+        if not curves or len({len(c) for c in curves}) != 1:
+            continue
+        values = np.array(curves, float)
+        epochs = np.arange(1, values.shape[1] + 1)
+        mean = np.nanmean(values, axis=0)
+        ax.plot(epochs, mean, marker="o", ms=3, color=f"C{index}",
+                label=f"{label}, {_seeds(len(values))}")
+        if len(values) > 1:
+            std = np.nanstd(values, axis=0)
+            ax.fill_between(epochs, mean - std, mean + std, color=f"C{index}", alpha=0.2, lw=0)
+        drawn = True
+    if drawn:
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(r"penalty / $\beta$ (mean over the epoch's steps)")
+        ax.set_title("training penalty in the basis in use\n(mean +- 1 std over seeds)",
+                     fontsize=9)
+        ax.legend(fontsize=7)
+    return drawn
 
 
 def _seeds(k: int) -> str:
@@ -264,7 +313,15 @@ def plot_group(key: tuple[str, str], groups: OrderedDict, out_dir: Path) -> list
     stem = figure_stem(key)
     written = []
 
-    fig, ax = plt.subplots(figsize=(5.8, 4.4))
+    has_penalty = any(r["model"]["regularised_layers"] and r.get("history")
+                      for runs in groups.values() for r in runs)
+    if has_penalty:
+        fig, (ax, pax) = plt.subplots(1, 2, figsize=(10.4, 4.4),
+                                      gridspec_kw={"width_ratios": (1.35, 1.0)})
+        if not plot_penalty(groups, pax):
+            pax.axis("off")
+    else:
+        fig, ax = plt.subplots(figsize=(5.8, 4.4))
     plot_spectra(groups, ax)
     fig.tight_layout()
     written.append(_save(fig, out_dir / f"{stem}-spectra.png", plt))

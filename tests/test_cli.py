@@ -447,3 +447,81 @@ def test_plot_skips_truncated_json_and_reports_stale_temporary_files(tiny_result
     assert f"powerlaw-fast: warning: {path}: not valid JSON, skipped" in err
     assert "1 temporary file(s) of an interrupted writer ignored" in err and str(stale) in err
     assert _pngs(out / "figures") == FIGURES
+
+
+# ------------------------------------------------------------------------------------------------
+# reproduce --preset (issue 15)
+
+
+def _captured_configs(monkeypatch, argv):
+    """The configs ``reproduce`` would run (the sweep itself is replaced)."""
+    import powerlaw_fast.cli as cli
+
+    seen = []
+
+    def fake_sweep(configs, out, data, **kwargs):
+        seen.extend(configs)
+        return [(c.name, "ran") for c in configs]
+
+    monkeypatch.setattr(cli, "run_sweep", fake_sweep)
+    assert main(argv) == 0
+    return seen
+
+
+def test_reproduce_presets_set_the_documented_configs(tmp_path, monkeypatch, capsys):
+    base = ["--out", str(tmp_path / "r"), "--no-plot", "--limit-train", "300", "--limit-test",
+            "40", "--width", "24", "--seeds", "1", "--beta", "2", "--no-progress"]
+    default = _captured_configs(monkeypatch, ["reproduce", "shallow", *base])
+    paper = _captured_configs(monkeypatch, ["reproduce", "shallow", "--preset", "paper", *base])
+    assert "preset paper (the default)" in capsys.readouterr().out
+    for d, p in zip(default, paper, strict=True):  # the same runs; only the note differs
+        assert d.notes == {} and p.notes["preset"] == "paper"
+        assert {**d.to_dict(), "notes": {}} == {**p.to_dict(), "notes": {}}
+    specreg = [c for c in default if c.regularised][0]
+    assert (specreg.activation, specreg.batch_norm_position, specreg.lr, specreg.batch_size,
+            specreg.epochs, specreg.basis_update, specreg.convention) == (
+        "sigmoid", "pre", 1e-4, None, 50, "epoch", "paper")
+
+    authors = _captured_configs(monkeypatch, ["reproduce", "shallow", "--preset", "authors",
+                                              *base])
+    cfg = [c for c in authors if c.regularised][0]
+    assert (cfg.activation, cfg.batch_norm_position, cfg.lr, cfg.batch_size, cfg.convention,
+            cfg.basis_update) == ("tanh", "post", 1e-3, 3500, "authors", "epoch")
+    assert "josuenassar" in cfg.notes["why"]
+
+    fresh = _captured_configs(monkeypatch, ["reproduce", "shallow", "--preset", "fresh-basis",
+                                            "--lr", "5e-4", "--epochs", "12", *base])
+    cfg = [c for c in fresh if c.regularised][0]
+    assert (cfg.activation, cfg.batch_norm_position, cfg.batch_size, cfg.basis_update,
+            cfg.basis_every, cfg.basis_momentum) == ("tanh", "pre", None, "running", 1, 0.1)
+    assert (cfg.lr, cfg.epochs) == (5e-4, 12)  # explicit options override the preset
+
+    mlp = _captured_configs(monkeypatch, ["reproduce", "whitening", "--preset", "fresh-basis",
+                                          *base])
+    assert {c.activation for c in mlp} == {"tanh"}
+    assert {c.basis_update for c in mlp} == {"running"}
+
+
+def test_reproduce_fresh_basis_refuses_refresh_every(tmp_path, capsys):
+    out = tmp_path / "r"
+    code = main(["reproduce", "shallow", "--preset", "fresh-basis", "--refresh-every", "3",
+                 "--out", str(out), *TINY_REPRODUCE])
+    assert code == 2
+    assert "refresh_every" in capsys.readouterr().err
+    assert not list(out.glob("*.json"))
+
+
+def test_reproduce_fresh_basis_tiny_run_records_the_summary(tmp_path, capsys):
+    out = tmp_path / "r"
+    args = [a if a != "2" else "1" for a in TINY_REPRODUCE]  # one seed (and 1-step PGD)
+    assert main(["reproduce", "shallow", "--preset", "fresh-basis", "--out", str(out),
+                 *args]) == 0
+    assert "preset fresh-basis" in capsys.readouterr().out
+    result = json.loads((out / "shallow-shallow-specreg-beta1-seed0.json").read_text())
+    cfg = result["config"]
+    assert cfg["basis_update"] == "running" and cfg["notes"]["preset"] == "fresh-basis"
+    summary = result["summary"]
+    for key in ("alpha_tau_to_n", "alpha_decade", "effective_dimension", "penalty_first_step"):
+        assert summary[key] is not None
+    assert len(summary["penalty_per_epoch"]) == 1
+    assert _pngs(out / "figures") == FIGURES
