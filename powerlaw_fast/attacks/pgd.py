@@ -14,7 +14,9 @@ the final iterate alone). That makes three savings exact:
 2. *Nested balls.* The grid is attacked in increasing eps. An adversarial example found within
    eps_i lies within every larger eps_j, so only samples that survived every smaller radius are
    attacked at eps_j. Every attack that does run is the same PGD a plain per-eps loop runs, so
-   every sample the loop fools is fooled here too. eps = 0 costs one forward pass.
+   every sample the loop fools is fooled here too. eps = 0 costs one forward pass. When few
+   samples survive, the next radii join the same batch (a row settles as soon as the same
+   sample is fooled at its radius or a smaller one): fewer sequential steps, same verdicts.
 3. *Cheaper gradients (opt-in).* ``precision="tf32"`` or ``"bf16"`` computes the attack's
    forward/backward in reduced precision (only the gradient's sign is used); a success it sees
    counts only after an fp32 forward of that iterate confirms it.
