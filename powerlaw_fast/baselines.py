@@ -1,8 +1,12 @@
-"""Plain-PyTorch implementations of the penalty that a user would write, for benchmarks.
+"""Reference implementations of the penalty in plain PyTorch: the baselines the benchmarks
+measure against and the float64 formulas the tests check every kernel with (one module for both).
 
-They are what ``powerlaw_fast`` is measured against (DESIGN.md section 5), each differentiable
-by torch's autograd and using the paper's convention (1-indexed tau):
+Each is differentiable by torch's autograd and uses the paper's convention (1-indexed tau)
+unless said otherwise:
 
+- :func:`literal_spectrum`, :func:`literal_penalty`: the paper's text taken literally in
+  float64 (the covariance first, then ``diag(V^T Sigma V)``, a sort and eq. (2)): the tests'
+  reference.
 - :func:`projection_penalty`: the projection form, ``lam = colsum(((x - mu) V)^2) / (B - 1)``.
 - :func:`covariance_penalty`: the covariance first, then ``diag(V^T Sigma V)`` (the authors').
 - :func:`authors_loop_penalty`: the authors' algorithm (josuenassar/power_law): covariance
@@ -35,6 +39,19 @@ def penalty_from_spectrum(lam: torch.Tensor, *, alpha=1.0, tau=10, beta=1.0) -> 
     gam = s[tau - 1].detach() * (tau / n) ** alpha
     r = s[tau - 1 :] / gam[tau - 1 :]
     return beta / N * ((r - 1) ** 2 + torch.relu(r - 1)).sum()
+
+
+def literal_spectrum(x: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """``diag(V^T Sigma V)`` with ``Sigma = (x - mu)^T (x - mu) / (B - 1)``, in float64."""
+    x = x.flatten(1).double()
+    centred = x - x.mean(0)
+    sigma = centred.T @ centred / (x.shape[0] - 1)
+    return torch.diagonal(V.double().T @ sigma @ V.double())
+
+
+def literal_penalty(x, V, *, alpha=1.0, tau=10, beta=1.0):
+    """Eq. (2) on :func:`literal_spectrum`, float64."""
+    return penalty_from_spectrum(literal_spectrum(x, V), alpha=alpha, tau=tau, beta=beta)
 
 
 def projection_penalty(x, V, *, alpha=1.0, tau=10, beta=1.0):

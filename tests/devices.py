@@ -56,3 +56,11 @@ def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
 
     if backend in ("triton", "cuda") and dtype == torch.float64:
         pytest.skip("float64 runs on the torch backend")
+
+
+def value_and_grad(fn, x, *args, **kwargs):
+    """Evaluate ``fn(x, ...)`` and its gradient w.r.t. x (as float64), without touching x."""
+    leaf = x.detach().requires_grad_(True)  # keeps x's strides (non-contiguous stays so)
+    value = fn(leaf, *args, **kwargs)
+    (grad,) = torch.autograd.grad(value, leaf)
+    return value.detach().double(), grad.double()

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from powerlaw_fast import batch_covariance, powerlaw_penalty, projected_spectrum, spec_penalty
-from tests.reference import literal_penalty, literal_spectrum, value_and_grad
+from powerlaw_fast.baselines import literal_penalty, literal_spectrum
+from tests.devices import value_and_grad
 
 pytestmark = pytest.mark.gpu
 

@@ -7,11 +7,11 @@ import math
 import pytest
 import torch
 
+from powerlaw_fast.baselines import literal_penalty
 from powerlaw_fast.ops.grouped_penalty import grouped_penalty_torch, grouped_penalty_triton
 from tests.devices import DEVICE, rel_err
 from tests.ops.test_spec_penalty import make_batch
 from tests.ops.test_spec_penalty_host import CountingMode, triton_launches  # noqa: F401
-from tests.reference import literal_penalty
 
 pytest.importorskip("triton")
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast.baselines import authors_loop_penalty, literal_penalty, literal_spectrum
 from powerlaw_fast.ops import spectral_penalty as sp_module
 from tests.devices import (
     BACKENDS,
@@ -16,13 +17,8 @@ from tests.devices import (
     TOL,
     rel_err,
     skip_unsupported,
-    within_tf32_rule,
-)
-from tests.reference import (
-    authors_loop_penalty,
-    literal_penalty,
-    literal_spectrum,
     value_and_grad,
+    within_tf32_rule,
 )
 
 
@@ -198,7 +194,7 @@ def test_exact_power_law_costs_nothing_and_anchor_has_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_powerlaw_penalty_matches_literal_on_shuffled_spectrum(backend):
-    from tests.reference import literal_penalty_from_spectrum
+    from powerlaw_fast.baselines import penalty_from_spectrum as literal_penalty_from_spectrum
 
     g = torch.Generator().manual_seed(7)
     lam = (torch.rand(300, generator=g, dtype=torch.float64) ** 3 + 1e-3).to(DEVICE)

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from powerlaw_fast import batch_covariance, projected_spectrum, spec_penalty
-from tests.devices import BACKENDS, DEVICE, rel_err
+from powerlaw_fast.baselines import literal_penalty, literal_spectrum
+from tests.devices import BACKENDS, DEVICE, rel_err, value_and_grad
 from tests.ops.test_spec_penalty import make_batch
-from tests.reference import literal_penalty, literal_spectrum, value_and_grad
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
