@@ -73,9 +73,12 @@ def check(status: torch.Tensor, mode: str, raise_for: Callable[[list[float]], No
 
 def poll() -> None:
     """Raise the error of the oldest finished deferred check that found a problem."""
+    # Querying an event is not allowed while a CUDA graph is being captured.
+    if not _pending or (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        return
     while _pending and _pending[0][0].query():
         _, host, raise_for = _pending.popleft()
-        raise_for(host.tolist())
+        _raise_deferred(raise_for, host)
 
 
 def raise_pending_errors() -> None:
@@ -89,7 +92,17 @@ def raise_pending_errors() -> None:
     while _pending:
         event, host, raise_for = _pending.popleft()
         event.synchronize()
+        _raise_deferred(raise_for, host)
+
+
+def _raise_deferred(raise_for, host: torch.Tensor) -> None:
+    try:
         raise_for(host.tolist())
+    except ValueError as err:
+        raise ValueError(
+            f"{err} [found by the deferred check of an earlier call, whose result was not "
+            f"valid; validate='immediate' raises from the call itself]"
+        ) from None
 
 
 def _ring_row(width: int) -> torch.Tensor:
@@ -99,7 +112,7 @@ def _ring_row(width: int) -> torch.Tensor:
     if len(_pending) >= _RING_SLOTS:
         event, host, raise_for = _pending.popleft()
         event.synchronize()
-        raise_for(host.tolist())
+        _raise_deferred(raise_for, host)
     slot = _ring["next"]
     _ring["next"] = (slot + 1) % _RING_SLOTS
     return _ring["host"][slot, :width]
