@@ -49,8 +49,8 @@ from benchmarks._common import (  # noqa: E402
     write_results,
 )
 from powerlaw_fast.attacks import robustness_curve  # noqa: E402
-from powerlaw_fast.datasets import load_mnist  # noqa: E402
-from powerlaw_fast.models import CNN, MLP  # noqa: E402
+from powerlaw_fast.paper.datasets import load_mnist  # noqa: E402
+from powerlaw_fast.paper.models import CNN, MLP  # noqa: E402
 
 EPS_GRID = [round(0.03 * i, 2) for i in range(11)]  # 0, 0.03, ..., 0.3
 PGD_STEP = 0.01

@@ -41,9 +41,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import median_ms, peak_memory_mb, print_table, write_results  # noqa: E402
 from powerlaw_fast.baselines import authors_loop_penalty  # noqa: E402
-from powerlaw_fast.datasets import ENV_VAR, load_mnist  # noqa: E402
-from powerlaw_fast.models import CNN, MLP  # noqa: E402
-from powerlaw_fast.regularizer import SpectralRegularizer  # noqa: E402
+from powerlaw_fast.paper.datasets import ENV_VAR, load_mnist  # noqa: E402
+from powerlaw_fast.paper.models import CNN, MLP  # noqa: E402
+from powerlaw_fast.training.regulariser import SpectralRegularizer  # noqa: E402
 
 AUTHORS_TAU = 10  # the authors' default, 0-indexed: anchors on the 11th largest eigenvalue
 SLOPE = 1.0

@@ -8,23 +8,23 @@
 """
 
 from powerlaw_fast.attacks import RobustnessCurve, fgsm, pgd, robustness_curve, white_noise
-from powerlaw_fast.datasets import MNISTFileError, load_mnist, mnist_loaders
-from powerlaw_fast.experiments import RunConfig, run_experiment, run_sweep, sweep_configs
-from powerlaw_fast.jacobian import jacobian_penalty
-from powerlaw_fast.models import CNN, MLP, ShallowNet
 from powerlaw_fast.ops.attack_step import pgd_update
 from powerlaw_fast.ops.covariance import batch_covariance
 from powerlaw_fast.ops.spectral_penalty import powerlaw_penalty, projected_spectrum, spec_penalty
 from powerlaw_fast.ops.status import raise_pending_errors
-from powerlaw_fast.regularizer import SpectralRegularizer
-from powerlaw_fast.sensitivity import sensitivity_maps
-from powerlaw_fast.spectra import (
+from powerlaw_fast.paper.datasets import MNISTFileError, load_mnist, mnist_loaders
+from powerlaw_fast.paper.experiments import RunConfig, run_experiment, run_sweep, sweep_configs
+from powerlaw_fast.paper.jacobian import jacobian_penalty
+from powerlaw_fast.paper.models import CNN, MLP, ShallowNet
+from powerlaw_fast.paper.sensitivity import sensitivity_maps
+from powerlaw_fast.paper.whitening import Whiten
+from powerlaw_fast.training import (
     CovarianceAccumulator,
+    SpectralRegularizer,
     effective_dimension,
     fit_power_law,
     layer_spectrum,
 )
-from powerlaw_fast.whitening import Whiten
 
 __version__ = "0.1.0"
 

@@ -1,13 +1,13 @@
 """Finding things in a model: a layer by name or by module, and the device a module lives on.
 
-Shared by :mod:`powerlaw_fast.spectra`, :mod:`powerlaw_fast.regularizer` and the attacks, so
+Shared by :mod:`powerlaw_fast.training` and the attacks, so
 that a layer given as ``"hidden3"``, ``"blocks.fc"`` or the module itself means the same thing
 everywhere.
 
 Example::
 
     >>> from powerlaw_fast._modules import find_submodule, module_device
-    >>> from powerlaw_fast.models import MLP
+    >>> from powerlaw_fast.paper.models import MLP
     >>> net = MLP()
     >>> find_submodule(net, "hidden3", "layer")[0], module_device(net)
     ('hidden3', device(type='cpu'))

@@ -5,7 +5,7 @@
   JSONs and the figures. ``--quick``: a smoke test of the installation in seconds.
 - ``reproduce {shallow,whitening,all-layers}``: the sweeps of sec. 4.1 - 4.3 with the paper's
   hyperparameters, one JSON per run, resumable. ``--preset`` picks a documented setting
-  (:data:`~powerlaw_fast.experiments.config.PRESETS`): ``paper`` (the paper as written, the
+  (:data:`~powerlaw_fast.paper.experiments.config.PRESETS`): ``paper`` (the paper as written, the
   default), ``authors`` (the authors' code's values) or ``fresh-basis`` (the per-step running
   basis under which the regularised spectrum follows 1/n); explicit options override it.
 - ``plot RESULTS_DIR``: redraw every figure from the JSON results.
@@ -23,75 +23,27 @@ import os
 import re
 import sys
 import tempfile
-import time
 import warnings
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .datasets import MNISTFileError
-from .experiments import (
+from .paper.datasets import MNISTFileError
+from .paper.experiments import (
     DEFAULT_EPS,
     DEFAULT_NOISE,
     EXPERIMENTS,
     PRESETS,
-    RunConfig,
     check_runs,
     distributed_shard,
     load_data,
     preset_fields,
-    run_experiment,
     run_sweep,
     sweep_configs,
 )
+from .paper.experiments.demo import demo_settings, run_demo
 
-# The demo: the paper's shallow net (sigmoid + batch norm, sec. 4.1) at demo scale on 2 CPU
-# cores. Why these values: 6000 images and the paper's width 2000 with batch 3000 give only two
-# steps per epoch at ~1 s per step (plus a 2000 x 2000 eigendecomposition per refresh), far too
-# few steps for a short run. A 500-unit layer with the paper's batch rule (750 = 1.5 x 500)
-# gives 8 steps per epoch; lr 1e-3 (the authors' scripts' default; the paper's 1e-4 needs many
-# more steps) trains it in 12 epochs; the basis is refreshed every 2 steps as well as at each
-# epoch start, because at this learning rate it goes stale within an epoch (refreshing every 4
-# steps left the tail below 1/n); beta 5 is the strongest of the paper's three values. Three
-# seeds give the robustness curves their +-1 std bands. PGD: the paper's 40 steps of 0.01.
-DEMO = {
-    "width": 500,
-    "batch_size": 750,
-    "epochs": 12,
-    "lr": 1e-3,
-    "beta": 5.0,
-    "refresh_every": 2,
-    "seeds": 3,
-    "limit_train": None,
-    "limit_test": None,
-    "eps": (0.0, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2),
-    "noise": (0.0, 0.1, 0.2, 0.3, 0.4, 0.5),
-    "pgd_steps": 40,
-    "pgd_step_size": 0.01,
-    "why": "demo scale for 2 CPU cores: a 500-unit layer gives 8 steps per epoch on 6000 "
-    "images with the paper's batch rule; lr 1e-3 and a refresh every 2 steps let a short run "
-    "reach the 1/n spectrum (see powerlaw_fast/cli.py)",
-}
-# --quick: a smoke test of the installation (seconds), not an experiment. PGD takes 5 steps of
-# 0.025, so that 5 x 0.025 = 0.125 can reach the largest eps 0.1 (Madry et al.'s 2.5 eps / steps).
-DEMO_QUICK = {
-    "width": 64,
-    "batch_size": 96,
-    "epochs": 2,
-    "lr": 1e-3,
-    "beta": 5.0,
-    "refresh_every": 4,
-    "seeds": 1,
-    "limit_train": 600,
-    "limit_test": 100,
-    "eps": (0.0, 0.1),
-    "noise": (0.0, 0.3),
-    "pgd_steps": 5,
-    "pgd_step_size": 0.025,
-    "why": "--quick is a smoke test of the installation (600 images, 2 epochs, a 64-unit "
-    "layer, one seed): its numbers mean nothing; run the demo without --quick for results",
-}
 # reproduce warns on a CPU when the estimated duration passes this many seconds
 SLOW_SWEEP_SECONDS = 15 * 60
 
@@ -328,87 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _print_tables(results, note: str = "") -> None:
-    from .plots import summary_table
-
-    for attack in ("fgsm", "pgd", "noise"):
-        table = summary_table(results, attack)
-        if table:
-            print(table + note)
-            print()
-
-
 def cmd_demo(args) -> int:
-    from .experiments import write_json_atomic
-
     _, world = distributed_shard()
     if world > 1:
         raise CommandError("demo: distributed runs (WORLD_SIZE > 1) are not supported; run the "
                            "demo as a single process")
-    s = dict(DEMO_QUICK if args.quick else DEMO)
-    if args.epochs is not None:
-        s["epochs"] = args.epochs
+    settings = demo_settings(quick=args.quick, epochs=args.epochs)
     device = _device(args.device)
     out = Path(args.out)
     _check_out(out)
     _check_matplotlib("demo")
-    progress = _progress(args)
-    started = time.perf_counter()
-    data = _load(args, s["limit_train"], s["limit_test"])
-    settings = {
-        "model": f"784-{s['width']}-10 sigmoid + batch norm (paper: 784-2000-10)",
-        "train_images": int(data.train_x.shape[0]), "test_images": int(data.test_x.shape[0]),
-        "data": data.source, "batch_size": s["batch_size"], "epochs": s["epochs"],
-        "optimiser": f"Adam lr {s['lr']:g} (paper: 1e-4)", "beta": s["beta"], "tau": 10,
-        "alpha": 1.0, "refresh_every_steps": s["refresh_every"], "seeds": s["seeds"],
-        "pgd": f"{s['pgd_steps']} steps of {s['pgd_step_size']:g}",
-        "eps": "L-inf radius " + " ".join(f"{e:g}" for e in s["eps"]),
-        "noise_sigma": " ".join(f"{e:g}" for e in s["noise"]), "device": str(device),
-        "quick": bool(args.quick), "why": s["why"],
-    }
-    print("powerlaw_fast demo: vanilla vs spectrally regularised shallow net (sec. 4.1)")
-    for key, value in settings.items():
-        print(f"  {key:>20}: {value}")
-    print(flush=True)
-    common = dict(
-        epochs=s["epochs"], lr=s["lr"], batch_size=s["batch_size"], width=s["width"],
-        refresh_every=s["refresh_every"], fgsm_eps=s["eps"], pgd_eps=s["eps"],
-        noise_sigma=s["noise"], pgd_steps=s["pgd_steps"], pgd_step_size=s["pgd_step_size"],
-        notes={"demo": settings},
-    )
-    configs = [RunConfig("shallow", "shallow", variant, seed=seed, beta=beta, **common)
-               for seed in range(s["seeds"])
-               for variant, beta in (("vanilla", None), ("specreg", s["beta"]))]
-    results = []
-    for cfg in configs:
-        results.append(run_experiment(cfg, data, device=device, out_path=out / f"{cfg.name}.json",
-                                      progress=progress))
-    for r in results:
-        spec = r["spectra"]["hidden1"]
-        fits = []
-        for key in ("alpha_fit_decade", "alpha_fit"):
-            window = spec[key.replace("alpha", "window")]
-            if spec[key] is not None:
-                fits.append(f"{spec[key]:.2f} (ranks {window[0]}-{window[1]})")
-        print(f"{r['name']}: test accuracy {r['test_accuracy']:.3f}, 90%-variance dimension "
-              f"{spec['effective_dimension']}, fitted exponent {', '.join(fits) or 'n/a'} "
-              f"(target 1)")
-    print()
-    seeds = s["seeds"]
-    _print_tables(results, f"\n(mean over {seeds} seeds)" if seeds > 1 else "")
-    from .plots import plot_results
-
-    figures = plot_results(out, out)
-    wall = time.perf_counter() - started
-    write_json_atomic(out / "demo.json", {
-        "settings": settings, "runs": [f"{r['name']}.json" for r in results],
-        "figures": [p.name for p in figures], "wall_seconds": round(wall, 1),
-    })
-    print("figures: " + ", ".join(str(p) for p in figures))
-    print(f"results: {out}/*.json   wall time {wall:.0f} s")
-    if args.quick:
-        print("note: --quick is a smoke test of the installation; its numbers mean nothing "
-              "(run the demo without --quick for results)")
+    data = _load(args, settings["limit_train"], settings["limit_test"])
+    run_demo(settings, data, out, device=device, progress=_progress(args))
     return 0
 
 
@@ -453,7 +336,7 @@ def cmd_reproduce(args) -> int:
         print("  note: the paper used all of MNIST (60000 / 10000): pass --data DIR or set "
               "POWERLAW_FAST_DATA", flush=True)
     if device.type == "cpu" and rank == 0:
-        from .experiments.estimate import estimate_seconds, format_duration
+        from .paper.experiments.estimate import estimate_seconds, format_duration
 
         seconds, speed = estimate_seconds(configs, n_train, n_test, device)
         seconds /= world if args.parallel == "runs" else 1
@@ -478,7 +361,7 @@ def cmd_reproduce(args) -> int:
         print("distributed sweep: draw the figures once every rank is done: "
               f"python -m powerlaw_fast plot {args.out}")
     elif rank == 0 and not args.no_plot:
-        from .plots import plot_results
+        from .paper.plots import plot_results
 
         figures = plot_results(args.out)
         print("figures: " + ", ".join(str(p) for p in figures))
@@ -486,21 +369,21 @@ def cmd_reproduce(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .experiments import load_results
+    from .paper.experiments import load_results
 
     if not args.results_dir.is_dir():
         raise CommandError(f"plot: {args.results_dir} is not a folder")
     out = args.out if args.out is not None else args.results_dir / "figures"
     _check_out(out)
     _check_matplotlib("plot")
-    from .plots import plot_results
+    from .paper.plots import plot_results, print_tables
 
     try:
         results = load_results(args.results_dir)
         figures = plot_results(args.results_dir, args.out, results=results)
     except ValueError as err:
         raise CommandError(str(err)) from None
-    _print_tables(results)
+    print_tables(results)
     for path in figures:
         print(path)
     return 0

@@ -217,11 +217,12 @@ def test_usage_errors_exit_2(argv, capsys):
 def no_training(monkeypatch):
     """Fail the test if a run starts: the errors below must come before any work."""
     import powerlaw_fast.cli as cli
+    import powerlaw_fast.paper.experiments.demo as demo
 
     def refuse(*args, **kwargs):
         raise AssertionError("training started before the usage error")
 
-    monkeypatch.setattr(cli, "run_experiment", refuse)
+    monkeypatch.setattr(demo, "run_experiment", refuse)
     monkeypatch.setattr(cli, "run_sweep", refuse)
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from powerlaw_fast import datasets
-from powerlaw_fast.datasets import (
+from powerlaw_fast.paper import datasets
+from powerlaw_fast.paper.datasets import (
     MNISTFileError,
     load_mnist,
     make_mnist_subset,

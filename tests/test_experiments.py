@@ -9,9 +9,9 @@ import os
 import pytest
 import torch
 
-from powerlaw_fast import experiments as ex
-from powerlaw_fast.experiments import RunConfig
-from powerlaw_fast.whitening import Whiten
+from powerlaw_fast.paper import experiments as ex
+from powerlaw_fast.paper.experiments import RunConfig
+from powerlaw_fast.paper.whitening import Whiten
 
 TINY = dict(
     epochs=1, width=16, lr=1e-3, limit_train=120, limit_test=40, fgsm_eps=(0.0, 0.1),
@@ -397,7 +397,7 @@ def test_batch_norm_after_the_activation_is_the_regularised_output():
 
 
 def test_running_basis_run_records_the_summary(data, monkeypatch):
-    import powerlaw_fast.experiments.training as training
+    import powerlaw_fast.paper.experiments.training as training
 
     calls = {"refresh": 0}
     original = training.SpectralRegularizer.refresh
@@ -465,7 +465,7 @@ def _fake_run(seed: int, variant: str, beta=None):
 def test_spectra_and_penalty_plots_draw_one_std_bands_over_seeds():
     from matplotlib.collections import PolyCollection
 
-    from powerlaw_fast import plots
+    from powerlaw_fast.paper import plots
 
     plt = plots._pyplot()
     runs = [_fake_run(s, "vanilla") for s in range(2)] + [

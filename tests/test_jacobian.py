@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from powerlaw_fast.jacobian import jacobian_penalty
+from powerlaw_fast.paper.jacobian import jacobian_penalty
 
 
 def tiny_net(seed=0, classes=5, features=6):

@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from powerlaw_fast.models import CNN, MLP, ShallowNet, make_activation
-from powerlaw_fast.whitening import Whiten
+from powerlaw_fast.paper.models import CNN, MLP, ShallowNet, make_activation
+from powerlaw_fast.paper.whitening import Whiten
 
 
 def capture(model, x):

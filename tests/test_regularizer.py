@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from powerlaw_fast.ops.spectral_penalty import projected_spectrum, spec_penalty
-from powerlaw_fast.regularizer import SpectralRegularizer
+from powerlaw_fast.training.regulariser import SpectralRegularizer
 
 
 def _bn_mlp(seed: int = 0) -> nn.Sequential:
@@ -602,7 +602,7 @@ def test_triton_backend_takes_the_grouped_path_with_the_same_result():
         model.zero_grad()
         model(x[:96])
         if backend == "triton":
-            import powerlaw_fast.regularizer as module
+            import powerlaw_fast.training.regulariser as module
 
             calls = []
             original = module.grouped_penalty_triton

@@ -20,15 +20,16 @@ import pytest
 import torch
 from torch import nn
 
-from powerlaw_fast.regularizer import SpectralRegularizer
-from powerlaw_fast.spectra import fit_power_law, layer_spectrum
+from powerlaw_fast.training.capture import layer_spectrum
+from powerlaw_fast.training.fits import fit_power_law
+from powerlaw_fast.training.regulariser import SpectralRegularizer
 
 ALPHA, TAU, WIDTH, BATCH, SAMPLES = 1.0, 10, 64, 128, 6000
 
 
 def _real_mnist_root() -> Path | None:
     """Real MNIST: $POWERLAW_FAST_DATA, else the sibling ../shared/data/mnist."""
-    from powerlaw_fast.datasets import _find_raw_dir
+    from powerlaw_fast.paper.datasets import _find_raw_dir
 
     for root in (os.environ.get("POWERLAW_FAST_DATA", ""),
                  Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"):
@@ -51,7 +52,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def mnist_slice():
-    from powerlaw_fast.datasets import load_mnist
+    from powerlaw_fast.paper.datasets import load_mnist
 
     images, labels = load_mnist(MNIST_ROOT, limit=SAMPLES)
     return images.flatten(1), labels

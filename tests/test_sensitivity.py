@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from powerlaw_fast.sensitivity import sensitivity_maps
-from powerlaw_fast.whitening import Whiten
+from powerlaw_fast.paper.sensitivity import sensitivity_maps
+from powerlaw_fast.paper.whitening import Whiten
 
 
 def tiny_model(whiten=False):
@@ -62,7 +62,7 @@ def test_maps_match_finite_differences(whiten, sample):
 
 
 def test_float32_model_and_named_layer():
-    from powerlaw_fast.models import MLP
+    from powerlaw_fast.paper.models import MLP
 
     torch.manual_seed(0)
     net = MLP(widths=(12, 8))

@@ -4,15 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from powerlaw_fast.models import MLP
-from powerlaw_fast.spectra import (
-    CovarianceAccumulator,
-    effective_dimension,
-    eigh_descending,
-    fit_power_law,
-    layer_covariance,
-    layer_spectrum,
-)
+from powerlaw_fast.paper.models import MLP
+from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
+from powerlaw_fast.training.capture import layer_covariance, layer_spectrum
+from powerlaw_fast.training.fits import effective_dimension, fit_power_law
 
 
 def data(rows, n, seed=0, offset=0.0, dtype=torch.float64):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from powerlaw_fast.whitening import Whiten
+from powerlaw_fast.paper.whitening import Whiten
 
 
 def correlated(batch, n, dtype=torch.float64, seed=0):

@@ -7,9 +7,10 @@ import math
 import torch
 from torch import nn
 
-from ..attacks import robustness_curve
+from ...attacks import robustness_curve
+from ...training.capture import layer_spectrum
+from ...training.fits import effective_dimension, fit_power_law
 from ..sensitivity import sensitivity_maps
-from ..spectra import effective_dimension, fit_power_law, layer_spectrum
 from .config import RunConfig
 from .data import Data
 

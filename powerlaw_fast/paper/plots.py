@@ -1,4 +1,4 @@
-"""The paper's figures from run JSONs (see :mod:`powerlaw_fast.experiments`).
+"""The paper's figures from run JSONs (see :mod:`powerlaw_fast.paper.experiments`).
 
 - Eigenspectra on log-log axes (mean over seeds, a +-1 standard deviation band), the 1/n target
   anchored at rank tau, a star where the cumulative variance passes 90% and the ranks n < tau,
@@ -432,3 +432,12 @@ def summary_table(results: list[dict], attack: str) -> str:
             row += f"{text:>{width}}"
         lines.append(row)
     return "\n".join(lines)
+
+
+def print_tables(results: list[dict], note: str = "") -> None:
+    """Print :func:`summary_table` for each attack that has results, each followed by ``note``."""
+    for attack in ("fgsm", "pgd", "noise"):
+        table = summary_table(results, attack)
+        if table:
+            print(table + note)
+            print()

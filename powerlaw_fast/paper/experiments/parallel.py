@@ -1,10 +1,10 @@
 """Data-parallel training under ``torchrun``: the process group, the DDP wrapper, the checks.
 
-In ``"data"`` mode (see :func:`~powerlaw_fast.experiments.run_sweep`) every run is trained over
-all processes with ``DistributedDataParallel``: each rank takes its share of every global batch
-and the spectral regulariser gets the process group, so its refresh and per-batch spectrum are
-those of the global batch. Batch norm becomes ``SyncBatchNorm`` (CUDA only); the whitening
-variants are refused (their per-batch statistics would be per rank).
+In ``"data"`` mode (see :func:`~powerlaw_fast.paper.experiments.run_sweep`) every run is
+trained over all processes with ``DistributedDataParallel``: each rank takes its share of every
+global batch and the spectral regulariser gets the process group, so its refresh and per-batch
+spectrum are those of the global batch. Batch norm becomes ``SyncBatchNorm`` (CUDA only); the
+whitening variants are refused (their per-batch statistics would be per rank).
 """
 
 from __future__ import annotations

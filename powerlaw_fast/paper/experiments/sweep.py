@@ -4,8 +4,8 @@
 config, so an interrupted sweep resumes where it stopped. Under ``torchrun``
 (``WORLD_SIZE > 1``) ``parallel="runs"`` divides the runs among the processes, each on its own
 device (``cuda:LOCAL_RANK``), the most efficient for a many-run sweep; ``parallel="data"``
-trains every run data-parallel over all processes (:mod:`~powerlaw_fast.experiments.parallel`),
-and rank 0 evaluates and writes the JSON.
+trains every run data-parallel over all processes
+(:mod:`~powerlaw_fast.paper.experiments.parallel`), and rank 0 evaluates and writes the JSON.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ The modules, in the order a run uses them:
 
 Example (a tiny run on the shipped MNIST subset)::
 
-    >>> from powerlaw_fast.experiments import RunConfig, load_data, run_experiment
+    >>> from powerlaw_fast.paper.experiments import RunConfig, load_data, run_experiment
     >>> cfg = RunConfig("shallow", "shallow", "specreg", seed=0, beta=1.0, epochs=1, width=32,
     ...                 limit_train=300, limit_test=100, fgsm_eps=(0.0, 0.1), pgd_eps=(0.1,),
     ...                 noise_sigma=(0.2,), pgd_steps=2)

@@ -35,7 +35,7 @@ Example::
 
     >>> import torch
     >>> from torch import nn
-    >>> from powerlaw_fast.regularizer import SpectralRegularizer
+    >>> from powerlaw_fast.training.regulariser import SpectralRegularizer
     >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
     <torch._C.Generator object at ...>
     >>> model = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 3))
@@ -66,13 +66,8 @@ from powerlaw_fast.ops.grouped_penalty import can_group, grouped_penalty_triton
 from powerlaw_fast.ops.spectral_penalty import CONVENTIONS, penalty_and_spectrum
 from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
 from powerlaw_fast.ops.status import validation_mode
-from powerlaw_fast.spectra import (
-    CovarianceAccumulator,
-    eigh_descending,
-    eval_mode,
-    iterate_inputs,
-    model_device,
-)
+from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
+from powerlaw_fast.training.capture import eval_mode, iterate_inputs, model_device
 
 _STATE_FORMAT = 1
 BASIS_UPDATES = ("epoch", "running")
@@ -457,8 +452,9 @@ class SpectralRegularizer:
 
         The model runs in eval mode (each submodule's training flag is restored afterwards, also
         on an error) without gradients; each layer's covariance over all rows is accumulated in
-        float64 around a shift (:class:`~powerlaw_fast.spectra.CovarianceAccumulator`, so
-        ``[dataset, N]`` is never held), then ``torch.linalg.eigh`` in float64. The forward is
+        float64 around a shift
+        (:class:`~powerlaw_fast.training.accumulator.CovarianceAccumulator`, so ``[dataset, N]``
+        is never held), then ``torch.linalg.eigh`` in float64. The forward is
         cut short once every regularised layer has run. The previous bases stay in place if
         the pass fails.
 

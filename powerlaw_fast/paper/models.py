@@ -30,7 +30,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_int_range, check_tensor
+from .._validation import check_int_range, check_tensor
 from .whitening import Whiten
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU}
@@ -94,7 +94,7 @@ class ShallowNet(_HiddenLayerModel):
     Example::
 
         >>> import torch
-        >>> from powerlaw_fast.models import ShallowNet
+        >>> from powerlaw_fast.paper.models import ShallowNet
         >>> net = ShallowNet(batch_norm=True)
         >>> net(torch.rand(3, 1, 28, 28)).shape, dict(net.hidden_widths())
         (torch.Size([3, 10]), {'hidden1': 2000})
@@ -139,12 +139,12 @@ class MLP(_HiddenLayerModel):
         whiten_layer: 1-indexed hidden layer whose representation is whitened (eq. 10) after
             its nonlinearity; the paper whitens the second (``whiten_layer=2``). The whitened
             output is that layer's representation, as in the authors' code.
-        whiten_eval_mode, whiten_eps: passed to :class:`~powerlaw_fast.whitening.Whiten`.
+        whiten_eval_mode, whiten_eps: passed to :class:`~powerlaw_fast.paper.whitening.Whiten`.
 
     Example::
 
         >>> import torch
-        >>> from powerlaw_fast.models import MLP
+        >>> from powerlaw_fast.paper.models import MLP
         >>> net = MLP(whiten_layer=2)
         >>> net(torch.rand(8, 784)).shape, list(net.hidden_widths().values())
         (torch.Size([8, 10]), [1000, 1000, 1000])
@@ -197,12 +197,12 @@ class CNN(_HiddenLayerModel):
     Args:
         activation: ``"tanh"`` (default, the authors' experiments), ``"relu"`` or ``"sigmoid"``.
         whiten: whiten the flattened second conv representation (the authors' ``CNN_Flat``).
-        whiten_eval_mode, whiten_eps: passed to :class:`~powerlaw_fast.whitening.Whiten`.
+        whiten_eval_mode, whiten_eps: passed to :class:`~powerlaw_fast.paper.whitening.Whiten`.
 
     Example::
 
         >>> import torch
-        >>> from powerlaw_fast.models import CNN
+        >>> from powerlaw_fast.paper.models import CNN
         >>> net = CNN()
         >>> net(torch.rand(2, 1, 28, 28)).shape, list(net.hidden_widths().values())
         (torch.Size([2, 10]), [2704, 800, 1000])

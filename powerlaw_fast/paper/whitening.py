@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._validation import check_float_dtype, check_int_range, check_real, check_tensor
+from .._validation import check_float_dtype, check_int_range, check_real, check_tensor
 
 EVAL_MODES = ("batch", "running")
 
@@ -53,7 +53,7 @@ class Whiten(nn.Module):
     Example::
 
         >>> import torch
-        >>> from powerlaw_fast.whitening import Whiten
+        >>> from powerlaw_fast.paper.whitening import Whiten
         >>> _ = torch.manual_seed(0)
         >>> layer = Whiten(4, eps=0.0)
         >>> y = layer(torch.randn(64, 4) @ torch.randn(4, 4))

@@ -22,7 +22,7 @@ class Data:
 
 
 def load_data(root=None, limit_train: int | None = None, limit_test: int | None = None) -> Data:
-    """Both MNIST splits (see :func:`~powerlaw_fast.datasets.load_mnist` for ``root``).
+    """Both MNIST splits (see :func:`~powerlaw_fast.paper.datasets.load_mnist` for ``root``).
 
     Raises the loader's ``MNISTFileError`` for a missing, empty or corrupt folder (the command
     line turns it into a one-line message).

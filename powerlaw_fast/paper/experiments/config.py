@@ -17,7 +17,7 @@ Spectrally regularised variants get one run per beta; the others ignore beta.
 written, the default; ``authors``: the values of the authors' code; ``fresh-basis``: the
 setting under which the regularised spectrum follows 1/n, issue 15), each with why.
 
->>> from powerlaw_fast.experiments.config import sweep_configs
+>>> from powerlaw_fast.paper.experiments.config import sweep_configs
 >>> [c.name for c in sweep_configs("shallow", seeds=1, betas=[2.0])]
 ['shallow-shallow-vanilla-seed0', 'shallow-shallow-specreg-beta2-seed0']
 """

@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ...training.regulariser import SpectralRegularizer
 from ..jacobian import jacobian_penalty
-from ..regularizer import SpectralRegularizer
 from .building import batch_size_for
 from .config import RunConfig
 from .data import Data

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ._validation import check_float_dtype, check_int_range, check_real, check_tensor
+from .._validation import check_float_dtype, check_int_range, check_real, check_tensor
 
 
 def _check_inputs(x, logits) -> None:
@@ -75,7 +75,7 @@ def jacobian_penalty(
     Example::
 
         >>> import torch
-        >>> from powerlaw_fast.jacobian import jacobian_penalty
+        >>> from powerlaw_fast.paper.jacobian import jacobian_penalty
         >>> W = torch.randn(10, 784)
         >>> x = torch.rand(4, 784, requires_grad=True)
         >>> exact = jacobian_penalty(x, x @ W.T, exact=True)

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ._validation import check_int_range, check_tensor
-from .spectra import (
+from .._validation import check_int_range, check_tensor
+from ..training.capture import (
     eval_mode,
     layer_covariance,
     layer_output,
@@ -79,8 +79,8 @@ def sensitivity_maps(
     Example::
 
         >>> import torch
-        >>> from powerlaw_fast.models import MLP
-        >>> from powerlaw_fast.sensitivity import sensitivity_maps
+        >>> from powerlaw_fast.paper.models import MLP
+        >>> from powerlaw_fast.paper.sensitivity import sensitivity_maps
         >>> maps = sensitivity_maps(MLP(widths=(20, 10)), None, torch.rand(200, 1, 28, 28), [1, 2])
         >>> maps.shape, maps.dtype
         (torch.Size([2, 28, 28]), torch.float64)

@@ -3,7 +3,7 @@
 Where the data come from, in order:
 1. the ``root`` argument; ``root="shipped"`` selects the subset shipped in the package;
 2. the environment variable ``POWERLAW_FAST_DATA``;
-3. the shipped subset ``powerlaw_fast/data/mnist_subset.npz``: the first 6000 training and the
+3. the shipped subset ``powerlaw_fast/paper/data/mnist_subset.npz``: the first 6000 training and the
    first 1000 test images of real MNIST (uint8, compressed, ~1 MB), enough for demos and tests.
 
 A root may point at the folder that contains ``MNIST/raw`` (torchvision's ``root``), at
@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._validation import check_int_range
+from .._validation import check_int_range
 
 ENV_VAR = "POWERLAW_FAST_DATA"
 SHIPPED = "shipped"
@@ -161,7 +161,7 @@ def load_mnist(
 
     Example::
 
-        >>> from powerlaw_fast.datasets import load_mnist
+        >>> from powerlaw_fast.paper.datasets import load_mnist
         >>> images, labels = load_mnist("shipped", train=False, limit=100)
         >>> images.shape, images.dtype, labels.dtype
         (torch.Size([100, 1, 28, 28]), torch.float32, torch.int64)
@@ -205,7 +205,7 @@ def make_mnist_subset(
     under ``src_root``) to a compressed ``.npz`` (uint8 images, uint8 labels). This made the
     shipped subset::
 
-        python -c "from powerlaw_fast.datasets import make_mnist_subset as m; m('/path/to/mnist')"
+        python -c "import powerlaw_fast.paper.datasets as d; d.make_mnist_subset('/path/to/mnist')"
     """
     raw = _find_raw_dir(Path(src_root))
     train_images, train_labels = read_mnist_raw(raw, train=True)
@@ -240,7 +240,7 @@ def mnist_loaders(
 
     Example::
 
-        >>> from powerlaw_fast.datasets import mnist_loaders
+        >>> from powerlaw_fast.paper.datasets import mnist_loaders
         >>> train, test = mnist_loaders("shipped", batch_size=256, limit_train=512, seed=0)
         >>> [tuple(t.shape) for t in next(iter(train))]
         [(256, 1, 28, 28), (256,)]
