@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import check_float_dtype, check_int_range, check_real, check_tensor
 
 # Rows (epsilon replicas x samples) per forward pass on the CPU when max_batch is None.
@@ -125,18 +126,6 @@ def check_max_batch(max_batch) -> int | None:
     return check_int_range(max_batch, "max_batch", 1, 2**62, " (rows per forward pass)")
 
 
-@contextlib.contextmanager
-def eval_mode(model: torch.nn.Module) -> Iterator[None]:
-    """Put every submodule in eval mode; restore each one's own flag afterwards (even on error)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, training in modes:
-            m.training = training
-
-
 def make_generator(generator, device: torch.device) -> torch.Generator:
     """A private generator: an int seeds a new one, None means seed 0 (reproducible by default).
 
@@ -161,7 +150,7 @@ def make_generator(generator, device: torch.device) -> torch.Generator:
 def draw(shape, kind: str, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     """Uniform [0, 1) or standard normal numbers on the generator's device, moved to ``like``."""
     fn = torch.rand if kind == "uniform" else torch.randn
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(like.dtype)
     out = fn(shape, generator=generator, device=generator.device, dtype=dtype)
     return out.to(device=like.device, dtype=like.dtype)
 
@@ -258,7 +247,7 @@ def in_ball_and_bounds(adv: torch.Tensor, x: torch.Tensor, eps: torch.Tensor,
     The ball's edges are computed as the step kernel computes them (x +- eps in the compute
     dtype), so an iterate the kernel clamped to the edge passes exactly.
     """
-    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(x.dtype)
     a, xn = adv.to(compute), x.to(compute)
     e = eps.to(compute)[:, None]
     ok = (a >= xn - e) & (a <= xn + e) & (a >= bounds[0]) & (a <= bounds[1])

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from powerlaw_fast._modules import module_device
+from powerlaw_fast._torch_helpers import eval_mode, module_device
 from powerlaw_fast._validation import check_int_range
 from powerlaw_fast.attacks._common import (
     check_bounds,
@@ -20,7 +20,6 @@ from powerlaw_fast.attacks._common import (
     check_labels,
     check_max_batch,
     check_precision,
-    eval_mode,
     make_generator,
     misclassified,
 )

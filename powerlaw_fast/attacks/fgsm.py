@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from powerlaw_fast._torch_helpers import accumulation_dtype, eval_mode
 from powerlaw_fast.attacks._common import (
     check_bounds,
     check_eps,
     check_inputs,
     check_labels,
-    eval_mode,
     fp32_forward,
     input_gradient,
     misclassified,
@@ -37,7 +37,7 @@ def fgsm_sweep(model, x: torch.Tensor, y: torch.Tensor, eps_list: list[float],
     x_leaf = x.detach().clone().requires_grad_(True)
     grad = input_gradient(model, x_leaf, y.long()).reshape(n, -1)
     x2d = x.detach().reshape(n, -1)
-    eps_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps_dtype = accumulation_dtype(x.dtype)
     eps_rows = torch.tensor(eps_list, dtype=eps_dtype, device=x.device).repeat_interleave(n)
     # A step of max(eps) >= every row's eps, then the projection onto each row's ball, gives
     # exactly x + eps_row * sign(g): the ball's edge x +- eps is the same float operation.

@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from powerlaw_fast._torch_helpers import accumulation_dtype, eval_mode
 from powerlaw_fast._validation import check_int_range, check_real
 from powerlaw_fast.attacks._common import (
     CPU_DEFAULT_ROWS,
@@ -52,7 +53,6 @@ from powerlaw_fast.attacks._common import (
     check_max_batch,
     check_precision,
     draw,
-    eval_mode,
     fp32_forward,
     gradient_precision,
     in_ball_and_bounds,
@@ -124,7 +124,7 @@ class _ChunkRunner:
         self.x = torch.empty((rows, D), dtype=dtype, device=device)
         self.x_nat = torch.empty((m, D), dtype=dtype, device=device)
         self.y = torch.empty((rows,), dtype=torch.long, device=device)
-        eps_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        eps_dtype = accumulation_dtype(dtype)
         self.eps = torch.empty((rows,), dtype=eps_dtype, device=device)
         self.use_graph = cfg.cuda_graph and device.type == "cuda"
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -238,7 +238,7 @@ def pgd_sweep(
     sample_shape = tuple(x.shape[1:])
     x2d = x.reshape(n, -1)
     y = y.long()
-    eps_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps_dtype = accumulation_dtype(x.dtype)
     eps_all = torch.tensor(eps_list, dtype=eps_dtype, device=x.device)
     m = min(n, rows_per_chunk)
     eps_group = max(1, rows_per_chunk // m)
@@ -422,7 +422,7 @@ def pgd_search(
     x2d = x.reshape(n, -1)
     D = x2d.shape[1]
     device = x.device
-    eps_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    eps_dtype = accumulation_dtype(x.dtype)
     y = y.long()
     if compact_every is None:
         compact_every = 1 if device.type != "cuda" else 4

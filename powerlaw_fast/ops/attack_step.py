@@ -33,6 +33,7 @@ from powerlaw_fast._backend import (
     triton_available,
     triton_interpreter_active,
 )
+from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import check_float_dtype, check_real, check_tensor
 
 __all__ = ["pgd_update", "pgd_update_reference", "resolve_step_backend"]
@@ -134,7 +135,7 @@ def pgd_update_reference(
     tensor([[0.6000, 0.4000, 0.0000]])
     """
     R = eps_rows.shape[0]
-    compute = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    compute = accumulation_dtype(x_adv.dtype)
     x = _cycle_rows(x_adv, R).to(compute)
     xn = _cycle_rows(x_nat, R).to(compute)
     g = _cycle_rows(grad, R).to(compute)
@@ -214,7 +215,7 @@ def pgd_update(
                 f"{name}: expected device {x_adv.device} (the device of x_adv), got {t.device}"
             )
     D = x_adv.shape[1]
-    eps_dtype = torch.float64 if x_adv.dtype == torch.float64 else torch.float32
+    eps_dtype = accumulation_dtype(x_adv.dtype)
     if isinstance(eps_per_row, torch.Tensor):
         if eps_per_row.dim() != 1:
             raise ValueError(

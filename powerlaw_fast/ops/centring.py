@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 
 from powerlaw_fast._backend import triton_available
+from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast.ops import _alloc
 from powerlaw_fast.ops.backends import register
 
@@ -112,11 +113,6 @@ if triton_available():
             s2 += z * z
         tl.store(out_ptr + split * N + cols, tl.sum(s1, axis=0), mask=col_ok)
         tl.store(out_ptr + (splits + split) * N + cols, tl.sum(s2, axis=0), mask=col_ok)
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float64 for float64 data, float32 for everything else: the dtype sums are kept in."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 @register("column_mean", "torch")

@@ -74,6 +74,7 @@ from typing import NamedTuple
 import torch
 
 from powerlaw_fast._backend import resolve_backend, tf32_allowed, triton_available
+from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import (
     as_batch_matrix,
     check_basis,
@@ -85,10 +86,7 @@ from powerlaw_fast._validation import (
 from powerlaw_fast.ops import _alloc, status
 from powerlaw_fast.ops._triton_gemm import dot_in_fp32, size_bucket
 from powerlaw_fast.ops.backends import implementation, register
-from powerlaw_fast.ops.centring import (
-    accumulation_dtype,
-    column_moments_torch,
-)
+from powerlaw_fast.ops.centring import column_moments_torch
 
 CONVENTIONS = ("paper", "authors")
 MAX_FUSED_N = 4096  # widest layer for the one-program sort and the Triton GEMM route

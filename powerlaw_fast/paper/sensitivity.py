@@ -28,9 +28,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .._torch_helpers import eval_mode
 from .._validation import check_int_range, check_tensor
 from ..training.capture import (
-    eval_mode,
     layer_covariance,
     layer_output,
     model_device,

@@ -5,18 +5,13 @@ data set (see :mod:`powerlaw_fast.training.accumulator` for the streaming sums).
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from .._modules import find_submodule, module_device
+from .._torch_helpers import StopForward, eval_mode, find_submodule, module_device
 from .._validation import check_int_range
 from .accumulator import CovarianceAccumulator
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the wanted layer has run, to skip the rest."""
 
 
 def resolve_layer(model: nn.Module, layer) -> tuple[str, nn.Module]:
@@ -69,18 +64,6 @@ def model_device(model: nn.Module) -> torch.device:
     return module_device(model, torch.device("cpu"))
 
 
-@contextmanager
-def eval_mode(model: nn.Module):
-    """Put ``model`` in eval mode and restore every submodule's own training flag afterwards."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
 def layer_output(model: nn.Module, module: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
     """Run ``model(inputs)`` until ``module`` has produced its output; return it as ``[B, N]``.
 
@@ -91,12 +74,12 @@ def layer_output(model: nn.Module, module: nn.Module, inputs: torch.Tensor) -> t
 
     def hook(_module, _args, output):
         captured.append(output)
-        raise _StopForward
+        raise StopForward
 
     handle = module.register_forward_hook(hook)
     try:
         model(inputs)
-    except _StopForward:
+    except StopForward:
         pass
     finally:
         handle.remove()

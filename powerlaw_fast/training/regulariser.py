@@ -60,21 +60,17 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from powerlaw_fast._backend import BACKENDS, resolve_backend
-from powerlaw_fast._modules import find_submodule, module_device
+from powerlaw_fast._torch_helpers import StopForward, eval_mode, find_submodule, module_device
 from powerlaw_fast._validation import check_int_range, check_real
 from powerlaw_fast.ops.grouped_penalty import can_group, grouped_penalty_triton
 from powerlaw_fast.ops.spectral_penalty import CONVENTIONS, penalty_and_spectrum
 from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
 from powerlaw_fast.ops.status import validation_mode
 from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
-from powerlaw_fast.training.capture import eval_mode, iterate_inputs, model_device
+from powerlaw_fast.training.capture import iterate_inputs, model_device
 
 _STATE_FORMAT = 1
 BASIS_UPDATES = ("epoch", "running")
-
-
-class _AllLayersCaptured(Exception):
-    """Raised by the refresh hook once every regularised layer has run: skip the rest."""
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -493,7 +489,7 @@ class SpectralRegularizer:
                 )
             acc.update(rows)
             if len(fired) == wanted:
-                raise _AllLayersCaptured
+                raise StopForward
 
         total = None
         if isinstance(data, torch.Tensor):
@@ -514,7 +510,7 @@ class SpectralRegularizer:
                     fired.clear()
                     try:
                         self._model(inputs.to(device, non_blocking=True))
-                    except _AllLayersCaptured:
+                    except StopForward:
                         pass
                     if len(fired) != wanted:
                         missing = [n for n in self.layer_names if n not in fired]
