@@ -1,18 +1,13 @@
-"""Speed tables, a speedup plot and target verdicts from the committed benchmark JSON.
+"""Speed tables and a speedup plot from the committed benchmark JSON.
 
 Reads every ``benchmarks/results/<gpu-name>/*.json`` written by ``bench_penalty.py``,
 ``bench_training.py`` and ``bench_attacks.py`` (layout
-``{"device", "torch", "triton", "date", "commit", "rows": [...]}``) and
-
-1. prints one markdown speed table per benchmark (times in ms are medians; a ratio is
-   ``baseline ms / ours ms``, so > 1 means this library is faster),
-2. draws the penalty's speedup over each baseline against N into
-   ``benchmarks/results/<gpu-name>/penalty_speedup.png``,
-3. with ``--write-readme``, replaces the README text between the lines
-   ``<!-- speed-table:start -->`` and ``<!-- speed-table:end -->`` with the same report, so the
-   README's numbers always come from committed JSON (the README is left alone when the markers
-   are absent),
-4. lists each speed target with "met", "NOT met (measured gap)" or "not measured".
+``{"device", "torch", "triton", "date", "commit", "rows": [...]}``), makes one markdown speed
+table per benchmark (times in ms are medians; a ratio is ``baseline ms / ours ms``, so > 1
+means this library is faster) and draws the penalty's speedup over each baseline against N
+into ``benchmarks/results/<gpu-name>/penalty_speedup.png``. The issues' speed targets and their
+verdicts live in ``benchmarks/targets.py``; the report as a whole and the README's marked block
+in ``benchmarks/readme_block.py``, whose command line this script runs:
 
     python benchmarks/report.py                      # print the report, write the plots
     python benchmarks/report.py --write-readme       # ... and rewrite README.md's marked block
@@ -23,18 +18,14 @@ Only reads JSON (no torch import); matplotlib is needed for the plot only.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_RESULTS = REPO_ROOT / "benchmarks" / "results"
-DEFAULT_README = REPO_ROOT / "README.md"
-START_MARKER = "<!-- speed-table:start -->"
-END_MARKER = "<!-- speed-table:end -->"
 BENCHMARKS = ("penalty", "training", "attacks")
 
 PENALTY_OURS = ("triton", "cuda")
@@ -42,7 +33,6 @@ PENALTY_BASELINES = ("torch_projection", "torch_covariance", "authors_loop", "ei
                      "gemm_floor")
 ATTACK_OURS = ("ours_graph", "ours_eager", "ours", "ours_cuda")
 ATTACK_BASELINES = ("plain_loop", "torchattacks")
-ACCURACY_TOLERANCE_PP = 0.1
 
 
 # ----------------------------------------------------------------------------- loading
@@ -321,259 +311,10 @@ def attacks_table(files: list[ResultFile]) -> str:
     return markdown_table(headers, table)
 
 
-# ----------------------------------------------------------------------------- targets
-@dataclass
-class Check:
-    """One measured setting of a target: e.g. float32/highest, 2.3x at N = 1024."""
-
-    setting: str
-    ok: bool
-    text: str
-
-
-@dataclass
-class Verdict:
-    benchmark: str
-    scope: str  # "<GPU>, <our implementation>"
-    target: str
-    checks: list[Check]
-    missing: str = ""  # why nothing was measured
-
-    @property
-    def status(self) -> str:
-        if not self.checks:
-            return "not measured"
-        return "met" if all(c.ok for c in self.checks) else "NOT met"
-
-    def line(self) -> str:
-        if not self.checks:
-            detail = self.missing
-        elif self.status == "met":
-            detail = "; ".join(f"{c.setting}: {c.text}" for c in self.checks)
-        else:
-            detail = "; ".join(f"{c.setting}: {c.text}" for c in self.checks if not c.ok)
-        tail = f" ({detail})" if detail else ""
-        return f"- {self.benchmark} [{self.scope}]: {self.target}: {self.status}{tail}"
-
-
-@dataclass
-class PenaltyTarget:
-    text: str
-    baseline: str
-    applies: Callable[[int], bool]
-    kind: str  # "speedup": baseline/ours >= bound; "within": ours/baseline <= bound
-    bound: float
-
-
-PENALTY_TARGETS = (  # issue 11, H100/H200, same run
-    PenaltyTarget(">= 3x torch_projection at N <= 2048", "torch_projection",
-                  lambda n: n <= 2048, "speedup", 3.0),
-    PenaltyTarget(">= 1.5x compiled_projection at N <= 2048", "compiled_projection",
-                  lambda n: n <= 2048, "speedup", 1.5),
-    PenaltyTarget(">= 1.5x torch_projection at N = 4096", "torch_projection",
-                  lambda n: n == 4096, "speedup", 1.5),
-    PenaltyTarget("within 1.10x of gemm_floor at N >= 8192", "gemm_floor",
-                  lambda n: n >= 8192, "within", 1.10),
-    PenaltyTarget("never slower than torch_projection", "torch_projection",
-                  lambda n: True, "speedup", 1.0),
-)
-TRAINING_TARGETS = (
-    "paper's MLP: specreg step <= 1.3x vanilla eager, <= 1.25x graphed with the penalty in bf16",
-    "eigenbasis refresh < 1 s",
-)
-ATTACK_TARGET = (f">= 3x torchattacks with robust accuracy within {ACCURACY_TOLERANCE_PP} pp")
-
-
-def _penalty_check(index, target: PenaltyTarget, ours: str, dtype, precision) -> Check | None:
-    """The worst N the target covers in this setting, or None when none was measured."""
-    values = []
-    for N, dt, prec, impl in index:
-        if (dt, prec, impl) != (dtype, precision, target.baseline) or not target.applies(N):
-            continue
-        mine = index.get((N, dtype, precision, ours))
-        if mine is None:
-            continue
-        theirs = index[(N, dt, prec, impl)]["median_ms"]
-        if target.kind == "speedup":
-            values.append((theirs / mine["median_ms"], N))
-        else:
-            values.append((mine["median_ms"] / theirs, N))
-    if not values:
-        return None
-    if target.kind == "speedup":
-        value, N = min(values)
-        return Check(f"{dtype}/{precision}", value >= target.bound,
-                     f"{fmt_ratio(value)} at N={N}, target >= {fmt_ratio(target.bound)}")
-    value, N = max(values)
-    return Check(f"{dtype}/{precision}", value <= target.bound,
-                 f"{fmt_ratio(value)} the floor at N={N}, target <= {fmt_ratio(target.bound)}")
-
-
-def penalty_verdicts(files: list[ResultFile]) -> list[Verdict]:
-    verdicts = []
-    for f in files:
-        index = _penalty_index(f)
-        ours = [o for o in PENALTY_OURS if any(k[3] == o for k in index)] or [PENALTY_OURS[0]]
-        for o in ours:
-            for target in PENALTY_TARGETS:
-                checks = [_penalty_check(index, target, o, *s) for s in _settings(_timed(f.rows))]
-                checks = [c for c in checks if c is not None]
-                verdicts.append(Verdict("penalty", f"{f.device}, {o}", target.text, checks,
-                                        missing=f"no {o} and {target.baseline} rows at those N"))
-    return verdicts or [Verdict("penalty", "no GPU", t.text, [], "no penalty.json")
-                        for t in PENALTY_TARGETS]
-
-
-def training_verdicts(files: list[ResultFile]) -> list[Verdict]:
-    verdicts = []
-    for f in files:
-        rows = _timed(f.rows)
-        steps = {_step_key(r): r for r in rows if r.get("op") == "train_step"}
-        step_checks = []
-        for (model, execution, dtype, mode, penalty_dtype), r in steps.items():
-            vanilla = steps.get((model, execution, dtype, "vanilla", "model"))
-            if mode != "specreg" or model != "mlp" or vanilla is None:
-                continue
-            limit = 1.3 if execution == "eager" else 1.25
-            if execution != "eager" and penalty_dtype != "bfloat16":
-                continue  # graphed, full precision: reported in the table against ~1.7x
-            overhead = r["median_ms"] / vanilla["median_ms"]
-            step_checks.append(Check(f"{execution} {dtype}, penalty {penalty_dtype}",
-                                     overhead <= limit,
-                                     f"{fmt_ratio(overhead)} vanilla, target <= {limit:.2f}x"))
-        refresh_checks = [
-            Check(str(r.get("mode")), r["median_ms"] < 1000.0,
-                  f"{r['median_ms'] / 1000:.2f} s, target < 1 s")
-            for r in rows if r.get("op") == "refresh"
-        ]
-        scope = f"{f.device}, SpectralRegularizer"
-        verdicts.append(Verdict("training", scope, TRAINING_TARGETS[0], step_checks,
-                                "no specreg and vanilla train_step rows"))
-        verdicts.append(Verdict("training", scope, TRAINING_TARGETS[1], refresh_checks,
-                                "no refresh rows"))
-    return verdicts or [Verdict("training", "no GPU", t, [], "no training.json")
-                        for t in TRAINING_TARGETS]
-
-
-def attack_verdicts(files: list[ResultFile]) -> list[Verdict]:
-    verdicts = []
-    for f in files:
-        index = _attack_index(f)
-        cases = list(dict.fromkeys(k[:2] for k in index))
-        ours = _in_order([k[2] for k in index if k[2] in ATTACK_OURS], ATTACK_OURS)
-        for o in ours:
-            checks, notes = [], []
-            for model, attack in cases:
-                mine = index.get((model, attack, o))
-                theirs = index.get((model, attack, "torchattacks"))
-                if mine is None or "median_ms" not in mine:
-                    continue
-                if theirs is None or "median_ms" not in theirs:
-                    notes.append(f"{model}/{attack}: "
-                                 f"{(theirs or {}).get('note', 'no torchattacks row')}")
-                    continue
-                speedup = theirs["median_ms"] / mine["median_ms"]
-                gap = max_accuracy_gap_pp(mine, theirs)
-                ok = speedup >= 3.0 and gap is not None and gap <= ACCURACY_TOLERANCE_PP + 1e-9
-                gap_text = "accuracy not recorded" if gap is None else f"{gap:.2f} pp"
-                checks.append(Check(f"{model}/{attack}", ok, f"{fmt_ratio(speedup)}, {gap_text}"))
-            verdicts.append(Verdict("attacks", f"{f.device}, {o}", ATTACK_TARGET, checks,
-                                    "; ".join(notes) or "no torchattacks rows"))
-    return verdicts or [Verdict("attacks", "no GPU", ATTACK_TARGET, [], "no attacks.json")]
-
-
-def all_verdicts(files: list[ResultFile]) -> list[Verdict]:
-    by_name = {name: [f for f in files if f.benchmark == name] for name in BENCHMARKS}
-    return (penalty_verdicts(by_name["penalty"]) + training_verdicts(by_name["training"])
-            + attack_verdicts(by_name["attacks"]))
-
-
-# ----------------------------------------------------------------------------- report
-def render_report(files: list[ResultFile], base: Path, plots: dict[Path, Path] | None = None
-                  ) -> str:
-    """The whole markdown report: one section per benchmark present, then the targets.
-    ``base`` is the folder paths are written relative to (the README's); ``plots`` maps a
-    penalty JSON to its plot."""
-    plots = plots or {}
-    by_name = {name: [f for f in files if f.benchmark == name] for name in BENCHMARKS}
-    parts = [
-        "_Generated by `python benchmarks/report.py --write-readme` from the committed "
-        "`benchmarks/results/<gpu>/*.json`; do not edit by hand. Times are medians in ms; "
-        "ratio = baseline ms / ours ms (> 1: this library is faster)._"
-    ]
-    if by_name["penalty"]:
-        parts += ["### Spectral penalty, forward + backward (B = 1.5 N)",
-                  penalty_table(by_name["penalty"]), sources(by_name["penalty"], base)]
-        parts += [f"![penalty speedup, {f.device}]({display_path(plots[f.path], base)})"
-                  for f in by_name["penalty"] if f.path in plots]
-    if by_name["training"]:
-        parts += ["### Training step and eigenbasis refresh",
-                  training_tables(by_name["training"]), sources(by_name["training"], base)]
-    if by_name["attacks"]:
-        parts += ["### Robustness sweeps (attack + accuracy over the epsilon grid)",
-                  attacks_table(by_name["attacks"]), sources(by_name["attacks"], base)]
-    parts += ["### Targets", "\n".join(v.line() for v in all_verdicts(files))]
-    return "\n\n".join(parts) + "\n"
-
-
-def replace_marked_block(text: str, block: str) -> str | None:
-    """``text`` with the lines between the start and end markers replaced by ``block``; None
-    when the markers are absent. ValueError when only one is present, either is repeated or
-    they are out of order (the README is then left alone)."""
-    starts, ends = text.count(START_MARKER), text.count(END_MARKER)
-    if starts == 0 and ends == 0:
-        return None
-    if starts != 1 or ends != 1:
-        raise ValueError(f"README: expected one {START_MARKER!r} and one {END_MARKER!r}, found "
-                         f"{starts} and {ends}")
-    if text.index(END_MARKER) < text.index(START_MARKER):
-        raise ValueError(f"README: {END_MARKER!r} comes before {START_MARKER!r}")
-    head, rest = text.split(START_MARKER)
-    tail = rest.split(END_MARKER)[1]
-    return f"{head}{START_MARKER}\n{block.strip()}\n{END_MARKER}{tail}"
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS,
-                        help="folder holding <gpu-name>/*.json (default benchmarks/results)")
-    parser.add_argument("--readme", type=Path, default=DEFAULT_README,
-                        help="README whose marked block --write-readme rewrites")
-    parser.add_argument("--write-readme", action="store_true",
-                        help=f"replace the README text between {START_MARKER} and {END_MARKER}")
-    parser.add_argument("--no-plot", action="store_true", help="do not write the PNG plots")
-    args = parser.parse_args(argv)
-
-    files = load_results(args.results)
-    if not files:
-        print(f"no results JSON under {args.results}/<gpu-name>/: nothing to report, "
-              "nothing written")
-        return 0
-    for f in files:
-        if f.benchmark not in BENCHMARKS:
-            print(f"skipped {f.path}: not one of {', '.join(BENCHMARKS)}")
-    plots = {}
-    if not args.no_plot:
-        for f in files:
-            if f.benchmark == "penalty":
-                out = plot_penalty_speedup(f)
-                if out is not None:
-                    plots[f.path] = out
-                    print(f"wrote {out}")
-    report = render_report(files, args.readme.resolve().parent, plots)
-    print(report)
-    if args.write_readme:
-        text = args.readme.read_text()
-        new_text = replace_marked_block(text, report)
-        if new_text is None:
-            print(f"{args.readme}: no {START_MARKER} / {END_MARKER} lines; README not changed")
-        elif new_text == text:
-            print(f"{args.readme}: speed block already up to date")
-        else:
-            args.readme.write_text(new_text)
-            print(f"{args.readme}: speed block rewritten")
-    return 0
-
-
 if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from benchmarks.readme_block import main
+
     raise SystemExit(main())

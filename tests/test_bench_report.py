@@ -1,5 +1,5 @@
-"""benchmarks/report.py: tables, ratios, target verdicts, the README block and the plot, from
-small synthetic results files written to tmp_path only.
+"""benchmarks/report.py (tables, ratios, the plot), targets.py (verdicts) and readme_block.py
+(the README block), from small synthetic results files written to tmp_path only.
 
 Every number below is made-up test data, chosen so that each verdict is known in advance; none
 of it is a measurement and none of it is written under benchmarks/results.
@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from benchmarks import report
+from benchmarks import readme_block, report, targets
 
 FAKE_GPU = "FakeGPU (synthetic test data)"
 ENV = {"device": FAKE_GPU, "torch": "0.0-test", "triton": "0.0-test",
@@ -136,8 +136,8 @@ def test_penalty_table_has_times_ratios_and_tflops(files):
 
 
 def test_penalty_verdicts(files):
-    verdicts = verdict_map(report.penalty_verdicts(by_name(files, "penalty")))
-    t = [target.text for target in report.PENALTY_TARGETS]
+    verdicts = verdict_map(targets.penalty_verdicts(by_name(files, "penalty")))
+    t = [target.text for target in targets.PENALTY_TARGETS]
     first = verdicts[("triton", t[0])]
     assert first.status == "NOT met"  # the worst width counts in each setting
     assert "float32/highest: 1.50x at N=2048, target >= 3.00x" in first.line()
@@ -154,8 +154,8 @@ def test_penalty_verdicts(files):
 def test_penalty_target_not_measured_without_the_width(files):
     f = by_name(files, "penalty")[0]
     f.rows = [r for r in f.rows if r["N"] != 4096]
-    verdicts = verdict_map(report.penalty_verdicts([f]))
-    assert verdicts[("triton", report.PENALTY_TARGETS[2].text)].status == "not measured"
+    verdicts = verdict_map(targets.penalty_verdicts([f]))
+    assert verdicts[("triton", targets.PENALTY_TARGETS[2].text)].status == "not measured"
 
 
 def test_training_tables_and_verdicts(files):
@@ -170,7 +170,7 @@ def test_training_tables_and_verdicts(files):
     assert (f"| {FAKE_GPU} | mlp | B=1500, N=1000 | eager | float32 / highest | authors | model "
             "| 500 (50.0x) |") in text
     assert f"| {FAKE_GPU} | cnn | 60000 | 2704, 800, 1000 | 1500 | 2.00 |" in text
-    step, refresh = report.training_verdicts(training)
+    step, refresh = targets.training_verdicts(training)
     assert step.status == "NOT met"
     assert step.line().endswith(
         "NOT met (eager bfloat16, penalty model: 1.60x vanilla, target <= 1.30x)"
@@ -187,12 +187,12 @@ def test_attack_table_and_verdicts(files):
         "900 (9.00x) | 1000 (10.0x) | 0.20 |" in text
     assert "| mlp | fgsm | n=10000 x 3 eps, 1 step | float32 / highest | ours | 10.0 | " \
         "30.0 (3.00x) | skipped | – |" in text
-    verdicts = verdict_map(report.attack_verdicts(attacks))
-    graph = verdicts[("ours_graph", report.ATTACK_TARGET)]
+    verdicts = verdict_map(targets.attack_verdicts(attacks))
+    graph = verdicts[("ours_graph", targets.ATTACK_TARGET)]
     assert graph.line().endswith("NOT met (cnn/pgd: 10.0x, 0.20 pp)")
-    eager = verdicts[("ours_eager", report.ATTACK_TARGET)]
+    eager = verdicts[("ours_eager", targets.ATTACK_TARGET)]
     assert eager.line().endswith("NOT met (mlp/pgd: 2.25x, 0.00 pp; cnn/pgd: 6.67x, 0.20 pp)")
-    fgsm = verdicts[("ours", report.ATTACK_TARGET)]
+    fgsm = verdicts[("ours", targets.ATTACK_TARGET)]
     assert fgsm.status == "not measured"
     assert "torchattacks not installed" in fgsm.line()
 
@@ -200,14 +200,14 @@ def test_attack_table_and_verdicts(files):
 def test_attack_target_met_when_fast_and_accurate(files):
     f = by_name(files, "attacks")[0]
     f.rows = [r for r in f.rows if r["model"] == "mlp" and r["attack"] == "pgd"]
-    verdicts = verdict_map(report.attack_verdicts([f]))
-    assert verdicts[("ours_graph", report.ATTACK_TARGET)].line().endswith(
+    verdicts = verdict_map(targets.attack_verdicts([f]))
+    assert verdicts[("ours_graph", targets.ATTACK_TARGET)].line().endswith(
         "met (mlp/pgd: 4.50x, 0.00 pp)")
 
 
 def test_every_target_listed_as_not_measured_without_results():
-    lines = [v.line() for v in report.all_verdicts([])]
-    assert len(lines) == len(report.PENALTY_TARGETS) + len(report.TRAINING_TARGETS) + 1
+    lines = [v.line() for v in targets.all_verdicts([])]
+    assert len(lines) == len(targets.PENALTY_TARGETS) + len(targets.TRAINING_TARGETS) + 1
     assert all(line.split(": ")[-1].startswith("not measured") for line in lines)
 
 
@@ -219,30 +219,31 @@ def test_plot_is_written_next_to_the_json(files):
 
 
 README_TEXT = "# Title\n\nintro\n\n{block}\n## Next\n\ntail\n"
-MARKED = f"{report.START_MARKER}\nold numbers typed by hand\n{report.END_MARKER}"
+MARKED = f"{readme_block.START_MARKER}\nold numbers typed by hand\n{readme_block.END_MARKER}"
 
 
 def test_replace_marked_block():
     text = README_TEXT.format(block=MARKED)
-    new = report.replace_marked_block(text, "| new | table |\n")
+    new = readme_block.replace_marked_block(text, "| new | table |\n")
     assert new == README_TEXT.format(
-        block=f"{report.START_MARKER}\n| new | table |\n{report.END_MARKER}")
-    assert report.replace_marked_block(new, "| new | table |") == new
-    assert report.replace_marked_block("no markers here\n", "x") is None
+        block=f"{readme_block.START_MARKER}\n| new | table |\n{readme_block.END_MARKER}")
+    assert readme_block.replace_marked_block(new, "| new | table |") == new
+    assert readme_block.replace_marked_block("no markers here\n", "x") is None
     with pytest.raises(ValueError, match="expected one"):
-        report.replace_marked_block(f"{report.START_MARKER}\nno end\n", "x")
+        readme_block.replace_marked_block(f"{readme_block.START_MARKER}\nno end\n", "x")
     with pytest.raises(ValueError, match="comes before"):
-        report.replace_marked_block(f"{report.END_MARKER}\n{report.START_MARKER}\n", "x")
+        reversed_markers = f"{readme_block.END_MARKER}\n{readme_block.START_MARKER}\n"
+        readme_block.replace_marked_block(reversed_markers, "x")
 
 
 def test_main_rewrites_the_readme_block_and_plots(results_dir, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(README_TEXT.format(block=MARKED))
-    assert report.main(["--results", str(results_dir), "--readme", str(readme),
+    assert readme_block.main(["--results", str(results_dir), "--readme", str(readme),
                         "--write-readme"]) == 0
     text = readme.read_text()
     assert text.startswith("# Title\n\nintro\n\n") and text.endswith("\n## Next\n\ntail\n")
-    block = text.split(report.START_MARKER)[1].split(report.END_MARKER)[0]
+    block = text.split(readme_block.START_MARKER)[1].split(readme_block.END_MARKER)[0]
     assert "old numbers typed by hand" not in block
     assert "2.50 (2.50x)" in block and "### Targets" in block
     assert "`results/FakeGPU_synthetic_test_data/penalty.json`: " + FAKE_GPU in block
@@ -250,7 +251,7 @@ def test_main_rewrites_the_readme_block_and_plots(results_dir, tmp_path, capsys)
     assert "](results/FakeGPU_synthetic_test_data/penalty_speedup.png)" in block
     assert (results_dir / "FakeGPU_synthetic_test_data" / "penalty_speedup.png").is_file()
     assert "speed block rewritten" in capsys.readouterr().out
-    report.main(["--results", str(results_dir), "--readme", str(readme), "--write-readme",
+    readme_block.main(["--results", str(results_dir), "--readme", str(readme), "--write-readme",
                  "--no-plot"])
     assert "](results/" not in readme.read_text()
 
@@ -258,7 +259,7 @@ def test_main_rewrites_the_readme_block_and_plots(results_dir, tmp_path, capsys)
 def test_main_leaves_a_readme_without_markers_alone(results_dir, tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# no markers\n")
-    assert report.main(["--results", str(results_dir), "--readme", str(readme),
+    assert readme_block.main(["--results", str(results_dir), "--readme", str(readme),
                         "--write-readme", "--no-plot"]) == 0
     assert readme.read_text() == "# no markers\n"
     out = capsys.readouterr().out
@@ -269,7 +270,7 @@ def test_main_without_results_writes_nothing(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text(README_TEXT.format(block=MARKED))
     (tmp_path / "results").mkdir()
-    assert report.main(["--results", str(tmp_path / "results"), "--readme", str(readme),
+    assert readme_block.main(["--results", str(tmp_path / "results"), "--readme", str(readme),
                         "--write-readme"]) == 0
     assert "nothing to report" in capsys.readouterr().out
     assert readme.read_text() == README_TEXT.format(block=MARKED)
