@@ -87,7 +87,8 @@ TRAINING_TARGETS = (
     "paper's MLP: specreg step <= 1.3x vanilla eager, <= 1.25x graphed with the penalty in bf16",
     "eigenbasis refresh < 1 s",
 )
-ATTACK_TARGET = (f">= 3x torchattacks with robust accuracy within {ACCURACY_TOLERANCE_PP} pp")
+ATTACK_TARGET = (f">= 3x torchattacks with robust accuracy at most {ACCURACY_TOLERANCE_PP} pp "
+                 f"above torchattacks' at every eps")
 
 
 def _penalty_check(index, target: PenaltyTarget, ours: str, dtype, precision) -> Check | None:
@@ -166,7 +167,9 @@ def attack_verdicts(files: list[ResultFile]) -> list[Verdict]:
     for f in files:
         index = _attack_index(f)
         cases = list(dict.fromkeys(k[:2] for k in index))
-        ours = _in_order([k[2] for k in index if k[2] in ATTACK_OURS], ATTACK_OURS)
+        # the target is for the default mode; final-iterate and reduced precision are reported
+        targeted = ATTACK_OURS[:4]
+        ours = _in_order([k[2] for k in index if k[2] in targeted], targeted)
         for o in ours:
             checks, notes = [], []
             for model, attack in cases:

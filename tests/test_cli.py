@@ -358,8 +358,9 @@ def test_reproduce_warns_with_an_estimate_on_the_cpu(tmp_path, capsys, monkeypat
     assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot"]) == 0
     err = capsys.readouterr().err
     assert "powerlaw-fast: warning: on this CPU this sweep should take about" in err
-    hours = float(err.split("take about ")[1].split(" h")[0])
-    assert hours > 0.5  # 12 runs of 50 epochs of the 2000-wide net
+    amount, unit = err.split("take about ")[1].split()[:2]
+    hours = float(amount) / (60.0 if unit.startswith("min") else 1.0)
+    assert unit in ("h", "min") and hours > 0.5  # 12 runs of 50 epochs of the 2000-wide net
     # a small sweep says nothing
     assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot", *TINY_REPRODUCE]
                 ) == 0

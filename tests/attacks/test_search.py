@@ -101,7 +101,7 @@ def test_curve_is_monotone_and_handles_any_grid_order():
                          progress=False)
     order = sorted(range(len(grid)), key=grid.__getitem__)
     acc = [c.accuracy[i] for i in order]
-    assert all(a >= b for a, b in zip(acc, acc[1:]))
+    assert all(a >= b for a, b in zip(acc, acc[1:], strict=False))
     assert torch.equal(c.success[0], c.success[3])
     ref = robustness_curve(model, (x, y), sorted(set(grid)), steps=STEPS, step_size=STEP,
                            progress=False)
@@ -227,7 +227,7 @@ def test_reduced_precision_on_an_honest_model_stays_close():
     tf32 = robustness_curve(model, (x, y), EPS, steps=STEPS, step_size=STEP, progress=False,
                             precision="tf32")
     assert half.accuracy[0] == full.accuracy[0] and torch.equal(tf32.success, full.success)
-    assert max(abs(a - b) for a, b in zip(half.accuracy, full.accuracy)) <= 0.1
+    assert max(abs(a - b) for a, b in zip(half.accuracy, full.accuracy, strict=True)) <= 0.1
 
 
 def test_fgsm_curve_nested_and_final_modes():
