@@ -200,7 +200,9 @@ def test_bad_input(kw, exc, match):
 
 
 def test_against_torchattacks():
-    torchattacks = pytest.importorskip("torchattacks")
+    torchattacks = pytest.importorskip(
+        "torchattacks", reason="the cross-check needs `pip install --no-deps torchattacks`"
+    )
     model, (x, y) = make_mlp(torch.float32), make_data(n=20, dtype=torch.float32)
     atk = torchattacks.PGD(model, eps=0.1, alpha=0.01, steps=10, random_start=False)
     theirs = atk(x, y)

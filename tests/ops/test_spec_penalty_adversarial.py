@@ -72,6 +72,8 @@ def test_float16_activations_near_its_range_give_finite_gradients(backend):
     assert math.isclose(float(val), float(ref_v), rel_tol=2e-2)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+@pytest.mark.filterwarnings("ignore:overflow encountered in reduce:RuntimeWarning")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_overflowing_activations_are_reported_as_non_finite(backend):
     x, V = make_batch(50, 20, seed=9)
@@ -79,6 +81,7 @@ def test_overflowing_activations_are_reported_as_non_finite(backend):
         spec_penalty(x * 1e20, V, tau=3, backend=backend)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kwargs", [dict(alpha=1e6), dict(beta=1e308)])
 def test_overflowing_settings_raise_instead_of_returning_inf(backend, kwargs):
