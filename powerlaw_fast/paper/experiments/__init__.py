@@ -9,8 +9,8 @@ many configs into a folder and resumes an interrupted sweep, also under ``torchr
 The modules, in the order a run uses them:
 
 - :mod:`.config`: :class:`RunConfig`, the experiments' variants, :func:`sweep_configs`
-- :mod:`.data`: the MNIST splits in memory (:func:`load_data`)
-- :mod:`.building`: the network, its regularised layers and batch size (:func:`build_model`)
+- :mod:`.build`: the MNIST splits in memory (:func:`load_data`), the network, its
+  regularised layers and batch size (:func:`build_model`)
 - :mod:`.training`: :func:`train_model`
 - :mod:`.parallel`: data-parallel training under ``torchrun`` (:class:`DataParallel`)
 - :mod:`.evaluation`: robustness curves, eigenspectra, sensitivity maps
@@ -18,6 +18,7 @@ The modules, in the order a run uses them:
 - :mod:`.run`: one run (:func:`run_experiment`)
 - :mod:`.sweep`: many runs, resumable (:func:`run_sweep`)
 - :mod:`.estimate`: a sweep's rough duration before it starts (:func:`estimate_seconds`)
+- :mod:`.demo`: the demo, a small sweep of the shallow net with its tables and figures
 
 Example (a tiny run on the shipped MNIST subset)::
 
@@ -30,7 +31,7 @@ Example (a tiny run on the shipped MNIST subset)::
     ('complete', ['fgsm', 'noise', 'pgd'])
 """
 
-from .building import batch_size_for, build_model, check_runs, default_device
+from .build import Data, batch_size_for, build_model, check_runs, default_device, load_data
 from .config import (
     ARCHS,
     DEFAULT_EPS,
@@ -43,7 +44,6 @@ from .config import (
     preset_fields,
     sweep_configs,
 )
-from .data import Data, load_data
 from .estimate import estimate_seconds
 from .evaluation import accuracy, evaluate_robustness, measure_sensitivity, measure_spectra
 from .parallel import DataParallel, check_data_parallel, distributed_shard

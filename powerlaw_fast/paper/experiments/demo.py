@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 
 from ..plots import plot_results, print_tables
+from .build import Data
 from .config import RunConfig
-from .data import Data
 from .results import write_json_atomic
 from .run import run_experiment
 

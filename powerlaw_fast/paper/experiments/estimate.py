@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .building import batch_size_for, build_model
+from .build import batch_size_for, build_model
 from .config import RunConfig
 
 

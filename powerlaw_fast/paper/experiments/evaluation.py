@@ -11,8 +11,8 @@ from ...attacks import robustness_curve
 from ...training.capture import layer_spectrum
 from ...training.fits import effective_dimension, fit_power_law
 from ..sensitivity import sensitivity_maps
+from .build import Data
 from .config import RunConfig
-from .data import Data
 
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:

@@ -7,9 +7,8 @@ import time
 
 import torch
 
-from .building import batch_size_for, build_model, default_device
+from .build import Data, batch_size_for, build_model, default_device
 from .config import RunConfig
-from .data import Data
 from .evaluation import accuracy, evaluate_robustness, measure_sensitivity, measure_spectra
 from .parallel import DataParallel
 from .results import RESULT_FORMAT, write_json_atomic

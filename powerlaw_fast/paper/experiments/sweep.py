@@ -17,9 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .building import default_device
+from .build import Data, default_device
 from .config import RunConfig
-from .data import Data
 from .parallel import DataParallel, check_data_parallel, distributed_shard
 from .results import read_result, temporary_files
 from .run import run_experiment

@@ -12,9 +12,8 @@ from tqdm.auto import tqdm
 
 from ...training.regulariser import SpectralRegularizer
 from ..jacobian import jacobian_penalty
-from .building import batch_size_for
+from .build import Data, batch_size_for
 from .config import RunConfig
-from .data import Data
 from .evaluation import accuracy
 from .parallel import DataParallel, data_parallel_model, mean_over_ranks
 

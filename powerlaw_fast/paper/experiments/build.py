@@ -1,14 +1,46 @@
-"""The network of a run, its regularised layers, its batch size and its default device."""
+"""What a run is built from: its MNIST splits in memory (:class:`Data`, :func:`load_data`), its
+network and regularised layers, its batch size and its default device."""
 
 from __future__ import annotations
 
 import math
+import os
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from ..datasets import load_mnist
 from ..models import CNN, MLP, ShallowNet
 from .config import RunConfig
+
+
+@dataclass
+class Data:
+    """In-memory MNIST: images ``[n, 1, 28, 28]`` float32 in [0, 1], labels int64 ``[n]``."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    source: str
+
+
+def load_data(root=None, limit_train: int | None = None, limit_test: int | None = None) -> Data:
+    """Both MNIST splits (see :func:`~powerlaw_fast.paper.datasets.load_mnist` for ``root``).
+
+    Raises the loader's ``MNISTFileError`` for a missing, empty or corrupt folder (the command
+    line turns it into a one-line message).
+    """
+    train_x, train_y = load_mnist(root, train=True, limit=limit_train)
+    test_x, test_y = load_mnist(root, train=False, limit=limit_test)
+    if root is None:
+        env = os.environ.get("POWERLAW_FAST_DATA", "")
+        source = env if env else "shipped subset of real MNIST (6000 train / 1000 test)"
+    else:
+        source = str(root)
+    return Data(train_x, train_y, test_x, test_y, source)
+
 
 
 def build_model(cfg: RunConfig) -> tuple[nn.Module, list[str]]:
