@@ -230,14 +230,15 @@ def _tables(device: torch.device, widths: tuple, anchors: tuple, alphas: tuple, 
     )
 
 
-def flat_bases(Vs, dtype: torch.dtype) -> torch.Tensor:
+def flat_bases(Vs) -> torch.Tensor:
     """The bases as one flat buffer in layer order: the buffer itself when ``Vs`` are already
-    consecutive contiguous views of one (no copy), else one ``cat``."""
+    consecutive contiguous views of one (no copy), else one ``cat``. Their dtype is kept: the
+    kernels widen float16 bases to the float32 operands themselves."""
     first = Vs[0]
     offset = 0
     shared = True
     for V in Vs:
-        shared = shared and V.dtype == dtype and V.is_contiguous() and (
+        shared = shared and V.dtype == first.dtype and V.is_contiguous() and (
             V.data_ptr() == first.data_ptr() + offset * V.element_size()
         )
         offset += V.numel()
@@ -245,7 +246,7 @@ def flat_bases(Vs, dtype: torch.dtype) -> torch.Tensor:
         first.storage_offset() + offset
     ) * first.element_size():
         return torch.as_strided(first, (offset,), (1,))
-    return torch.cat([V.reshape(-1).to(dtype) for V in Vs])
+    return torch.cat([V.reshape(-1).to(first.dtype) for V in Vs])
 
 
 # --------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def _launch_forward(xs, Vs, anchors, alphas, betas, skip, plan):
     tables = _tables(device, widths, tuple(anchors), tuple(alphas), tuple(betas))
     total, L = tables["total"], len(xs)
     x_flat = torch.cat([x.reshape(-1) for x in xs])
-    v_flat = flat_bases(Vs, plan.operand)
+    v_flat = flat_bases(Vs)
     mean = _alloc.empty((total,), device=device, dtype=torch.float32)
     block_n = 32
     mean_programs = sum(triton.cdiv(n, block_n) for n in widths)
@@ -364,10 +365,12 @@ def grouped_penalty_triton(xs, Vs, *, alphas, anchors, betas, convention, valida
     """All layers at once on the Triton backend -> (sum of the layers' penalties, [lam_l]).
 
     ``xs``: ``[B, N_l]`` activations, one batch size and dtype (float32/16-bit), N_l <= 4096;
-    ``Vs``: ``[N_l, N_l]`` in the GEMM operand dtype; per-layer ``alphas``, ``anchors``
+    ``Vs``: ``[N_l, N_l]`` in x's dtype or ``compute_dtype``; per-layer ``alphas``, ``anchors``
     (0-based), ``betas``. Differentiable in every x.
     """
     plan = plan_for(xs[0].dtype, max(x.shape[1] for x in xs), compute_dtype)
+    if compute_dtype is not None:  # the bases in the compute dtype (no copy when they are)
+        Vs = [V if V.dtype == plan.operand else V.to(plan.operand) for V in Vs]
     names = names or [str(i) for i in range(len(xs))]
     taus = taus or [a + 1 for a in anchors]
     config = (Vs, tuple(anchors), tuple(float(a) for a in alphas),

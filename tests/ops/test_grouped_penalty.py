@@ -97,3 +97,17 @@ def test_launches_do_not_grow_with_the_number_of_layers(triton_launches, L):  # 
     # besides the kernels: one cat of the activations, one sum of the layers' penalties
     assert mode.ops["cat"] == 1 and mode.ops["sum"] == 1, mode.ops
     assert "copy_" not in mode.ops and "fill_" not in mode.ops, mode.ops
+
+
+def test_float16_bases_are_read_without_a_cast_per_call():
+    from powerlaw_fast.ops.grouped_penalty import flat_bases
+
+    xs, Vs = layers([24, 40], dtype=torch.float16, seed=9)
+    flat = torch.cat([V.reshape(-1) for V in Vs])
+    views = [flat[: 24 * 24].view(24, 24), flat[24 * 24 :].view(40, 40)]
+    assert flat_bases(views).data_ptr() == flat.data_ptr()  # the buffer itself, float16
+    total, _ = grouped_penalty_triton(xs, views, alphas=[1.0, 1.0], anchors=[2, 2],
+                                      betas=[1.0, 1.0], convention="paper")  # fmt: skip
+    pairs = zip(xs, Vs, strict=True)
+    ref = sum(float(literal_penalty(x.double(), V.double(), tau=3)) for x, V in pairs)
+    assert math.isclose(float(total), ref, rel_tol=3e-2)
