@@ -16,9 +16,9 @@ Each launcher has its plain-torch twin beside it.
 Example::
 
     >>> import torch
-    >>> from powerlaw_fast.ops.centring import column_mean
+    >>> from powerlaw_fast.ops.backends import implementation
     >>> x = torch.randn(37, 5)
-    >>> torch.allclose(column_mean(x, backend="torch"), x.mean(0))
+    >>> torch.allclose(implementation("column_mean", "torch")(x), x.mean(0))
     True
 """
 
@@ -135,16 +135,6 @@ def column_mean_triton(x: torch.Tensor) -> torch.Tensor:
     grid = (triton.cdiv(N, block_n),)
     _column_mean_kernel[grid](x, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n)
     return out
-
-
-def column_mean(x: torch.Tensor, *, backend: str = "torch") -> torch.Tensor:
-    """Column means of ``x [B, N]`` as float32 (float64 for float64 input), shape ``[N]``.
-
-    ``backend`` is an already resolved backend name: ``"torch"`` or ``"triton"``.
-    """
-    if backend == "triton":
-        return column_mean_triton(x)
-    return column_mean_torch(x)
 
 
 def centre_columns_torch(x: torch.Tensor, mean: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
