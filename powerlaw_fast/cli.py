@@ -42,6 +42,7 @@ from .paper.experiments import (
     run_sweep,
     sweep_configs,
 )
+from .paper.experiments.config import BASIS_UPDATES, SCHEME_PATTERN
 from .paper.experiments.demo import demo_settings, run_demo
 
 # reproduce warns on a CPU when the estimated duration passes this many seconds
@@ -138,6 +139,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
     return value
+
+
+def _scheme(text: str) -> str:
+    if not re.fullmatch(SCHEME_PATTERN, text):
+        raise argparse.ArgumentTypeError(
+            f"expected lower-case letters, digits and '-' (e.g. random-basis), got {text!r}")
+    return text
 
 
 def _batch(text: str) -> int:
@@ -260,23 +268,36 @@ def build_parser() -> argparse.ArgumentParser:
                      f"{' '.join(f'{e:g}' for e in DEFAULT_NOISE)})")
     rep.add_argument("--pgd-steps", type=_positive, default=40, metavar="N",
                      help="PGD steps of 0.01 each (default: %(default)s, the paper's)")
+    rep.add_argument("--basis-update", choices=list(BASIS_UPDATES), default=None,
+                     help="where the eigenbasis V comes from (default: the preset's): epoch "
+                     "(refreshed at each epoch start, the paper's), running (a running average "
+                     "of the batches' covariances, re-diagonalised every step) or random (a "
+                     "control: a fixed random orthogonal V per layer, never refreshed)")
+    rep.add_argument("--scheme", type=_scheme, default=None, metavar="NAME",
+                     help="a name for this sweep's training scheme (letters, digits, '-'): it "
+                     "joins the regularised runs' file names and curve labels, so that sweeps "
+                     "differing only in e.g. --basis-update share one folder and one figure")
     rep.add_argument("--refresh-every", type=_positive, default=None, metavar="N",
                      help="also refresh the eigenbases every N steps (default: per epoch; not "
                      "with --preset fresh-basis, whose basis is updated every step)")
-    rep.add_argument("--no-plot", action="store_true", help="do not draw figures at the end")
+    rep.add_argument("--no-plot", action="store_true",
+                     help="do not draw the figures nor write figures/summary.json at the end "
+                     "('plot' does both later)")
     rep.add_argument("--parallel", choices=["runs", "data"], default="runs",
                      help="under torchrun: divide the runs among the processes (runs, default) "
                      "or train each run data-parallel over all of them (data: DDP, the "
                      "regulariser on the global batch)")
 
     plot = sub.add_parser(
-        "plot", help="redraw the figures from a results folder",
-        description="Redraw every figure and print the tables from the run JSONs under "
-        "RESULTS_DIR (as written by demo or reproduce).")
+        "plot", help="redraw the figures and the summary from a results folder",
+        description="Redraw every figure, write summary.json beside them (each curve's "
+        "numbers per seed and mean +- std over seeds, and the best beta per seed) and print "
+        "the tables, from the run JSONs under RESULTS_DIR (as written by demo or reproduce).")
     plot.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
                       help="folder holding the run JSONs (searched recursively)")
     plot.add_argument("--out", type=Path, default=None, metavar="DIR",
-                      help="figure folder (default: RESULTS_DIR/figures)")
+                      help="folder for the figures and summary.json (default: "
+                      "RESULTS_DIR/figures)")
     return parser
 
 
@@ -307,7 +328,7 @@ def cmd_reproduce(args) -> int:
         fgsm_eps=tuple(args.eps), pgd_eps=tuple(args.eps), noise_sigma=tuple(args.noise),
         pgd_steps=args.pgd_steps, refresh_every=args.refresh_every,
     )
-    for option in ("lr", "batch_size", "epochs"):
+    for option in ("lr", "batch_size", "epochs", "basis_update", "scheme"):
         if getattr(args, option) is not None:
             overrides[option] = getattr(args, option)
     if args.experiment != "shallow":
@@ -358,13 +379,18 @@ def cmd_reproduce(args) -> int:
         print(f"{args.experiment}: {ran} run(s) done, {len(outcome) - ran} already complete; "
               f"results in {args.out}")
     if world > 1 and args.parallel == "runs":
-        print("distributed sweep: draw the figures once every rank is done: "
+        print("distributed sweep: draw the figures and the summary once every rank is done: "
               f"python -m powerlaw_fast plot {args.out}")
     elif rank == 0 and not args.no_plot:
+        from .paper.experiments import load_results
+        from .paper.experiments.summary import write_summary
         from .paper.plots import plot_results
 
-        figures = plot_results(args.out)
+        results = load_results(args.out)
+        figures = plot_results(args.out, results=results)
+        summary = write_summary(results, Path(args.out) / "figures" / "summary.json")
         print("figures: " + ", ".join(str(p) for p in figures))
+        print(f"summary (per seed, mean +- std over seeds, best beta per seed): {summary}")
     return 0
 
 
@@ -376,6 +402,7 @@ def cmd_plot(args) -> int:
     out = args.out if args.out is not None else args.results_dir / "figures"
     _check_out(out)
     _check_matplotlib("plot")
+    from .paper.experiments.summary import write_summary
     from .paper.plots import plot_results, print_tables
 
     try:
@@ -383,8 +410,9 @@ def cmd_plot(args) -> int:
         figures = plot_results(args.results_dir, args.out, results=results)
     except ValueError as err:
         raise CommandError(str(err)) from None
+    summary = write_summary(results, Path(out) / "summary.json")
     print_tables(results)
-    for path in figures:
+    for path in [*figures, summary]:
         print(path)
     return 0
 

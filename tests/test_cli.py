@@ -41,11 +41,27 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     assert "784-64-10" in printed and "(paper: 784-2000-10)" in printed
     assert "FGSM: test accuracy" in printed and "PGD" in printed
     runs = sorted(p.name for p in out.glob("shallow-*.json"))
+    # vanilla, SpecReg with the paper's per-epoch basis and SpecReg with a fresh basis
     assert runs == ["shallow-shallow-specreg-beta5-seed0.json",
+                    "shallow-shallow-specreg-fresh-basis-beta5-seed0.json",
                     "shallow-shallow-vanilla-seed0.json"]
     summary = json.loads((out / "demo.json").read_text())
-    assert summary["settings"]["quick"] is True and summary["runs"] == runs[::-1]
+    assert summary["settings"]["quick"] is True
+    assert summary["runs"] == [runs[2], runs[0], runs[1]]
     assert _pngs(out) == sorted(summary["figures"]) == FIGURES
+    configs = {n: json.loads((out / n).read_text())["config"] for n in runs}
+    assert configs[runs[0]]["basis_update"] == "epoch" and configs[runs[0]]["scheme"] is None
+    assert configs[runs[1]]["basis_update"] == "running" and configs[runs[1]]["basis_every"] == 1
+    # the closing table: one verdict line per regularised variant, from the summary's numbers
+    sweep = json.loads((out / summary["summary"]).read_text())
+    curves = {c["label"]: c for c in sweep["figures"][0]["curves"]}
+    assert list(curves) == ["vanilla", "specreg (beta=5)", "specreg fresh-basis (beta=5)"]
+    assert "The paper's claims for this net" in printed
+    for label in list(curves)[1:]:
+        assert f"  {label}: more robust than vanilla: " in printed
+    for c in curves.values():
+        assert f"{c['robustness']['pgd']['mean'][-1]:.3f}" in printed
+        assert f"{c['alpha_tau_to_n']['mean']:.2f}" in printed
     assert all(_is_png(out / name) for name in summary["figures"])
     assert "smoke test" in printed and "mean nothing" in printed
     for name in runs:
@@ -503,7 +519,9 @@ def test_reproduce_presets_set_the_documented_configs(tmp_path, monkeypatch, cap
     mlp = _captured_configs(monkeypatch, ["reproduce", "whitening", "--preset", "fresh-basis",
                                           *base])
     assert {c.activation for c in mlp} == {"tanh"}
-    assert {c.basis_update for c in mlp} == {"running"}
+    # the running basis for the regularised variants; the others have no basis
+    assert {c.basis_update for c in mlp if c.regularised} == {"running"}
+    assert {c.basis_update for c in mlp if not c.regularised} == {"epoch"}
 
 
 def test_reproduce_fresh_basis_refuses_refresh_every(tmp_path, capsys):
@@ -529,3 +547,24 @@ def test_reproduce_fresh_basis_tiny_run_records_the_summary(tmp_path, capsys):
         assert summary[key] is not None
     assert len(summary["penalty_per_epoch"]) == 1
     assert _pngs(out / "figures") == FIGURES
+
+
+def test_a_scheme_sweep_shares_the_folder_and_reuses_vanilla(tmp_path, capsys):
+    out = tmp_path / "results"
+    tiny = list(TINY_REPRODUCE)
+    tiny[tiny.index("--seeds") + 1] = "1"
+    assert main(["reproduce", "shallow", "--out", str(out), "--no-plot", *tiny]) == 0
+    capsys.readouterr()
+    assert main(["reproduce", "shallow", "--out", str(out), "--basis-update", "random",
+                 "--scheme", "random-basis", *tiny]) == 0
+    printed = capsys.readouterr().out
+    assert "1 run(s) done, 1 already complete" in printed  # vanilla is the same run
+    names = sorted(p.name for p in out.glob("*.json"))
+    assert names == ["shallow-shallow-specreg-beta1-seed0.json",
+                     "shallow-shallow-specreg-random-basis-beta1-seed0.json",
+                     "shallow-shallow-vanilla-seed0.json"]
+    cfg = json.loads((out / names[1]).read_text())["config"]
+    assert cfg["basis_update"] == "random" and cfg["scheme"] == "random-basis"
+    summary = json.loads((out / "figures" / "summary.json").read_text())
+    labels = [c["label"] for c in summary["figures"][0]["curves"]]
+    assert labels == ["vanilla", "specreg (beta=1)", "specreg random-basis (beta=1)"]

@@ -443,7 +443,11 @@ def test_sweep_resumes_a_result_written_before_the_new_fields(data, tmp_path):
     path.write_text(json.dumps(result))
     assert ex.run_sweep([cfg], tmp_path, data, device="cpu", progress=False) == [
         (cfg.name, "skipped")]
-    changed = RunConfig.from_dict({**cfg.to_dict(), "basis_update": "running"})
+    # the basis settings of a run without the penalty mean nothing: the same run
+    same = RunConfig.from_dict({**cfg.to_dict(), "basis_update": "running"})
+    assert ex.run_sweep([same], tmp_path, data, device="cpu", progress=False) == [
+        (cfg.name, "skipped")]
+    changed = RunConfig.from_dict({**cfg.to_dict(), "activation": "tanh"})
     assert ex.run_sweep([changed], tmp_path, data, device="cpu", progress=False) == [
         (cfg.name, "ran")]
 
@@ -483,3 +487,38 @@ def test_spectra_and_penalty_plots_draw_one_std_bands_over_seeds():
     std = float(torch.tensor([1.0, 2.0, 3.0]).std(unbiased=False))
     assert max(ys) == pytest.approx(2.0 + std)
     plt.close(fig)
+
+
+def test_random_basis_is_a_fixed_haar_basis_never_refreshed(data, monkeypatch):
+    import powerlaw_fast.paper.experiments.training as training
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("the random basis must never be refreshed")
+
+    monkeypatch.setattr(training.SpectralRegularizer, "refresh", refuse)
+    settings = {**TINY, "pgd_eps": (), "noise_sigma": (), "sensitivity_ranks": (1,),
+                "epochs": 2, "batch_size": 40, "basis_update": "random"}
+    cfg = RunConfig("shallow", "shallow", "specreg", beta=2.0, seed=3, **settings)
+    model, layers = ex.build_model(cfg)
+    history, reg = training.train_model(model, cfg, data, layers, torch.device("cpu"),
+                                        progress=False)
+    V = reg.basis("hidden1")
+    expected = training.random_bases(model, layers, 3)["layers"]["hidden1"]["basis"]
+    assert torch.equal(V, expected)  # installed once, untouched by two epochs of training
+    eye = torch.eye(V.shape[0])
+    assert torch.allclose(V.double().T @ V.double(), eye.double(), atol=1e-6)
+    other = training.random_bases(model, layers, 4)["layers"]["hidden1"]["basis"]
+    assert not torch.allclose(V, other)
+    assert all(h["penalty"] > 0 for h in history)
+    reg.remove()
+
+
+def test_variants_without_the_penalty_store_default_basis_settings():
+    cfg = RunConfig("shallow", "shallow", "vanilla", basis_update="random", basis_every=3,
+                    basis_momentum=0.5, scheme="random-basis")
+    assert (cfg.basis_update, cfg.basis_every, cfg.basis_momentum, cfg.scheme) == (
+        "epoch", 1, 0.1, None)
+    assert cfg.name == "shallow-shallow-vanilla-seed0"
+    with pytest.raises(ValueError, match="refresh_every: applies to basis_update='epoch'"):
+        RunConfig("shallow", "shallow", "specreg", beta=1.0, basis_update="random",
+                  refresh_every=2)

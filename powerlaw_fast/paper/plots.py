@@ -10,8 +10,12 @@
 - Sensitivity maps d lambda_n / d x (eq. 9), one row per variant: the input digit, then one
   column per rank, on one shared colour scale with a colour bar (Fig. 2D, 3).
 
-Files: ``<experiment>[-<arch>]-{spectra,robustness,sensitivity}.png`` (``shallow-spectra.png``,
-``whitening-mlp-robustness.png``).
+- With several betas per regularised variant, robustness with the best beta per seed (the
+  paper shows "the results of the best one"), the chosen betas in the legend.
+
+Files: ``<experiment>[-<arch>]-{spectra,robustness,best-beta,sensitivity}.png``
+(``shallow-spectra.png``, ``whitening-mlp-robustness.png``); the command line writes
+``summary.json`` (:mod:`~.experiments.summary`) beside them.
 
 Runs are grouped into figures by (experiment, architecture) and into curves by variant and beta.
 matplotlib is imported lazily, with the Agg backend, so the library works without it.
@@ -28,7 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .experiments import EXPERIMENTS, load_results
+from .experiments import load_results
+from .experiments.summary import best_beta_per_seed, group_runs
 
 ATTACK_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "noise": "white noise"}
 
@@ -44,35 +49,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def curve_label(result: dict) -> str:
-    """``"specreg (beta=2)"`` or the bare variant name."""
-    cfg = result["config"]
-    label = cfg["variant"]
-    if cfg.get("beta") is not None:
-        label += f" (beta={cfg['beta']:g})"
-    return label
-
-
-def group_runs(results: list[dict]) -> OrderedDict:
-    """(experiment, arch) -> label -> list of results (one per seed), in the paper's order."""
-    figures: dict = defaultdict(lambda: defaultdict(list))
-    for r in results:
-        cfg = r["config"]
-        figures[(cfg["experiment"], cfg["arch"])][curve_label(r)].append(r)
-
-    def variant_order(item):
-        runs = item[1]
-        cfg = runs[0]["config"]
-        variants = EXPERIMENTS.get(cfg["experiment"], ())
-        pos = variants.index(cfg["variant"]) if cfg["variant"] in variants else len(variants)
-        return pos, cfg.get("beta") or 0.0
-
-    ordered = OrderedDict()
-    for key in sorted(figures):
-        ordered[key] = OrderedDict(sorted(figures[key].items(), key=variant_order))
-    return ordered
 
 
 def _spectrum_layer(runs: list[dict]) -> str:
@@ -336,10 +312,44 @@ def plot_group(key: tuple[str, str], groups: OrderedDict, out_dir: Path) -> list
         fig.tight_layout()
         written.append(_save(fig, out_dir / f"{stem}-robustness.png", plt))
 
+    fig = plot_best_beta(groups, plt)
+    if fig is not None:
+        written.append(_save(fig, out_dir / f"{stem}-best-beta.png", plt))
+
     fig = plot_sensitivity(groups, plt)
     if fig is not None:
         written.append(_save(fig, out_dir / f"{stem}-sensitivity.png", plt))
     return written
+
+
+def plot_best_beta(groups: OrderedDict, plt):
+    """Robustness with the best beta per seed, as the paper's main text shows it (sec. 4: "the
+    results of the best one"); None when no regularised variant was run with several betas.
+
+    The curves without beta (vanilla, whitened, Jacobian) and, for each regularised variant,
+    the run of each seed's best beta (:func:`~.experiments.summary.best_beta_per_seed`: the
+    highest PGD accuracy averaged over eps > 0), mean +- 1 std over seeds; the chosen betas,
+    seed by seed, are in the legend.
+    """
+    picks = best_beta_per_seed(groups)
+    if not picks:
+        return None
+    curves = OrderedDict((label, runs) for label, runs in groups.items()
+                         if runs[0]["config"].get("beta") is None)
+    for pick in picks:
+        betas = ", ".join(f"{b:g}" for _, b in sorted(pick["betas_by_seed"].items()))
+        curves[f"{pick['variant']}, best beta per seed ({betas})"] = pick["runs"]
+    attacks = [a for a in ATTACK_TITLES if any(
+        a in r.get("robustness", {}) for runs in curves.values() for r in runs)]
+    if not attacks:
+        return None
+    fig, axes = plt.subplots(1, len(attacks), figsize=(4.8 * len(attacks), 4.3), squeeze=False)
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        plot_robustness(curves, ax, attack)
+    fig.suptitle("best beta per seed: highest PGD accuracy averaged over eps > 0 "
+                 "(chosen on the test set, as in the paper)", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -69,7 +69,7 @@ from powerlaw_fast.ops.status import validation_mode
 from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
 from powerlaw_fast.training.capture import iterate_inputs, model_device
 
-_STATE_FORMAT = 1
+STATE_FORMAT = 1  # the layout of state_dict(); load_state_dict refuses any other
 BASIS_UPDATES = ("epoch", "running")
 
 
@@ -338,7 +338,7 @@ class SpectralRegularizer:
         """The refresh state (eigenbases and eigenvalues per layer) for a checkpoint."""
         self._require_refreshed()
         return {
-            "format": _STATE_FORMAT,
+            "format": STATE_FORMAT,
             "layers": {
                 name: {"basis": self._basis[name], "eigenvalues": self._eigenvalues[name]}
                 for name in self.layer_names
@@ -350,8 +350,8 @@ class SpectralRegularizer:
         layer's device (the device of the layer's parameters, else of the model's)."""
         if not isinstance(state, Mapping) or "layers" not in state:
             raise TypeError("state: expected a mapping from SpectralRegularizer.state_dict()")
-        if state.get("format") != _STATE_FORMAT:
-            raise ValueError(f"state: expected format {_STATE_FORMAT}, got {state.get('format')!r}")
+        if state.get("format") != STATE_FORMAT:
+            raise ValueError(f"state: expected format {STATE_FORMAT}, got {state.get('format')!r}")
         entries = state["layers"]
         if not isinstance(entries, Mapping):
             raise TypeError(

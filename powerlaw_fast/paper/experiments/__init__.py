@@ -18,6 +18,8 @@ The modules, in the order a run uses them:
 - :mod:`.run`: one run (:func:`run_experiment`)
 - :mod:`.sweep`: many runs, resumable (:func:`run_sweep`)
 - :mod:`.estimate`: a sweep's rough duration before it starts (:func:`estimate_seconds`)
+- :mod:`.summary`: a folder's runs per seed and over seeds, and the best beta per seed
+  (``summary.json``: :func:`sweep_summary`, :func:`best_beta_per_seed`)
 - :mod:`.demo`: the demo, a small sweep of the shallow net with its tables and figures
 
 Example (a tiny run on the shipped MNIST subset)::
@@ -56,6 +58,7 @@ from .results import (
     write_json_atomic,
 )
 from .run import run_experiment
+from .summary import best_beta_per_seed, sweep_summary, write_summary
 from .sweep import run_sweep, sweep_device
 from .training import train_model
 
@@ -74,6 +77,7 @@ __all__ = [
     "RunConfig",
     "accuracy",
     "batch_size_for",
+    "best_beta_per_seed",
     "build_model",
     "check_result",
     "check_data_parallel",
@@ -92,6 +96,8 @@ __all__ = [
     "run_sweep",
     "sweep_configs",
     "sweep_device",
+    "sweep_summary",
     "train_model",
     "write_json_atomic",
+    "write_summary",
 ]

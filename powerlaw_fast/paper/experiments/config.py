@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -42,7 +43,8 @@ DEFAULT_NOISE = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
 DEFAULT_RANKS = (1, 2, 5, 10, 20, 50, 100, 500)
 ACTIVATIONS = ("sigmoid", "tanh", "relu")
 BATCH_NORM_POSITIONS = ("pre", "post")
-BASIS_UPDATES = ("epoch", "running")
+BASIS_UPDATES = ("epoch", "running", "random")
+SCHEME_PATTERN = r"[a-z0-9]+(-[a-z0-9]+)*"  # RunConfig.scheme: a file-name-safe word
 
 # ``reproduce --preset NAME``: RunConfig fields, and why. ``activation`` and
 # ``batch_norm_position`` concern the shallow net (sec. 4.1); the MLP / CNN of sec. 4.2-4.3 are
@@ -126,9 +128,13 @@ class RunConfig:
             ``"post"`` (after the nonlinearity, the batch-norm output regularised, as in the
             authors' code).
         basis_update: ``"epoch"`` (the paper's refresh at each epoch start, plus every
-            ``refresh_every`` steps) or ``"running"`` (every ``basis_every`` steps the
+            ``refresh_every`` steps), ``"running"`` (every ``basis_every`` steps the
             eigenbasis of a running average of the training batches' covariances, weight
-            ``basis_momentum`` on the newest; see :class:`~powerlaw_fast.SpectralRegularizer`).
+            ``basis_momentum`` on the newest; see :class:`~powerlaw_fast.SpectralRegularizer`)
+            or ``"random"`` (a control, issue 15: a fixed random orthogonal V per layer, drawn
+            from the run's seed and never refreshed, so the penalty shapes the variances along
+            directions unrelated to the representation's eigenvectors). Variants without the
+            spectral penalty store the defaults of the basis fields and no ``scheme``.
         limit_train, limit_test: use the first images of each split (``None`` = all).
         fgsm_eps, pgd_eps, noise_sigma: attack grids (an empty grid skips that attack).
         pgd_steps, pgd_step_size: PGD settings (paper: 40 steps of 0.01).
@@ -138,6 +144,10 @@ class RunConfig:
         sensitivity_ranks: eigenvalue ranks of the saved sensitivity maps (eq. 9), last hidden
             layer; ranks above its width are dropped.
         eval_batch: rows per evaluation forward pass.
+        scheme: the name of a training scheme that sets these runs apart from others of the
+            same variant and beta (e.g. ``"fresh-basis"``, the demo's running basis):
+            lower-case letters, digits and ``-``; it joins the run's file name and its curve's
+            label. ``None``: none.
     """
 
     experiment: str
@@ -170,6 +180,7 @@ class RunConfig:
     basis_update: str = "epoch"
     basis_every: int = 1
     basis_momentum: float = 0.1
+    scheme: str | None = None
 
     def __post_init__(self) -> None:
         if self.experiment not in EXPERIMENTS:
@@ -189,8 +200,10 @@ class RunConfig:
             raise ValueError(f"arch: experiment {self.experiment!r} needs 'mlp' or 'cnn'")
         if self.regularised and (self.beta is None or not self.beta >= 0):
             raise ValueError(f"beta: expected a number >= 0 for {self.variant!r}, got {self.beta}")
-        if not self.regularised:
+        if not self.regularised:  # the basis settings mean nothing without the penalty
             self.beta = None
+            self.basis_update, self.basis_every, self.basis_momentum = "epoch", 1, 0.1
+            self.scheme = None
         if self.activation is not None and self.activation not in ACTIVATIONS:
             raise ValueError(f"activation: expected one of {ACTIVATIONS} or None, got "
                              f"{self.activation!r}")
@@ -205,12 +218,18 @@ class RunConfig:
         if self.basis_update not in BASIS_UPDATES:
             raise ValueError(f"basis_update: expected one of {BASIS_UPDATES}, got "
                              f"{self.basis_update!r}")
-        if self.basis_update == "running" and self.refresh_every is not None:
-            raise ValueError("refresh_every: the running basis is updated every basis_every "
-                             "steps; refresh_every applies to basis_update='epoch' only")
+        if self.basis_update != "epoch" and self.refresh_every is not None:
+            raise ValueError(f"refresh_every: applies to basis_update='epoch' only, got "
+                             f"basis_update={self.basis_update!r}")
         if not (isinstance(self.basis_momentum, (int, float)) and 0 < self.basis_momentum <= 1):
             raise ValueError(f"basis_momentum: expected a number in (0, 1], got "
                              f"{self.basis_momentum!r}")
+        if self.scheme is not None and not (
+            isinstance(self.scheme, str)
+            and re.fullmatch(SCHEME_PATTERN, self.scheme)
+        ):
+            raise ValueError(f"scheme: expected lower-case letters, digits and '-' (e.g. "
+                             f"'fresh-basis') or None, got {self.scheme!r}")
         for name in ("epochs", "pgd_steps", "eval_batch", "basis_every"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {getattr(self, name)!r}")
@@ -228,8 +247,11 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        """File stem of the run, e.g. ``shallow-shallow-specreg-beta2-seed0``."""
+        """File stem of the run, e.g. ``shallow-shallow-specreg-beta2-seed0`` (with a scheme:
+        ``shallow-shallow-specreg-fresh-basis-beta5-seed0``)."""
         parts = [self.experiment, self.arch, self.variant.replace("+", "_")]
+        if self.scheme is not None:
+            parts.append(self.scheme)
         if self.beta is not None:
             parts.append(f"beta{self.beta:g}")
         parts.append(f"seed{self.seed}")

@@ -72,6 +72,9 @@ def run_flops(cfg: RunConfig, n_train: int, n_test: int) -> float:
             # float64 batch moments every step (~4x float32's cost), eigh every basis_every
             flops += steps * 4 * batch * n * n + (steps // cfg.basis_every + 1) * 90.0 * n**3
             continue
+        if cfg.basis_update == "random":  # one QR, never refreshed
+            flops += 90.0 * n**3
+            continue
         # refresh: a forward pass, float64 moments (~4x float32's cost), eigh (~9 N^3, ~10x)
         flops += refreshes * (n_train * fwd + 4 * n_train * n * n + 90.0 * n**3)
     flops += cfg.epochs * (n_train + n_test) * fwd  # accuracy after each epoch

@@ -14,14 +14,15 @@ from pathlib import Path
 RESULT_FORMAT = 1
 
 
-def write_json_atomic(path, obj) -> None:
-    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + os.replace."""
+def write_json_atomic(path, obj, *, indent: int | None = None) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file in the same folder + os.replace
+    (``indent``: as :func:`json.dump`'s, for files meant to be read)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w") as fh:
-            json.dump(obj, fh, allow_nan=False)
+            json.dump(obj, fh, allow_nan=False, indent=indent)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import platform
 import time
 
 import torch
@@ -13,6 +14,16 @@ from .evaluation import accuracy, evaluate_robustness, measure_sensitivity, meas
 from .parallel import DataParallel
 from .results import RESULT_FORMAT, write_json_atomic
 from .training import train_model
+
+
+def run_environment(device: torch.device) -> dict:
+    """Versions and the device a run's numbers came from (stored in its JSON)."""
+    from ... import __version__
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {"powerlaw_fast": __version__, "torch": torch.__version__,
+            "python": platform.python_version(), "device_name": name or platform.machine(),
+            "date": time.strftime("%Y-%m-%d", time.gmtime())}
 
 
 def summarise(result: dict, cfg: RunConfig) -> dict:
@@ -77,6 +88,7 @@ def run_experiment(
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "device": str(device),
+        "environment": run_environment(device),
         "data": {"source": data.source, "n_train": int(data.train_x.shape[0]),
                  "n_test": int(data.test_x.shape[0])},
         "model": {

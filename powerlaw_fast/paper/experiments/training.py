@@ -10,12 +10,29 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ...training.regulariser import SpectralRegularizer
+from ...training.regulariser import STATE_FORMAT, SpectralRegularizer
 from ..jacobian import jacobian_penalty
 from .build import Data, batch_size_for
 from .config import RunConfig
 from .evaluation import accuracy
 from .parallel import DataParallel, data_parallel_model, mean_over_ranks
+
+
+def random_bases(model: nn.Module, layers: list[str], seed: int) -> dict:
+    """A :meth:`SpectralRegularizer.load_state_dict` state with a random orthogonal basis
+    ``[N, N]`` per layer (Q of the QR decomposition of a float64 Gaussian matrix, signs fixed
+    by R's diagonal, so Haar distributed), drawn from ``seed``: the ``basis_update="random"``
+    control. Its eigenvalues are unknown and stored as zeros (the penalty never reads them)."""
+    widths = model.hidden_widths()
+    generator = torch.Generator().manual_seed(10007 + seed)
+    state = {}
+    for name in layers:
+        q, r = torch.linalg.qr(torch.randn(widths[name], widths[name], dtype=torch.float64,
+                                           generator=generator))
+        q = q * torch.sign(torch.diagonal(r))
+        state[name] = {"basis": q.to(torch.float32),
+                       "eigenvalues": torch.zeros(widths[name], dtype=torch.float64)}
+    return {"format": STATE_FORMAT, "layers": state}
 
 
 def train_model(
@@ -51,11 +68,15 @@ def train_model(
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     reg = None
     if layers:
+        random_basis = cfg.basis_update == "random"
         reg = SpectralRegularizer(model, layers, alpha=cfg.alpha, tau=cfg.tau, beta=cfg.beta,
                                   convention=cfg.convention, progress=False,
                                   process_group=parallel.group if parallel is not None else None,
-                                  basis_update=cfg.basis_update, basis_every=cfg.basis_every,
+                                  basis_update="epoch" if random_basis else cfg.basis_update,
+                                  basis_every=cfg.basis_every,
                                   basis_momentum=cfg.basis_momentum)
+        if random_basis:
+            reg.load_state_dict(random_bases(model, layers, cfg.seed))
     epoch_refresh = reg is not None and cfg.basis_update == "epoch"
     first_penalty = None  # the penalty of the first step, read once (one host sync)
     # each rank refreshes on its share of the training set; the regulariser merges the moments
