@@ -522,3 +522,12 @@ def test_variants_without_the_penalty_store_default_basis_settings():
     with pytest.raises(ValueError, match="refresh_every: applies to basis_update='epoch'"):
         RunConfig("shallow", "shallow", "specreg", beta=1.0, basis_update="random",
                   refresh_every=2)
+
+
+def test_sweep_resumes_when_only_the_notes_changed(data, tmp_path):
+    (cfg,) = [c for c in _tiny_sweep() if c.variant == "vanilla" and c.seed == 0][:1]
+    ex.run_sweep([cfg], tmp_path, data, device="cpu", progress=False)
+    reworded = RunConfig.from_dict({**cfg.to_dict(), "notes": {"preset": "paper",
+                                                               "why": "reworded"}})
+    assert ex.run_sweep([reworded], tmp_path, data, device="cpu", progress=False) == [
+        (cfg.name, "skipped")]

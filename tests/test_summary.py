@@ -156,3 +156,11 @@ def test_best_beta_figure_names_the_chosen_betas():
     one_beta = [r for r in _sweep() if r["config"]["beta"] in (None, 5.0)]
     (groups,) = group_runs(one_beta).values()
     assert plots.plot_best_beta(groups, plots._pyplot()) is None
+
+
+def test_more_than_ten_curves_get_distinct_colours():
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    assert [plots.curve_colour(i, 10) for i in range(10)] == [f"C{i}" for i in range(10)]
+    assert len({plots.curve_colour(i, 13) for i in range(13)}) == 13

@@ -51,6 +51,16 @@ def _pyplot():
     return plt
 
 
+def curve_colour(index: int, count: int):
+    """The colour of curve ``index`` of ``count``: matplotlib's default cycle up to 10 curves,
+    then tab20's 20 colours (the default cycle would repeat a colour in one figure)."""
+    if count <= 10:
+        return f"C{index}"
+    import matplotlib
+
+    return matplotlib.colormaps["tab20"](index % 20)
+
+
 def _spectrum_layer(runs: list[dict]) -> str:
     """The layer drawn: the last regularised layer, else the last hidden layer."""
     model = runs[0]["model"]
@@ -113,13 +123,14 @@ def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
         all_seeds = _spectra(runs, name)
         band = ", mean +- 1 std" if all_seeds.shape[0] > 1 else ""
         (line,) = ax.loglog(ranks[positive], lam[positive],
-                            label=f"{label} [{name}{seeds}{band}]", color=f"C{index}", lw=1.5)
+                            label=f"{label} [{name}{seeds}{band}]",
+                            color=curve_colour(index, len(groups)), lw=1.5)
         if all_seeds.shape[0] > 1:
             std = np.nanstd(all_seeds, axis=0)
             low = np.where(lam - std > 0, lam - std, lam[positive].min() * 0.5
                            if positive.any() else 1e-12)
             ax.fill_between(ranks[positive], low[positive], (lam + std)[positive],
-                            color=f"C{index}", alpha=0.2, lw=0)
+                            color=curve_colour(index, len(groups)), alpha=0.2, lw=0)
         d = _effective_dimension(lam)
         if 1 <= d <= lam.size and lam[d - 1] > 0:
             ax.plot([d], [lam[d - 1]], marker="*", ms=14, color=line.get_color(),
@@ -164,13 +175,19 @@ def plot_penalty(groups: OrderedDict, ax) -> bool:
         values = np.array(curves, float)
         epochs = np.arange(1, values.shape[1] + 1)
         mean = np.nanmean(values, axis=0)
-        ax.plot(epochs, mean, marker="o", ms=3, color=f"C{index}",
+        colour = curve_colour(index, len(groups))
+        ax.plot(epochs, mean, marker="o", ms=3, color=colour,
                 label=f"{label}, {_seeds(len(values))}")
         if len(values) > 1:
             std = np.nanstd(values, axis=0)
-            ax.fill_between(epochs, mean - std, mean + std, color=f"C{index}", alpha=0.2, lw=0)
+            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
         drawn = True
     if drawn:
+        lines = [line.get_ydata() for line in ax.get_lines()]
+        positive = np.concatenate([np.asarray(y, float) for y in lines])
+        positive = positive[np.isfinite(positive) & (positive > 0)]
+        if positive.size and positive.max() > 30 * positive.min():
+            ax.set_yscale("log")  # penalties of very different sizes stay readable
         ax.set_xlabel("epoch")
         ax.set_ylabel(r"penalty / $\beta$ (mean over the epoch's steps)")
         ax.set_title("training penalty in the basis in use\n(mean +- 1 std over seeds)",
@@ -194,7 +211,7 @@ def plot_robustness(groups: OrderedDict, ax, attack: str) -> bool:
         eps = np.array(curves[0]["eps"], float)
         acc = np.array([c["accuracy"] for c in curves], float)  # grids checked: one per label
         mean, std = acc.mean(axis=0), acc.std(axis=0)
-        color = f"C{index}"
+        color = curve_colour(index, len(groups))
         band = ", mean +- 1 std" if len(acc) > 1 else ""
         ax.plot(eps, mean, marker="o", ms=3, color=color,
                 label=f"{label}, {_seeds(len(acc))}{band}")

@@ -73,7 +73,9 @@ PRESETS: dict[str, dict] = {
         "fields": dict(activation="tanh", batch_norm_position="pre", lr=1e-3, batch_size=None,
                        epochs=50, basis_update="running", basis_every=1, basis_momentum=0.1,
                        convention="paper"),
-        "why": "the setting under which the regularised spectrum follows 1/n (issue 15): a "
+        "why": "the setting under which the regularised spectrum follows 1/n (issue 15; "
+        "fitted exponent over ranks 10-N 1.06 at width 500 after 10 epochs, 3 seeds, and 1.16 "
+        "at width 2000 after 50 epochs, one seed, its penalty still falling): a "
         "basis at most one step old, the eigenvectors of a running average (weight 0.1 on the "
         "newest batch) of the training batches' covariances, eigendecomposed every step (one "
         "N x N float64 eigh per step); a basis refreshed once per epoch lets the net satisfy "

@@ -98,10 +98,12 @@ def run_sweep(
 
 def _same_config(stored: dict, cfg: RunConfig) -> bool:
     """A stored config equals ``cfg``; fields added since it was written count at their
-    defaults (a sweep from before a new option resumes instead of rerunning)."""
-    if stored == cfg.to_dict():
+    defaults (a sweep from before a new option resumes instead of rerunning), and ``notes``
+    (documentation, e.g. a preset's explanation, which may be reworded) do not count."""
+    wanted = {**cfg.to_dict(), "notes": None}
+    if {**stored, "notes": None} == wanted:
         return True
     try:
-        return RunConfig.from_dict(stored).to_dict() == cfg.to_dict()
+        return {**RunConfig.from_dict(stored).to_dict(), "notes": None} == wanted
     except (TypeError, ValueError):
         return False
