@@ -75,7 +75,7 @@ PRESETS: dict[str, dict] = {
                        convention="paper"),
         "why": "the setting under which the regularised spectrum follows 1/n (issue 15; "
         "fitted exponent over ranks 10-N 1.06 at width 500 after 10 epochs, 3 seeds, and 1.16 "
-        "at width 2000 after 50 epochs, one seed, its penalty still falling): a "
+        "at width 2000 after 50 epochs, 2 seeds, its penalty still falling): a "
         "basis at most one step old, the eigenvectors of a running average (weight 0.1 on the "
         "newest batch) of the training batches' covariances, eigendecomposed every step (one "
         "N x N float64 eigh per step); a basis refreshed once per epoch lets the net satisfy "
