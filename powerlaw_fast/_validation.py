@@ -65,9 +65,33 @@ def check_basis(V, x: torch.Tensor, compute_dtype=None, name: str = "V") -> torc
         raise TypeError(f"{name}: expected dtype {expected} (the dtype of x), got {V.dtype}")
     if V.device != x.device:
         raise ValueError(f"{name}: expected device {x.device} (the device of x), got {V.device}")
+    if V.requires_grad:
+        raise ValueError(
+            f"{name}: expected a constant basis (requires_grad=False), got one that requires "
+            f"grad; the penalty holds V constant (the paper refreshes it outside the gradient), "
+            f"so pass {name}.detach()"
+        )
     if compute_dtype is not None and V.dtype != compute_dtype:
         V = V.to(compute_dtype)
     return V.detach()
+
+
+def check_orthonormal(V: torch.Tensor, name: str = "V") -> None:
+    """``V^T V = I`` to V's rounding (one N x N GEMM and a synchronisation: an opt-in check).
+
+    Each entry of ``V^T V`` is a dot product of N terms rounded to V's unit roundoff ``u``
+    (the float32 accumulation adds at most ``N u_32``): 16 (2 u + N u_32) is the bound.
+    """
+    N = V.shape[0]
+    u = torch.finfo(V.dtype).eps / 2
+    u_acc = min(u, 2.0**-24)
+    gram = V.double().T @ V.double()
+    off = float((gram - torch.eye(N, dtype=torch.float64, device=V.device)).abs().max())
+    if not off <= 16.0 * (2.0 * u + N * u_acc):
+        raise ValueError(
+            f"{name}: expected orthonormal columns (V^T V = I, eigenvectors of a symmetric "
+            f"matrix), got max |V^T V - I| = {off:.3g}"
+        )
 
 
 def check_real(value, name: str, *, low: float, low_inclusive: bool) -> float:

@@ -340,7 +340,7 @@ def test_reused_module_and_width_change_are_errors():
     model = nn.Sequential(shared, nn.Tanh(), shared, nn.Tanh())
     reg = SpectralRegularizer(model, [shared, "3"], tau=2, progress=False)
     assert reg.layer_names == ["0", "3"]
-    with pytest.raises(ValueError, match="ran twice in one forward pass"):
+    with pytest.raises(RuntimeError, match="ran twice in one forward pass"):
         reg.refresh(torch.randn(20, 4))
 
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Tanh())
@@ -587,13 +587,13 @@ def test_default_validation_is_deferred_and_modes_are_checked():
         SpectralRegularizer(model, ["1"], validate="no", progress=False)
 
 
-def test_triton_backend_takes_the_grouped_path_with_the_same_result():
+def test_triton_backend_takes_the_grouped_path_with_the_same_result(device):
     pytest.importorskip("triton")
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(), nn.Linear(24, 3)
-    )
-    x = torch.randn(300, 20)
+    ).to(device)  # CUDA when present: Triton runs CPU tensors only under the interpreter
+    x = torch.randn(300, 20).to(device)
     values = {}
     for backend in ("torch", "triton"):
         reg = SpectralRegularizer(model, ["1", "3"], tau=4, backend=backend, progress=False,
@@ -781,12 +781,12 @@ def test_running_basis_arguments_and_epoch_mode_unchanged():
     running.remove()
 
 
-def test_running_basis_on_the_grouped_triton_path():
+def test_running_basis_on_the_grouped_triton_path(device):
     pytest.importorskip("triton")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(),
-                         nn.Linear(24, 3))
-    x = torch.randn(96, 20)
+                         nn.Linear(24, 3)).to(device)  # CUDA when present (see above)
+    x = torch.randn(96, 20).to(device)
     values = {}
     for backend in ("torch", "triton"):
         reg = SpectralRegularizer(base, ["1", "3"], tau=4, backend=backend, progress=False,

@@ -78,7 +78,7 @@ COLUMN_SUMSQ_COPY = KernelSpec(
 COLUMN_FINALIZE = KernelSpec("column_reduce.cu", "column_finalize", "pqqfp")
 CENTRE_COLUMNS = KernelSpec("column_scale.cu", "centre_columns", "pqqpqqpqq", _DTYPES)
 SCALE_COLUMNS = KernelSpec("column_scale.cu", "scale_columns", "pqqpqfqqpqq", _DTYPES)
-POWERLAW_PENALTY = KernelSpec("powerlaw_penalty.cu", "powerlaw_penalty", "ppqqfffippp")
+POWERLAW_PENALTY = KernelSpec("powerlaw_penalty.cu", "powerlaw_penalty", "ppqqfffffippp")
 PGD_UPDATE = KernelSpec("pgd_update.cu", "pgd_update", "pqqqpqqqpqqqpqpqqqqfff", _DTYPES)
 KERNELS = (
     COLUMN_SUM, COLUMN_SUMSQ, COLUMN_SUMSQ_COPY, COLUMN_FINALIZE,
@@ -278,12 +278,15 @@ def spectrum_backward_cuda(
 
 
 def powerlaw_penalty_cuda(
-    lam: torch.Tensor, alpha: float, anchor: int, beta: float, skip_nonpositive: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    lam: torch.Tensor, alpha: float, anchor: int, beta: float, skip_nonpositive: bool,
+    tiny: float = 0.0, kink_tol: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """``lam [N]`` float32 -> (penalty [] float32, dR/dlam [N] float32, status int32 [2]).
 
-    ``status = [number of non-finite values, 1 if the anchor is not positive]``, as the Triton
-    kernel; read it on the host only when validating (it costs a synchronisation).
+    ``status = [number of non-finite values, anchor code]`` with the anchor code of the Triton
+    kernel (1: the anchor is at most ``tiny`` times the spectrum's mean; 2: the spectrum
+    underflows float32); ``kink_tol``: the relu's rounding band. Read the status on the host
+    only when validating (it costs a synchronisation).
     """
     _check_cuda(lam.device, lam=lam)
     if lam.dim() != 1 or lam.dtype != torch.float32:
@@ -294,14 +297,14 @@ def powerlaw_penalty_cuda(
     (N,) = lam.shape
     if not 0 <= anchor < N:
         raise ValueError(f"anchor: expected 0 <= anchor < N = {N}, got {anchor}")
-    ordered, order = torch.sort(lam, descending=True)
+    ordered, order = torch.sort(lam, descending=True, stable=True)
     penalty = _alloc.empty((), device=lam.device, dtype=torch.float32)
     grad = _alloc.empty((N,), device=lam.device, dtype=torch.float32)
     status = _alloc.empty((2,), device=lam.device, dtype=torch.int32)
-    tiny = torch.finfo(torch.float32).eps
+    underflow = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
     run(POWERLAW_PENALTY, None, lam, (1, 1, 1), (PENALTY_THREADS, 1, 1),
-        ordered.contiguous(), order.contiguous(), N, anchor, alpha, beta, tiny,
-        int(bool(skip_nonpositive)), penalty, grad, status)  # fmt: skip
+        ordered.contiguous(), order.contiguous(), N, anchor, alpha, beta, tiny, kink_tol,
+        underflow, int(bool(skip_nonpositive)), penalty, grad, status)  # fmt: skip
     return penalty, grad, status
 
 
@@ -394,11 +397,12 @@ def _register_stages() -> None:
         return torch.stack([sums, sumsq]).unsqueeze(1), z
 
     @register("spectrum_penalty", "cuda")
-    def spectrum_penalty_stage(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
+    def spectrum_penalty_stage(src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol):
         """The spectrum finished in torch, eq. (2) by csrc/powerlaw_penalty.cu -> scratch."""
         lam, zbar = (src, None) if mean_tol is None else finish_spectrum_torch(src, count,
                                                                                 mean_tol)
-        penalty, grad, status = powerlaw_penalty_cuda(lam.float(), alpha, anchor, beta, skip)
+        penalty, grad, status = powerlaw_penalty_cuda(lam.float(), alpha, anchor, beta, skip,
+                                                      tiny, kink_tol)  # fmt: skip
         overflow = (~torch.isfinite(penalty) | ~torch.isfinite(grad).all()) & (status[0] == 0)
         parts = [penalty.reshape(1), status.float(), overflow.reshape(1).float(), grad, lam]
         return torch.cat(parts + ([] if zbar is None else [zbar]))

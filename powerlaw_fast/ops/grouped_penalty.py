@@ -45,11 +45,13 @@ from powerlaw_fast.ops._triton_gemm import dot_in_fp32, size_bucket
 from powerlaw_fast.ops.spectral_penalty import (
     MAX_FUSED_N,
     Settings,
-    _anchor_tolerance,
     _mean_tolerance,
     _raiser,
+    anchor_tolerance,
+    kink_tolerance,
     penalty_and_spectrum,
     plan_for,
+    refuse_second_order,
 )
 
 _BLOCK_M = 128
@@ -146,7 +148,7 @@ if triton_available():
     @triton.jit(do_not_specialize=["num_m"])
     def _grouped_penalty_kernel(
         moments_ptr, parts_ptr, heads_ptr, widths_ptr, col_off_ptr, anchors_ptr, alphas_ptr,
-        betas_ptr, num_m, TOTAL, count, mean_tol, tiny,
+        betas_ptr, tinies_ptr, kinks_ptr, num_m, TOTAL, count, mean_tol,
         SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
         """Program l: layer l's spectrum, sort, eq. (2) with its own settings; dR/dlam, lam and
@@ -158,9 +160,10 @@ if triton_available():
         ok = cols < N
         lam, zbar = finish_moments(moments_ptr + col0, TOTAL, num_m, cols, ok, count, mean_tol,
                                    BLOCK)  # fmt: skip
-        penalty, grad, order, nonfinite, anchor_bad, overflow = sorted_penalty(
+        penalty, grad, order, nonfinite, anchor_code, overflow = sorted_penalty(
             lam, cols, ok, N, tl.load(anchors_ptr + layer), tl.load(alphas_ptr + layer),
-            tl.load(betas_ptr + layer), tiny, SKIP_NONPOSITIVE,
+            tl.load(betas_ptr + layer), tl.load(tinies_ptr + layer), tl.load(kinks_ptr + layer),
+            SKIP_NONPOSITIVE,
         )  # fmt: skip
         tl.store(parts_ptr + col0 + order, grad, mask=ok)
         tl.store(parts_ptr + TOTAL + col0 + cols, lam, mask=ok)
@@ -168,7 +171,7 @@ if triton_available():
         head = heads_ptr + layer * 4
         tl.store(head, penalty)
         tl.store(head + 1, nonfinite)
-        tl.store(head + 2, anchor_bad)
+        tl.store(head + 2, anchor_code)
         tl.store(head + 3, overflow)
 
     @triton.autotune(
@@ -211,7 +214,8 @@ if triton_available():
 # Layout: per-layer offsets, uploaded once per (device, widths, settings)
 # --------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=64)
-def _tables(device: torch.device, widths: tuple, anchors: tuple, alphas: tuple, betas: tuple):
+def _tables(device: torch.device, widths: tuple, anchors: tuple, alphas: tuple, betas: tuple,
+            plan):  # fmt: skip
     col_off, v_off, c, v = [], [], 0, 0
     for n in widths:
         col_off.append(c)
@@ -225,6 +229,12 @@ def _tables(device: torch.device, widths: tuple, anchors: tuple, alphas: tuple, 
         anchors=torch.tensor(anchors, dtype=torch.int32, device=device),
         alphas=torch.tensor(alphas, dtype=torch.float32, device=device),
         betas=torch.tensor(betas, dtype=torch.float32, device=device),
+        tinies=torch.tensor([anchor_tolerance(plan, n) for n in widths], dtype=torch.float32,
+                            device=device),
+        kinks=torch.tensor(
+            [kink_tolerance(n, a, torch.float32) for n, a in zip(widths, alphas, strict=True)],
+            dtype=torch.float32, device=device,
+        ),
         total=c,
         v_offsets=tuple(v_off),
     )
@@ -256,7 +266,7 @@ def _launch_forward(xs, Vs, anchors, alphas, betas, skip, plan):
     B = xs[0].shape[0]
     widths = tuple(x.shape[1] for x in xs)
     device = xs[0].device
-    tables = _tables(device, widths, tuple(anchors), tuple(alphas), tuple(betas))
+    tables = _tables(device, widths, tuple(anchors), tuple(alphas), tuple(betas), plan)
     total, L = tables["total"], len(xs)
     x_flat = torch.cat([x.reshape(-1) for x in xs])
     v_flat = flat_bases(Vs)
@@ -285,8 +295,8 @@ def _launch_forward(xs, Vs, anchors, alphas, betas, skip, plan):
     block = max(16, triton.next_power_of_2(max(widths)))
     _grouped_penalty_kernel[(L,)](
         moments, parts, heads, tables["widths"], tables["col_off"], tables["anchors"],
-        tables["alphas"], tables["betas"], num_m, total, float(B),
-        _mean_tolerance(B, torch.float32), _anchor_tolerance(plan),
+        tables["alphas"], tables["betas"], tables["tinies"], tables["kinks"], num_m, total,
+        float(B), _mean_tolerance(B, torch.float32),
         SKIP_NONPOSITIVE=skip, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return heads, parts, z, v_flat, tables
@@ -318,11 +328,13 @@ class _GroupedPenalty(torch.autograd.Function):
         Vs, anchors, alphas, betas, skip, plan, validate, names, taus = config
         heads, parts, z, v_flat, tables = _launch_forward(xs, Vs, anchors, alphas, betas, skip,
                                                           plan)  # fmt: skip
-        status.check(heads[:, 1:].reshape(-1), validate, _group_raiser(names, config))
+        status.check(heads[:, 1:].reshape(-1), validate, _group_raiser(names, config),
+                     op="grouped penalty")  # fmt: skip
         ctx.save_for_backward(z, parts, v_flat)
         widths = tuple(x.shape[1] for x in xs)
         ctx.tables = dict(tables, widths_host=widths)
         ctx.shapes = [x.shape for x in xs]
+        ctx.xs = xs  # inputs as attributes: no cycle, not version-checked (refuse_second_order)
         ctx.plan, ctx.x_dtype = plan, xs[0].dtype
         ctx.set_materialize_grads(False)
         total = tables["total"]
@@ -338,9 +350,10 @@ class _GroupedPenalty(torch.autograd.Function):
         B = ctx.shapes[0][0]
         flat = _launch_backward(grad_out, z, parts, v_flat, ctx.tables, B, ctx.x_dtype, ctx.plan)
         grads, offset = [], 0
-        for shape in ctx.shapes:
+        for shape, x in zip(ctx.shapes, ctx.xs, strict=True):
             n = B * (shape.numel() // B)
-            grads.append(flat[offset : offset + n].view(shape))
+            grads.append(refuse_second_order(flat[offset : offset + n].view(shape), x,
+                                             "SpectralRegularizer.penalty"))  # fmt: skip
             offset += n
         return (None, *grads)
 
@@ -368,6 +381,7 @@ def grouped_penalty_triton(xs, Vs, *, alphas, anchors, betas, convention, valida
     ``Vs``: ``[N_l, N_l]`` in x's dtype or ``compute_dtype``; per-layer ``alphas``, ``anchors``
     (0-based), ``betas``. Differentiable in every x.
     """
+    status.poll()
     plan = plan_for(xs[0].dtype, max(x.shape[1] for x in xs), compute_dtype)
     if compute_dtype is not None:  # the bases in the compute dtype (no copy when they are)
         Vs = [V if V.dtype == plan.operand else V.to(plan.operand) for V in Vs]
@@ -396,6 +410,8 @@ def grouped_penalty_torch(xs, Vs, *, alphas, anchors, betas, convention, validat
                 x, V, alpha=alphas[i], tau=tau, beta=betas[i], convention=convention,
                 backend=backend, validate=validate, compute_dtype=compute_dtype,
             )  # fmt: skip
+        except status.DeferredValidationError:
+            raise  # about an earlier call: it names its own layer
         except ValueError as err:
             raise ValueError(f"layer {names[i]!r}: {err}") from None
         lams.append(lam)

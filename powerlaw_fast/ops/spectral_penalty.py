@@ -80,6 +80,7 @@ from powerlaw_fast._validation import (
     check_basis,
     check_float_dtype,
     check_int_range,
+    check_orthonormal,
     check_real,
     check_tensor,
 )
@@ -91,7 +92,10 @@ from powerlaw_fast.ops.centring import column_moments_torch
 CONVENTIONS = ("paper", "authors")
 MAX_FUSED_N = 4096  # widest layer for the one-program sort and the Triton GEMM route
 _BLOCK_M = 128  # fixed so the launcher can size the row-block moments before the launch
-_SCRATCH_HEAD = 4  # penalty, non-finite count, anchor flag, overflow flag
+_SCRATCH_HEAD = 4  # penalty, non-finite count, anchor code, overflow flag
+# A spectrum whose largest value is below the smallest normal float32 divided by float32's
+# epsilon has lost precision to underflow (and 1 / s_anchor overflows): about 9.9e-32.
+_UNDERFLOW_FLOAT32 = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
 
 
 # --------------------------------------------------------------------------------------------
@@ -104,6 +108,7 @@ if triton_available():
     from powerlaw_fast.ops._triton_gemm import accumulate_dot, gemm_configs, grouped_tile
 
     HEAD = tl.constexpr(_SCRATCH_HEAD)  # kernels may only read constexpr globals
+    UNDERFLOW = tl.constexpr(_UNDERFLOW_FLOAT32)
 
     @triton.jit
     def projection_tile(
@@ -250,50 +255,64 @@ if triton_available():
         return tl.where(noise, 0.0, raw) / (count - 1.0), s1 / count
 
     @triton.jit
-    def sorted_penalty(lam, cols, ok, N, anchor, alpha, beta, tiny, SKIP_NONPOSITIVE: tl.constexpr):
+    def sorted_penalty(
+        lam, cols, ok, N, anchor, alpha, beta, tiny, kink_tol, SKIP_NONPOSITIVE: tl.constexpr
+    ):
         """Eq. (2) over one spectrum held in a block -> (penalty, dR/dlam in sorted order, the
-        column of each sorted position, [non-finite count, anchor flag, overflow flag])."""
+        column of each sorted position, [non-finite count, anchor code, overflow flag]).
+
+        Decided on purpose, the same in every backend (see :func:`spectrum_penalty_torch`):
+        the anchor's own term is left out (it is 0 in value and slope by definition, and a
+        rank ratio of 1 +- an ulp must not give it a relu slope); ``|r - 1| <= kink_tol``
+        (within the rounding of r) takes the relu's slope 0; ties sort by column, lower first.
+        """
+        lam = tl.where(lam == 0.0, 0.0, lam)  # -0.0 and 0.0 are one value (a tie, not an order)
         finite = (lam == lam) & (tl.abs(lam) != float("inf"))
         nonfinite = tl.sum(tl.where(ok & ~finite, 1.0, 0.0), axis=0)
         # Descending sort of (value, index) pairs as int64 keys: the float's bits mapped to an
-        # order-preserving int32 in the high half, the column index in the low half.
+        # order-preserving int32 in the high half, N - 1 - column in the low half (so equal
+        # values keep the lower column first, as a stable sort does).
         bits = lam.to(tl.int32, bitcast=True)
         bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = (bits.to(tl.int64) << 32) | cols.to(tl.int64)
+        key = (bits.to(tl.int64) << 32) | (N - 1 - cols).to(tl.int64)
         key = tl.where(ok, key, tl.full(cols.shape, -2147483648, tl.int64) << 32)
         key = tl.sort(key, descending=True)
         high = (key >> 32).to(tl.int32)
         high = high ^ ((high >> 31) & 0x7FFFFFFF)
         s = high.to(tl.float32, bitcast=True)
-        order = (key & 0xFFFFFFFF).to(tl.int32)
+        order = (N - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
 
         s_first = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
         s_anchor = tl.sum(tl.where(cols == anchor, s, 0.0), axis=0)
+        s_mean = tl.sum(tl.where(ok, tl.maximum(s, 0.0), 0.0), axis=0) / N
         rank_ratio = tl.exp(alpha * (tl.log((cols + 1).to(tl.float32)) - tl.log(anchor + 1.0)))
         r = s / s_anchor * rank_ratio
-        active = ok & (cols >= anchor)
+        active = ok & (cols > anchor)
         if SKIP_NONPOSITIVE:
             active = active & (s > 0)
         d = r - 1.0
         total = tl.sum(tl.where(active, d * d + tl.maximum(d, 0.0), 0.0), axis=0)
         coef = beta / N
         # 1 / gam_n = rank_ratio / s_anchor
-        slope = (2.0 * d + tl.where(d > 0.0, 1.0, 0.0)) * rank_ratio / s_anchor
+        slope = (2.0 * d + tl.where(d > kink_tol, 1.0, 0.0)) * rank_ratio / s_anchor
         grad = tl.where(active, coef * slope, 0.0)
         penalty = coef * total
         grad_ok = (grad == grad) & (tl.abs(grad) != float("inf"))
         grad_bad = tl.sum(tl.where(active & ~grad_ok, 1.0, 0.0), axis=0)
         penalty_bad = (penalty != penalty) | (tl.abs(penalty) == float("inf"))
         overflow = ((grad_bad > 0) | penalty_bad) & (nonfinite == 0)
-        anchor_bad = tl.where(s_anchor > tiny * s_first, 0.0, 1.0)
-        return penalty, grad, order, nonfinite, anchor_bad, tl.where(overflow, 1.0, 0.0)
+        # 1: the anchor is zero to the rounding of the spectrum; 2: the whole spectrum is too
+        # small for float32 (its largest value under 2^-103, where 1 / s_anchor overflows)
+        anchor_code = tl.where(s_anchor > tiny * s_mean, 0.0, 1.0)
+        anchor_code = tl.where((s_first > 0.0) & (s_first < UNDERFLOW), 2.0, anchor_code)
+        return penalty, grad, order, nonfinite, anchor_code, tl.where(overflow, 1.0, 0.0)
 
     # An int argument equal to 1 is compiled as a constexpr, which has no .to(): anchor = 1
     # would not compile on a GPU; num_m = 1 is common.
     @triton.jit(do_not_specialize=["anchor", "num_m"])
     def _spectrum_penalty_kernel(
         src_ptr, count_ptr, out_ptr,
-        num_m, N, count, mean_tol, anchor, alpha, beta, tiny,
+        num_m, N, count, mean_tol, anchor, alpha, beta, tiny, kink_tol,
         FROM_MOMENTS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
         SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
     ):  # fmt: skip
@@ -309,13 +328,13 @@ if triton_available():
         else:
             lam = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + HEAD + N + cols, lam, mask=ok)
-        penalty, grad, order, nonfinite, anchor_bad, overflow = sorted_penalty(
-            lam, cols, ok, N, anchor, alpha, beta, tiny, SKIP_NONPOSITIVE
+        penalty, grad, order, nonfinite, anchor_code, overflow = sorted_penalty(
+            lam, cols, ok, N, anchor, alpha, beta, tiny, kink_tol, SKIP_NONPOSITIVE
         )
         tl.store(out_ptr + HEAD + order, grad, mask=ok)
         tl.store(out_ptr, penalty)
         tl.store(out_ptr + 1, nonfinite)
-        tl.store(out_ptr + 2, anchor_bad)
+        tl.store(out_ptr + 2, anchor_code)
         tl.store(out_ptr + 3, overflow)
 
 
@@ -376,13 +395,31 @@ def _mean_tolerance(count: int, dtype: torch.dtype) -> float:
     return 8.0 * torch.finfo(dtype).eps * math.log2(max(count, 2))
 
 
-def _anchor_tolerance(plan: Plan) -> float:
-    """An anchor at or below this fraction of the largest value is zero to rounding: the
-    accumulation's epsilon, or the squared epsilon of the GEMM operands (the rounding noise a
-    direction without variance picks up), whichever is larger."""
+def anchor_tolerance(plan: Plan, N: int) -> float:
+    """An anchor value at or below this fraction of the spectrum's mean is zero to rounding.
+
+    A direction without variance picks up rounding noise in ``Z = (x - mu) V``: V and the
+    operands rounded to the GEMM's unit roundoff ``u_op`` give about ``u_op^2`` times the mean
+    eigenvalue, and the float32 (or float64) accumulation over N terms at most
+    ``N u_acc^2`` times it; 16x that is the floor. It is relative to the mean, not the
+    largest value, so a steep full-rank spectrum (n^-4 at tau = 59: 8e-8 of the largest) is
+    not mistaken for a rank-deficient one.
+    """
     tf32 = plan.operand == torch.float32 and plan.precision == "tf32"
-    eps_operand = 2.0**-10 if tf32 else torch.finfo(plan.operand).eps
-    return max(torch.finfo(accumulation_dtype(plan.operand)).eps, eps_operand**2)
+    u_operand = 2.0**-11 if tf32 else torch.finfo(plan.operand).eps / 2
+    u_acc = torch.finfo(accumulation_dtype(plan.operand)).eps / 2
+    return 16.0 * (u_operand**2 + N * u_acc**2)
+
+
+def kink_tolerance(N: int, alpha: float, dtype: torch.dtype) -> float:
+    """The rounding band of ``r_n - 1`` around the relu's kink.
+
+    ``r = (s / s_anchor) exp(alpha (log n - log tau))``: one rounding in the ratio, the two
+    logs (each within an ulp of its value, at most ``log N``), their difference, the product
+    with alpha and exp, at most ``eps (3 + 2 alpha log N)`` relative; twice that is the band
+    inside which the sign of ``r - 1`` is not known.
+    """
+    return 2.0 * torch.finfo(dtype).eps * (3.0 + 2.0 * alpha * math.log(max(N, 2)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -427,12 +464,15 @@ def centred_projection_torch(x, V, mean, plan: Plan):
 
 
 @register("spectrum_penalty", "triton")
-def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
+def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol):
     """``src``: moments ``[2, M, N]`` (or a spectrum ``[N]`` when ``mean_tol is None``);
-    ``count``: rows (a number, or a 0-dim tensor after an all-reduce) -> scratch."""
+    ``count``: rows (a number, or a 0-dim tensor after an all-reduce); ``tiny``: the anchor
+    test's fraction of the spectrum's mean; ``kink_tol``: the relu's rounding band -> scratch."""
     N = src.shape[-1]
     if N > MAX_FUSED_N:
-        return spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny)
+        return spectrum_penalty_torch(
+            src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol
+        )
     parts = 2 if mean_tol is None else 3
     out = _alloc.empty((_SCRATCH_HEAD + parts * N,), device=src.device, dtype=torch.float32)
     block = max(16, triton.next_power_of_2(N))
@@ -441,7 +481,7 @@ def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tin
         src, count if from_ptr else src, out,
         src.shape[1] if mean_tol is not None else 1, N,
         float(count) if count is not None and not from_ptr else 0.0,
-        mean_tol or 0.0, anchor, alpha, beta, tiny,
+        mean_tol or 0.0, anchor, alpha, beta, tiny, kink_tol,
         FROM_MOMENTS=mean_tol is not None, COUNT_FROM_PTR=from_ptr,
         SKIP_NONPOSITIVE=skip, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
@@ -459,33 +499,47 @@ def finish_spectrum_torch(moments, count, mean_tol):
 
 
 @register("spectrum_penalty", "torch")
-def spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny):
-    """Twin of :func:`spectrum_penalty_triton`, the same scratch layout."""
+def spectrum_penalty_torch(src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol):
+    """Twin of :func:`spectrum_penalty_triton`, the same scratch layout and the same decisions.
+
+    Where one ulp could flip a branch, the choice is made on purpose and identically in every
+    backend (so no verdict depends on a platform's ``log``/``exp``):
+
+    - the anchor's own term is left out of the sum: it is ``(1 - 1)^2 + max(0, 1 - 1) = 0`` in
+      value and slope by definition, but a rank ratio computed as ``exp(alpha * (log n -
+      log tau))`` lands on 1 +- an ulp, and above 1 the relu would give the anchor a slope;
+    - the relu's kink: where ``|r - 1|`` is within the rounding of ``r`` (``kink_tol``), the
+      sign of ``r - 1`` is not known, and the subgradient 0 is taken (an exact power law then
+      has gradient exactly 0 on every machine);
+    - ties sort by column, the lower column first (a stable descending sort).
+    """
     lam, zbar = (src, None) if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
     N = lam.shape[0]
-    ordered, order = torch.sort(lam, descending=True)
+    ordered, order = torch.sort(lam, descending=True, stable=True)
     ranks = torch.arange(1, N + 1, device=lam.device, dtype=lam.dtype)
     rank_ratio = torch.exp(alpha * (torch.log(ranks) - math.log(anchor + 1)))
     s_anchor = ordered[anchor]
     r = ordered / s_anchor * rank_ratio
-    active = ranks > anchor
+    active = ranks > anchor + 1
     if skip:
         active = active & (ordered > 0)
     d = r - 1.0
     term = torch.where(active, d * d + d.clamp_min(0.0), 0.0)
-    slope = (2.0 * d + (d > 0).to(lam.dtype)) * rank_ratio / s_anchor
+    slope = (2.0 * d + (d > kink_tol).to(lam.dtype)) * rank_ratio / s_anchor
     grad_sorted = torch.where(active, slope * (beta / N), 0.0)
     grad = torch.empty_like(lam).scatter_(0, order, grad_sorted)
     penalty = term.sum() * (beta / N)
     nonfinite = (~torch.isfinite(lam)).sum().to(lam.dtype)
     overflow = (~torch.isfinite(grad_sorted[active])).any() | ~torch.isfinite(penalty)
+    s_first = ordered[0]
+    underflow = torch.finfo(lam.dtype).tiny / torch.finfo(lam.dtype).eps
+    anchor_code = torch.where(
+        (s_first > 0) & (s_first < underflow),
+        2.0,
+        (~(s_anchor > tiny * ordered.clamp_min(0).mean())).to(lam.dtype),
+    )
     head = torch.stack(
-        [
-            penalty,
-            nonfinite,
-            (~(s_anchor > tiny * ordered[0])).to(lam.dtype),
-            (overflow & (nonfinite == 0)).to(lam.dtype),
-        ]
+        [penalty, nonfinite, anchor_code.to(lam.dtype), (overflow & (nonfinite == 0)).to(lam.dtype)]
     )
     return torch.cat([head, grad, lam] + ([] if zbar is None else [zbar.to(lam.dtype)]))
 
@@ -570,9 +624,14 @@ def spectral_forward(x: torch.Tensor, V: torch.Tensor, settings: Settings):
     mean_tol = _mean_tolerance(rows, accumulation_dtype(plan.operand))
     scratch = implementation("spectrum_penalty", backend)(
         moments, count, settings.anchor, settings.alpha, settings.beta,
-        settings.skip_nonpositive, mean_tol, _anchor_tolerance(plan),
+        settings.skip_nonpositive, mean_tol, anchor_tolerance(plan, N),
+        kink_tolerance(N, settings.alpha, accumulation_dtype(plan.operand)),
     )  # fmt: skip
-    status.check(scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings))
+    status.check(
+        scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings),
+        op="projected_spectrum" if settings.source == "spectrum" else "spec_penalty",
+        collective=group is not None,
+    )  # fmt: skip
     return scratch, z, count
 
 
@@ -591,17 +650,28 @@ def spectral_backward(coef, grad_out, z, zbar, V, count, x_dtype, settings: Sett
 
 def _raiser(settings: Settings):
     def raise_for(values):
-        nonfinite, anchor_bad, overflow = values[:3]
+        nonfinite, anchor_code, overflow = values[:3]
         if nonfinite:
             raise ValueError(_nonfinite_message(settings.source, int(nonfinite)))
         if settings.source == "spectrum":  # projected_spectrum: no penalty to check
             return
-        if anchor_bad:
+        if anchor_code == 2:
+            raise ValueError(
+                f"{settings.source}: the spectrum's values are too small for float32 (its "
+                f"largest value is below 1e-31, where precision is lost to underflow); the "
+                f"penalty does not depend on the scale of the activations, so multiply them by "
+                f"a constant"
+            )
+        if anchor_code:
+            what = "its projected spectrum" if settings.source == "x" else "the spectrum"
             raise ValueError(
                 f"{settings.source}: the batch is rank-deficient for tau = {settings.tau}: the "
-                f"{settings.anchor + 1}-th largest value of its projected spectrum is zero (to "
-                f"rounding), so the power-law target is undefined; use a larger or more varied "
-                f"batch, or a smaller tau"
+                f"{settings.anchor + 1}-th largest value of {what} (the anchor) is zero, or "
+                f"below the rounding level of the computation, so the power-law target is "
+                f"undefined; use a larger or more varied batch, or a smaller tau"
+                + ("" if settings.source != "x" else
+                   " (or float32 activations with torch.set_float32_matmul_precision('highest'),"
+                   " which resolve the smallest values)")
             )
         if overflow:
             raise ValueError(
@@ -622,6 +692,27 @@ def _nonfinite_message(source: str, count: int) -> str:
     return f"{source}: expected finite values, got {count} non-finite values"
 
 
+def refuse_second_order(grad: torch.Tensor, source: torch.Tensor, op: str) -> torch.Tensor:
+    """``grad`` (the gradient for the input ``source``) unchanged, but an error if it is
+    differentiated in a ``create_graph=True`` backward.
+
+    The kernels' backward is not differentiable, and for the penalty no second derivative is
+    consistent with holding kappa constant, so an error beats a silently wrong or missing
+    second-order term. ``@once_differentiable`` is not enough: it stays silent when the
+    incoming gradient is a constant, and its error node is pruned by ``torch.autograd.grad``
+    unless it leads back to ``source``, as this one does.
+    """
+    if not torch.is_grad_enabled() or not source.requires_grad:
+        return grad
+    delayed = torch._C._functions.DelayedError(
+        f"{op}: its gradient is not differentiable (second-order gradients through it are "
+        f"not supported: the paper holds kappa constant, so no second derivative is "
+        f"consistent with its gradient); compute second-order terms without it".encode(),
+        2,
+    )
+    return delayed(grad.detach().requires_grad_(True), source)[0]
+
+
 class _SpecPenalty(torch.autograd.Function):
     """Eager path of :func:`spec_penalty`: one autograd node, launchers called directly."""
 
@@ -630,6 +721,9 @@ class _SpecPenalty(torch.autograd.Function):
         scratch, z, count = spectral_forward(x, V, settings)
         ctx.save_for_backward(z, V, scratch)
         ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
+        # an input held as an attribute makes no reference cycle, and unlike a saved tensor
+        # it is not version-checked: the backward never reads it (see refuse_second_order)
+        ctx.x = x
         ctx.set_materialize_grads(False)
         N = x.shape[1]
         lam = scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
@@ -647,7 +741,7 @@ class _SpecPenalty(torch.autograd.Function):
         grad_x = spectral_backward(
             coef, grad_out, z, zbar, V, ctx.count, ctx.x_dtype, ctx.settings
         )
-        return grad_x, None, None
+        return refuse_second_order(grad_x, ctx.x, "spec_penalty"), None, None
 
 
 class _ProjectedSpectrum(torch.autograd.Function):
@@ -658,7 +752,7 @@ class _ProjectedSpectrum(torch.autograd.Function):
         scratch, z, count = spectral_forward(x, V, settings)
         N = x.shape[1]
         ctx.save_for_backward(z, V, scratch)
-        ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
+        ctx.count, ctx.settings, ctx.x_dtype, ctx.x = count, settings, x.dtype, x
         ctx.set_materialize_grads(False)
         return scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
 
@@ -670,7 +764,7 @@ class _ProjectedSpectrum(torch.autograd.Function):
         coef = grad_lam.to(scratch.dtype).contiguous()
         zbar = scratch[_SCRATCH_HEAD + 2 * z.shape[1] :]
         grad_x = spectral_backward(coef, None, z, zbar, V, ctx.count, ctx.x_dtype, ctx.settings)
-        return grad_x, None, None
+        return refuse_second_order(grad_x, ctx.x, "projected_spectrum"), None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -773,9 +867,11 @@ _powerlaw_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty
 def _sorted_penalty(lam: torch.Tensor, settings: Settings) -> torch.Tensor:
     scratch = implementation("spectrum_penalty", settings.backend)(
         lam.contiguous(), None, settings.anchor, settings.alpha, settings.beta,
-        settings.skip_nonpositive, None, torch.finfo(lam.dtype).eps,
+        settings.skip_nonpositive, None, 0.0,
+        kink_tolerance(lam.shape[0], settings.alpha, lam.dtype),
     )  # fmt: skip
-    status.check(scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings))
+    status.check(scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings),
+                 op="powerlaw_penalty")  # fmt: skip
     return scratch
 
 
@@ -784,6 +880,7 @@ class _PowerlawPenalty(torch.autograd.Function):
     def forward(ctx, lam, settings):
         scratch = _sorted_penalty(lam, settings)
         ctx.save_for_backward(scratch)
+        ctx.lam = lam
         ctx.set_materialize_grads(False)
         return scratch[0]
 
@@ -793,7 +890,8 @@ class _PowerlawPenalty(torch.autograd.Function):
             return None, None
         (scratch,) = ctx.saved_tensors
         N = (scratch.shape[0] - _SCRATCH_HEAD) // 2
-        return grad_out * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N], None
+        grad = grad_out * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
+        return refuse_second_order(grad, ctx.lam, "powerlaw_penalty"), None
 
 
 # --------------------------------------------------------------------------------------------
@@ -875,6 +973,8 @@ def _settings(x, V, *, alpha, tau, beta, convention, backend, validate, process_
     alpha = check_real(alpha, "alpha", low=0.0, low_inclusive=False)
     beta = _check_beta(beta)
     mode = status.validation_mode(validate)
+    if mode == "immediate":  # a synchronisation anyway: V's orthonormality is checked too
+        check_orthonormal(V)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
     compute = str(compute_dtype).removeprefix("torch.") if compute_dtype is not None else ""
     settings = Settings(name, anchor, alpha, beta, convention == "authors", mode, group_name,
@@ -919,8 +1019,10 @@ def spec_penalty(
     Args:
         x: activations ``[B, N]`` or ``[B, *]`` (a conv output is flattened per sample);
             float16, bfloat16, float32 or float64 (float64: torch backend); B >= 2.
-        V: ``[N, N]`` eigenvectors as columns (from the eigenbasis refresh), on x's device, in
-            x's dtype (or in ``compute_dtype``); treated as a constant.
+        V: ``[N, N]`` orthonormal eigenvectors as columns (from the eigenbasis refresh), on
+            x's device, in x's dtype (or in ``compute_dtype``); a constant (one that requires
+            grad is refused). Orthonormality is assumed, and checked with
+            ``validate="immediate"`` (one N x N GEMM).
         alpha: power-law exponent > 0 (1 for the 1/n law).
         tau: anchor rank (see the conventions above); the sum starts there.
         beta: strength >= 0.
@@ -930,9 +1032,11 @@ def spec_penalty(
             and an overflowing penalty are reported, each with a ValueError:
             ``"deferred"`` (default: no host synchronisation; on a GPU the error is raised by
             the next call or by :func:`powerlaw_fast.raise_pending_errors`),
-            ``"immediate"`` / True (one synchronisation, raised by this call), ``"off"`` /
-            False. Inside CUDA graphs nothing is checked; run the step once eagerly before
-            capturing it (the Triton kernels are also autotuned on that first call).
+            ``"immediate"`` / True (one synchronisation, raised by this call; V's
+            orthonormality is checked too), ``"off"`` / False. A deferred error is a
+            :class:`~powerlaw_fast.ops.status.DeferredValidationError` naming the call it
+            came from. Inside CUDA graphs nothing is checked; run the step once eagerly
+            before capturing it (the Triton kernels are also autotuned on that first call).
         compute_dtype: None (the GEMMs in x's dtype) or ``torch.bfloat16``: bfloat16 GEMM
             operands with float32 sums for float32 activations. The batch's own sampling
             error per eigenvalue, about sqrt(2 / B), dwarfs bfloat16's rounding.
@@ -945,7 +1049,11 @@ def spec_penalty(
             ``world_size * penalty`` to each rank's loss to get the single-process gradient.
 
     Returns:
-        A 0-dim tensor (float32; float64 for float64 input).
+        A 0-dim tensor (float32; float64 for float64 input). Differentiable once: its
+        gradient treats kappa as a constant (the paper's convention), so the gradient of that
+        gradient is not the derivative a finite difference would see; a second-order
+        ``torch.autograd.grad(..., create_graph=True)`` through it raises instead of returning
+        a wrong value.
 
     Example::
 

@@ -61,16 +61,31 @@ from tqdm.auto import tqdm
 
 from powerlaw_fast._backend import BACKENDS, resolve_backend
 from powerlaw_fast._torch_helpers import StopForward, eval_mode, find_submodule, module_device
-from powerlaw_fast._validation import check_int_range, check_real
+from powerlaw_fast._validation import check_int_range, check_orthonormal, check_real
+from powerlaw_fast.ops import status
 from powerlaw_fast.ops.grouped_penalty import can_group, grouped_penalty_triton
 from powerlaw_fast.ops.spectral_penalty import CONVENTIONS, penalty_and_spectrum
 from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
-from powerlaw_fast.ops.status import validation_mode
+from powerlaw_fast.ops.status import DeferredValidationError, validation_mode
 from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
 from powerlaw_fast.training.capture import iterate_inputs, model_device
 
-STATE_FORMAT = 1  # the layout of state_dict(); load_state_dict refuses any other
+STATE_FORMAT = 2  # the layout of state_dict() (2 adds the running basis); 1 is still read
 BASIS_UPDATES = ("epoch", "running")
+
+
+def _in_backward() -> bool:
+    """True while autograd runs a backward pass: activation checkpointing recomputes the
+    forward there, and that recomputation is not a new training forward."""
+    return torch._C._current_graph_task_id() != -1
+
+
+def _reused_layer_error(name: str) -> RuntimeError:
+    return RuntimeError(
+        f"layer {name!r} ran twice in one forward pass: its basis describes one use and the "
+        f"penalty would see another; a module reused within the forward cannot be regularised "
+        f"(wrap each use in its own module)"
+    )
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -221,12 +236,18 @@ class SpectralRegularizer:
         self._latest_spectrum: dict[str, torch.Tensor] = {}
         self._small_batch_warned: set[str] = set()
         self._refresh_sink = None  # set during refresh(): called with (name, output)
-        self._fired: set[str] = set()  # layers that ran in the current training forward
+        self._fired: set[str] = set()  # layers that ran in the current call of the model
+        self._model_depth = 0  # calls of the model in progress (its forward, possibly nested)
+        self._versions: dict[str, int] = {}  # name -> the kept output's version at capture
+        self._steps = 0  # penalty() calls, for the errors' "step"
         self._handles = [
             module.register_forward_hook(self._make_hook(name))
             for name, module in self._modules.items()
         ]
-        self._handles.append(self._model.register_forward_pre_hook(self._new_forward))
+        self._handles.append(self._model.register_forward_pre_hook(self._enter_model))
+        self._handles.append(
+            self._model.register_forward_hook(self._leave_model, always_call=True)
+        )
 
     # ----------------------------------------------------------------------------------------
     # Construction helpers
@@ -281,23 +302,29 @@ class SpectralRegularizer:
             raise ValueError(f"{what}: the mapping has no value for layers {missing}")
         return settings
 
-    def _new_forward(self, module, args) -> None:
-        self._fired.clear()
+    def _enter_model(self, module, args) -> None:
+        if self._model_depth == 0:
+            self._fired.clear()
+        self._model_depth += 1
+
+    def _leave_model(self, module, args, output) -> None:
+        self._model_depth = max(0, self._model_depth - 1)
 
     def _make_hook(self, name: str):
         def hook(module, args, output):
             sink = self._refresh_sink
             if sink is not None:
                 sink(name, output)
-            elif module.training and torch.is_grad_enabled():
-                if name in self._fired:
-                    raise RuntimeError(
-                        f"layer {name!r} ran twice in one forward pass: its basis describes one "
-                        f"use and the penalty would see another; a module reused within the "
-                        f"forward cannot be regularised (wrap each use in its own module)"
-                    )
-                self._fired.add(name)
+            elif module.training and torch.is_grad_enabled() and not _in_backward():
+                # Reuse is checked within one call of the model; a layer called outside it
+                # (``model[:2](x)``, the layer itself) is a forward of its own, latest wins.
+                if self._model_depth > 0:
+                    if name in self._fired:
+                        raise _reused_layer_error(name)
+                    self._fired.add(name)
                 self._captured[name] = output
+                if isinstance(output, torch.Tensor) and not torch.compiler.is_compiling():
+                    self._versions[name] = output._version
 
         return hook
 
@@ -335,7 +362,10 @@ class SpectralRegularizer:
         }
 
     def state_dict(self) -> dict:
-        """The refresh state (eigenbases and eigenvalues per layer) for a checkpoint."""
+        """The basis state for a checkpoint: eigenbases and eigenvalues per layer and, with
+        ``basis_update="running"``, the running covariances and the number of penalty calls
+        (so that a resumed run installs the same basis on the same step as an uninterrupted
+        one)."""
         self._require_refreshed()
         return {
             "format": STATE_FORMAT,
@@ -343,6 +373,8 @@ class SpectralRegularizer:
                 name: {"basis": self._basis[name], "eigenvalues": self._eigenvalues[name]}
                 for name in self.layer_names
             },
+            "running": {name: cov for name, cov in self._running.items()},
+            "running_steps": self._running_steps,
         }
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -350,8 +382,10 @@ class SpectralRegularizer:
         layer's device (the device of the layer's parameters, else of the model's)."""
         if not isinstance(state, Mapping) or "layers" not in state:
             raise TypeError("state: expected a mapping from SpectralRegularizer.state_dict()")
-        if state.get("format") != STATE_FORMAT:
-            raise ValueError(f"state: expected format {STATE_FORMAT}, got {state.get('format')!r}")
+        if state.get("format") not in (1, STATE_FORMAT):
+            raise ValueError(
+                f"state: expected format 1 or {STATE_FORMAT}, got {state.get('format')!r}"
+            )
         entries = state["layers"]
         if not isinstance(entries, Mapping):
             raise TypeError(
@@ -387,16 +421,59 @@ class SpectralRegularizer:
                     f"state: layer {name!r}: expected finite basis and eigenvalues, got NaN or inf"
                 )
             self._check_tau(name, N)
+            check_orthonormal(V, f"state: layer {name!r}: basis")
             device = module_device(self._modules[name], fallback)
             basis[name] = V.detach().to(device, copy=True)
             values[name] = lam.detach().to(device, copy=True)
+        running = self._running_state(state, basis)
         self._install(basis, values)
+        self._running = running
+        self._running_steps = int(state.get("running_steps", 0))
+
+    def _running_state(self, state: Mapping, basis: dict) -> dict[str, torch.Tensor]:
+        """The running covariances of a checkpoint, checked against the bases' widths."""
+        entries = state.get("running") or {}
+        if not isinstance(entries, Mapping):
+            raise TypeError(f"state: expected 'running' to be a mapping, got "
+                            f"{type(entries).__name__}")  # fmt: skip
+        if self.basis_update == "running" and set(entries) != set(self.layer_names):
+            warnings.warn(
+                "state: no running covariance for every layer (saved with "
+                "basis_update='epoch' or by an older version): the running average restarts "
+                "from the next batch",
+                stacklevel=3,
+            )
+            return {}
+        running = {}
+        for name, cov in entries.items():
+            if name not in basis:
+                raise ValueError(f"state: running covariance for unknown layer {name!r}")
+            N = basis[name].shape[0]
+            if not isinstance(cov, torch.Tensor) or cov.dtype != torch.float64 or (
+                cov.shape != (N, N)
+            ):
+                raise ValueError(
+                    f"state: layer {name!r}: expected a float64 [{N}, {N}] running covariance, "
+                    f"got {getattr(cov, 'dtype', type(cov).__name__)} "
+                    f"{tuple(getattr(cov, 'shape', ()))}"
+                )
+            running[name] = cov.detach().to(basis[name].device, copy=True)
+        return running
 
     def _known_width(self, name: str) -> int | None:
-        """The layer's number of output features when it can be known without a forward."""
+        """The layer's number of output features when it can be known without a forward: its
+        basis, its ``out_features``, or the width the model reports for it (the paper's models'
+        ``hidden_widths()``); otherwise the next training forward checks it."""
         if name in self._basis:
             return self._basis[name].shape[0]
-        return getattr(self._modules[name], "out_features", None)
+        module = self._modules[name]
+        width = getattr(module, "out_features", None)
+        if width is None and hasattr(self._model, "hidden_widths"):
+            widths = self._model.hidden_widths()
+            for hidden, layer in self._model.hidden_layers().items():
+                if layer is module:
+                    width = widths[hidden]
+        return width
 
     def remove(self) -> None:
         """Take the forward hooks off the model and drop every kept tensor."""
@@ -473,10 +550,7 @@ class SpectralRegularizer:
                     f"{type(output).__name__}"
                 )
             if name in fired:
-                raise ValueError(
-                    f"layer {name!r} ran twice in one forward pass; a module reused within the "
-                    f"forward cannot be regularised (wrap each use in its own module)"
-                )
+                raise _reused_layer_error(name)
             fired.add(name)
             rows = output.detach().reshape(output.shape[0], -1)
             acc = accumulators.get(name)
@@ -593,6 +667,8 @@ class SpectralRegularizer:
             RuntimeError: no refresh yet, or a layer has no activations from a training forward
                 pass (with gradients, in training mode) since the last ``penalty()``.
         """
+        if not torch.compiler.is_compiling():
+            status.poll()  # an earlier step's deferred error, before any work of this one
         captured, self._captured = self._captured, {}
         if self.basis_update == "epoch":
             self._require_refreshed()
@@ -603,6 +679,10 @@ class SpectralRegularizer:
                 f"after each training forward pass (model in training mode, gradients enabled); "
                 f"the activations of a forward pass are released by the first penalty() call"
             )
+        self._steps += 1
+        versions, self._versions = self._versions, {}
+        for name in self.layer_names:
+            self._check_not_modified(name, captured[name], versions.get(name))
         xs = [self._activations(name, captured.pop(name)) for name in self.layer_names]
         if self.basis_update == "running":
             self._update_running_basis(xs)
@@ -615,7 +695,7 @@ class SpectralRegularizer:
             and can_group(xs, backend)
         )
         # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
-        with torch.autocast(device.type, enabled=False):
+        with torch.autocast(device.type, enabled=False), status.where(f"step {self._steps}"):
             if grouped:
                 return self._grouped_penalty(xs)
             total = None
@@ -626,6 +706,19 @@ class SpectralRegularizer:
                 else:
                     total = total + term.to(torch.promote_types(total.dtype, term.dtype))
             return total
+
+    @staticmethod
+    def _check_not_modified(name: str, out, version: int | None) -> None:
+        """The kept output must be what the layer returned: an in-place op after the layer
+        (``nn.ReLU(inplace=True)``, ``h += ...``) would change what is penalised."""
+        if version is None or not isinstance(out, torch.Tensor) or out._version == version:
+            return
+        raise RuntimeError(
+            f"layer {name!r}: its output was modified in place after the layer ran (e.g. by "
+            f"nn.ReLU(inplace=True) or an in-place op on it), so the penalty would see the "
+            f"modified values, not the layer's; use the out-of-place op after a regularised "
+            f"layer (nn.ReLU(inplace=False))"
+        )
 
     def _activations(self, name: str, out) -> torch.Tensor:
         """A layer's kept output as ``[B, N]``, checked against its basis."""
@@ -737,10 +830,14 @@ class SpectralRegularizer:
         compute = self._compute_dtype(x)
         V = self._bases(compute or x.dtype, x.device)[name]
         try:
-            value, lam = penalty_and_spectrum(
-                x, V, **self.settings(name), convention=self.convention, backend=self.backend,
-                validate=self.validate, process_group=self.process_group, compute_dtype=compute,
-            )  # fmt: skip
+            with status.where(f"layer {name!r}, step {self._steps}"):
+                value, lam = penalty_and_spectrum(
+                    x, V, **self.settings(name), convention=self.convention,
+                    backend=self.backend, validate=self.validate,
+                    process_group=self.process_group, compute_dtype=compute,
+                )  # fmt: skip
+        except DeferredValidationError:
+            raise  # about an earlier call: it names its own layer and step
         except ValueError as err:
             raise ValueError(f"layer {name!r}: {err}") from None
         self._latest_spectrum[name] = lam

@@ -219,10 +219,12 @@ def test_op_launch_sequences(recorder, dtype):
 
 def test_penalty_launch(recorder):
     lam = torch.rand(100)
-    penalty, grad, status = cuda_pkg.powerlaw_penalty_cuda(lam, 1.0, 9, 2.0, True)
+    penalty, grad, status = cuda_pkg.powerlaw_penalty_cuda(lam, 1.0, 9, 2.0, True, 1e-6, 3e-6)
     name, grid, block, args = recorder.calls[0]
     assert name == "powerlaw_penalty" and grid == (1, 1, 1) and block == (ops.PENALTY_THREADS, 1, 1)
-    assert [int(a) for a in args[2:4]] == [100, 9] and int(args[7]) == 1
+    assert [int(a) for a in args[2:4]] == [100, 9] and int(args[9]) == 1
+    # tiny, kink_tol, the underflow level: float32's smallest normal over its epsilon
+    assert [float(a) for a in args[6:9]] == pytest.approx([1e-6, 3e-6, 2.0**-126 / 2.0**-23])
     assert penalty.shape == () and grad.shape == (100,) and status.dtype == torch.int32
     with pytest.raises(ValueError, match="anchor"):
         cuda_pkg.powerlaw_penalty_cuda(lam, 1.0, 100, 2.0, True)

@@ -9,7 +9,7 @@ import torch
 
 from powerlaw_fast.baselines import literal_penalty
 from powerlaw_fast.ops.grouped_penalty import grouped_penalty_torch, grouped_penalty_triton
-from tests.devices import DEVICE, rel_err
+from tests.devices import DEVICE, raises_validation, rel_err
 from tests.ops.test_spec_penalty import make_batch
 from tests.ops.test_spec_penalty_host import CountingMode, triton_launches  # noqa: F401
 
@@ -67,11 +67,11 @@ def test_bfloat16_compute_for_float32_layers():
     assert abs(float(fast) / float(exact) - 1) < 0.05
 
 
-def test_errors_name_the_layer():
+def test_errors_name_the_layer(deferral):
     xs, Vs = layers([20, 30], seed=7)
     xs[1] = xs[1].clone()
     xs[1][0, 0] = float("nan")
-    with pytest.raises(ValueError, match="layer 'second': x: expected finite activations"):
+    with raises_validation("layer 'second': x: expected finite activations"):
         grouped_penalty_triton(xs, Vs, alphas=[1.0, 1.0], anchors=[2, 2], betas=[1.0, 1.0],
                                convention="paper", names=["first", "second"])  # fmt: skip
 

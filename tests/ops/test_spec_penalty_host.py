@@ -102,36 +102,22 @@ def test_default_validation_does_not_synchronise_but_still_raises(triton_launche
         spec_penalty(x, V, tau=5, backend="triton")  # CPU: the status is ready at once
 
 
-class FakeEvent:
-    def __init__(self):
-        self.done = False
-
-    def query(self):
-        return self.done
-
-    def synchronize(self):
-        self.done = True
-
-
 def test_deferred_errors_surface_on_a_later_call_or_on_request():
-    bad = torch.tensor([3.0, 0.0, 0.0])  # 3 non-finite values
-    event = FakeEvent()
-    raise_for = sp_module._raiser(sp_module.Settings("torch", 0, 1.0, 1.0, False, "deferred",
-                                                     "", "x", 1, ""))  # fmt: skip
-    status._pending.append((event, bad, raise_for))
-    try:
-        status.poll()  # not finished yet: nothing raised, nothing waited for
-        assert len(status._pending) == 1
-        event.done = True
-        x, V = make_batch(20, 8, seed=4)
-        with pytest.raises(ValueError, match="3 non-finite.*deferred check of an earlier call"):
+    x, V = make_batch(20, 8, seed=4)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    with status.simulate_deferral(delay=1):  # the copy reports "done" to the second query
+        spec_penalty(bad, V, tau=2)  # returns: the check is in flight
+        assert status.pending_count() == 1
+        projected_spectrum(x, V)  # the first query: not finished yet, nothing raised
+        with pytest.raises(ValueError, match="non-finite.*deferred check of call #"):
             projected_spectrum(x, V)  # any later call reports it
-        assert not status._pending
-        status._pending.append((FakeEvent(), bad, raise_for))
-        with pytest.raises(ValueError, match="3 non-finite"):
-            raise_pending_errors()  # waits for the event, then raises
-    finally:
-        status._pending.clear()
+        assert status.pending_count() == 1  # the good call before it is still in flight
+        raise_pending_errors()  # waits for it: nothing wrong, nothing raised
+        spec_penalty(bad, V, tau=2)
+        with pytest.raises(ValueError, match="non-finite"):
+            raise_pending_errors()  # waits for the copy, then raises
+    assert status.pending_count() == 0
 
 
 @pytest.mark.parametrize("validate", ["no", 1, None])

@@ -80,12 +80,12 @@ SCRIPT = textwrap.dedent(
         # widest one-program sort
         moments = torch.empty(2, max(1, count // 128), N, **meta)
         compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
-                       moments, count, anchor, 1.0, 1.0, False, 1e-5, 1e-7)
+                       moments, count, anchor, 1.0, 1.0, False, 1e-5, 1e-7, 1e-6)
     compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
-                   torch.empty(40, **meta), None, 3, 1.0, 1.0, True, None, 1e-7)
+                   torch.empty(40, **meta), None, 3, 1.0, 1.0, True, None, 1e-7, 1e-6)
     compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
                    torch.empty(2, 3, 40, **meta), torch.empty((), **meta), 3, 1.0, 1.0, False,
-                   1e-5, 1e-7)
+                   1e-5, 1e-7, 1e-6)
     x = torch.empty(1, 1, dtype=torch.bfloat16, **meta)
     compile_launch(centring, "_column_mean_kernel", centring.column_mean_triton, x)
     x, V = torch.empty(300, 40, **meta), torch.empty(40, 40, **meta)
@@ -113,7 +113,8 @@ SCRIPT = textwrap.dedent(
     gp._tables = lambda device, widths, *rest: {
         "widths": torch.empty(3, **i32), "col_off": torch.empty(3, **i64),
         "v_off": torch.empty(3, **i64), "anchors": torch.empty(3, **i32),
-        "alphas": torch.empty(3, **meta), "betas": torch.empty(3, **meta), "total": 1041,
+        "alphas": torch.empty(3, **meta), "betas": torch.empty(3, **meta),
+        "tinies": torch.empty(3, **meta), "kinks": torch.empty(3, **meta), "total": 1041,
     }
     for name in ("_grouped_column_mean_kernel", "_grouped_projection_kernel",
                  "_grouped_penalty_kernel"):
