@@ -26,9 +26,13 @@ def _entry(rank, world, init_file, body, args):
     os._exit(0)
 
 
-def run_on_processes(body, world: int, tmp_path, *args) -> None:
+def run_on_processes(body, world: int, tmp_path, *args, timeout: float = 300.0) -> None:
     """Spawn ``world`` processes running ``body(rank, world, *args)``; a failure in any of them
-    fails the test. ``body`` must be a module-level function (it is pickled)."""
+    fails the test, and so do ranks still running after ``timeout`` seconds (ranks waiting
+    for each other in a collective would otherwise hang the suite). ``body`` must be a
+    module-level function (it is pickled)."""
+    import time
+
     import torch.distributed as dist
     import torch.multiprocessing as mp
 
@@ -36,7 +40,14 @@ def run_on_processes(body, world: int, tmp_path, *args) -> None:
         pytest.skip("torch.distributed with gloo is not available")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     init_file = tmp_path / f"init-{world}"
-    mp.spawn(_entry, args=(world, str(init_file), body, args), nprocs=world, join=True)
+    context = mp.spawn(_entry, args=(world, str(init_file), body, args), nprocs=world,
+                       join=False)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the {world} ranks did not finish within {timeout:.0f} s: a hang")
 
 
 def shard_bounds(total: int, world: int, rank: int) -> tuple[int, int]:

@@ -54,6 +54,11 @@ def _ops_body(rank, world, backend):
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_global_statistics_over_processes(tmp_path, world, backend):
+    if backend == "triton" and torch.cuda.is_available():
+        # the processes hold CPU tensors (gloo), which Triton runs only under its interpreter,
+        # and the interpreter is off where a GPU is present; the GPU runs the triton kernels
+        # in the single-process op tests
+        pytest.skip("triton on CPU tensors needs the interpreter, off on a CUDA machine")
     run_on_processes(_ops_body, world, tmp_path, backend)
 
 
@@ -80,3 +85,41 @@ def test_process_group_requires_initialised_distributed():
 
     with pytest.raises(ValueError, match="process_group: torch.distributed is not initialised"):
         spec_penalty(x, V, process_group=FakeGroup())
+
+
+def _deferred_error_body(rank, world):
+    # A GPU defers the status check; each rank's copy completes at its own time (simulated
+    # here by a different delay per rank). A rank that raised at a different call than the
+    # others would skip an all-reduce and leave them waiting forever: every rank must raise
+    # at the same call.
+    import torch.distributed as dist
+
+    from powerlaw_fast.ops import status
+    from powerlaw_fast.ops.status import DeferredValidationError
+
+    group = dist.group.WORLD
+    g = torch.Generator().manual_seed(rank)
+    x = torch.randn(40, 12, generator=g)
+    V = torch.eye(12)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    raised_at = None
+    with status.simulate_deferral(delay=3 * rank):
+        spec_penalty(bad if rank == 0 else x, V, tau=3, process_group=group)  # call 0
+        for call in range(1, 4):
+            try:
+                spec_penalty(x, V, tau=3, process_group=group)
+            except DeferredValidationError as err:
+                assert "call #" in str(err) and "non-finite" in str(err)
+                raised_at = call
+                break
+    status.discard_pending()
+    calls = torch.tensor([float(raised_at or -1)])
+    gathered = [torch.zeros(1) for _ in range(world)]
+    dist.all_gather(gathered, calls)
+    assert [float(c) for c in gathered] == [1.0] * world, gathered
+
+
+@pytest.mark.slow
+def test_deferred_errors_raise_at_the_same_call_on_every_rank(tmp_path):
+    run_on_processes(_deferred_error_body, 2, tmp_path, timeout=60)

@@ -221,7 +221,8 @@ def batch_covariance(
     sigma = _batch_covariance_op(x, name, group_name)[0]
     if mode != "off":
         bad = (~torch.isfinite(sigma)).sum().reshape(1).float()
-        status.check(bad, mode, _raise_nonfinite)
+        status.check(bad, mode, _raise_nonfinite, op="batch_covariance",
+                     collective=bool(group_name))  # fmt: skip
     return sigma
 
 

@@ -13,7 +13,7 @@ import torch
 
 from powerlaw_fast import batch_covariance, powerlaw_penalty, projected_spectrum, spec_penalty
 from powerlaw_fast.baselines import literal_penalty, literal_spectrum
-from tests.devices import value_and_grad
+from tests.devices import raises_validation, value_and_grad
 
 pytestmark = pytest.mark.gpu
 
@@ -115,11 +115,13 @@ def test_penalty_status_errors():
     lam = torch.rand(50, device="cuda") + 0.5
     bad = lam.clone()
     bad[7] = float("nan")
-    with pytest.raises(ValueError, match="non-finite"):
+    with raises_validation("non-finite"):  # deferred on a GPU: raised by the next call
         powerlaw_penalty(bad, backend="cuda")
+    with pytest.raises(ValueError, match="non-finite"):
+        powerlaw_penalty(bad, backend="cuda", validate="immediate")
     zeros = lam.clone()
     zeros[torch.argsort(lam)[:45]] = 0.0  # the 10th largest value is 0
-    with pytest.raises(ValueError, match="rank-deficient"):
+    with raises_validation("rank-deficient"):
         powerlaw_penalty(zeros, tau=10, backend="cuda")
 
 

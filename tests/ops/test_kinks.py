@@ -90,3 +90,34 @@ def test_ties_sort_by_column_in_every_backend(backend, libm):
     assert rel_err(leaf.grad, reference.grad) < 1e-5
     # the three tied values sit at ranks 5, 6, 7: different targets, so different slopes
     assert len({float(v) for v in leaf.grad[[2, 5, 6]]}) == 3
+
+
+# --------------------------------------------------------------------------------------------
+# Thresholds: the anchor test and the underflow test
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_steep_full_rank_spectrum_is_not_called_rank_deficient(backend):
+    # lam_n ~ n^-4: at tau = 59 the anchor is 8e-8 of the largest value, above float32's
+    # rounding floor for a direction without variance (u^2 of the mean value), far below eps
+    x, V = make_batch(512, 64, seed=59, decay=2.0)
+    torch.set_float32_matmul_precision("highest")
+    value, grad = value_and_grad(spec_penalty, x, V, tau=59, backend=backend,
+                                 validate="immediate")  # fmt: skip
+    ref_value, ref_grad = value_and_grad(spec_penalty, x.double(), V.double(), tau=59,
+                                         backend="torch")  # fmt: skip
+    assert rel_err(value, ref_value) < 1e-2 and rel_err(grad, ref_grad) < 1e-2
+    # 40 rows in their own eigenbasis: the 59th value is a direction without variance
+    few = x[:40]
+    own = torch.linalg.eigh(torch.cov(few.double().T))[1].flip(1).float()
+    with pytest.raises(ValueError, match="rank-deficient for tau = 59"):
+        spec_penalty(few, own, tau=59, backend=backend, validate="immediate")
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning:triton.runtime.interpreter")
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_activations_too_small_for_float32_are_reported_as_such(backend):
+    x, V = make_batch(100, 12, seed=3)
+    with pytest.raises(ValueError, match="too small for float32") as info:
+        spec_penalty(x * 1e-22, V, tau=3, backend=backend, validate="immediate")
+    assert "alpha, beta" not in str(info.value)
+    spec_penalty(x * 1e-12, V, tau=3, backend=backend, validate="immediate")  # scale-free
