@@ -2,7 +2,11 @@
 
 Every results file has the layout
 ``{"device", "torch", "triton", "date", "commit", "rows": [...]}`` and lives in
-``benchmarks/results/<gpu-name>/<name>.json``.
+``benchmarks/results/<gpu-name>/<name>.json``. The commit is ``$POWERLAW_FAST_COMMIT`` when set
+(``benchmarks/gpu_suite.sh`` sets it: the device machine's copy of the checkout is not a git
+repository), else ``git rev-parse HEAD``. A benchmark writes its file after every row through
+:class:`ResultsWriter` (``"complete": false`` until the end), so a run cut off by its time
+budget keeps what it measured.
 """
 
 from __future__ import annotations
@@ -32,23 +36,29 @@ def environment() -> dict:
         triton_version = triton.__version__
     except Exception:
         triton_version = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
-    except Exception:
-        commit = os.environ.get("POWERLAW_FAST_COMMIT")
     return {
         "device": device_name(),
         "torch": torch.__version__,
         "triton": triton_version,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": commit,
+        "commit": commit(),
     }
+
+
+def commit() -> str | None:
+    """``$POWERLAW_FAST_COMMIT`` when set, else ``git rev-parse HEAD`` (None outside git)."""
+    if os.environ.get("POWERLAW_FAST_COMMIT"):
+        return os.environ["POWERLAW_FAST_COMMIT"]
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+        ).stdout.strip() or None
+    except Exception:
+        return None
 
 
 def results_path(name: str, out_dir: str | os.PathLike | None = None) -> Path:
@@ -65,6 +75,77 @@ def write_results(name: str, rows: list[dict], out_dir=None, extra: dict | None 
     tmp.write_text(json.dumps(payload, indent=1))
     tmp.replace(path)
     return path
+
+
+class ResultsWriter:
+    """Rewrite ``<out>/<device>/<name>.json`` atomically after every row.
+
+    ``add(row)`` appends and writes with ``"complete": false``; ``finish()`` writes
+    ``"complete": true``. ``finalize(rows)`` (optional) derives fields (ratios) on a copy of the
+    rows before each write. Each write also records how many Triton autotune keys and binaries
+    the process holds (``triton_compiles``), the numbers that size a part's time budget.
+    """
+
+    def __init__(self, name: str, out_dir=None, extra: dict | None = None, finalize=None):
+        self.name, self.out_dir, self.extra = name, out_dir, dict(extra or {})
+        self.finalize = finalize
+        self.rows: list[dict] = []
+        self.path = results_path(name, out_dir)
+
+    def add(self, row: dict) -> None:
+        self.rows.append(row)
+        self.write(complete=False)
+
+    def write(self, complete: bool) -> Path:
+        rows = [dict(r) for r in self.rows]
+        if self.finalize is not None:
+            rows = self.finalize(rows)
+        extra = {**self.extra, "complete": complete, "triton_compiles": triton_compile_counts()}
+        return write_results(self.name, rows, self.out_dir, extra=extra)
+
+    def finish(self) -> Path:
+        return self.write(complete=True)
+
+
+def triton_compile_counts() -> dict:
+    """Autotune keys tuned and kernel binaries compiled so far by powerlaw_fast's Triton
+    kernels in this process (zeros when triton is absent or nothing ran)."""
+    import sys
+
+    keys = binaries = 0
+    try:
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+    except Exception:
+        return {"autotune_keys": 0, "binaries": 0}
+    seen = set()
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("powerlaw_fast.") or module is None:
+            continue
+        for obj in list(vars(module).values()):
+            if id(obj) in seen:
+                continue
+            seen.add(id(obj))
+            if isinstance(obj, Autotuner):
+                keys += len(getattr(obj, "cache", {}) or {})
+                obj = obj.fn
+                while not isinstance(obj, JITFunction) and hasattr(obj, "fn"):
+                    obj = obj.fn
+            if isinstance(obj, JITFunction):
+                for caches in getattr(obj, "device_caches", {}).values():
+                    try:
+                        binaries += len(caches[0])
+                    except Exception:
+                        pass
+    return {"autotune_keys": keys, "binaries": binaries}
+
+
+def interpreter_for_dry_run(argv: list[str]) -> None:
+    """``--dry-run`` on a machine without a GPU runs the Triton kernels under the interpreter,
+    which must be switched on before triton is first imported: call this before importing
+    powerlaw_fast."""
+    if "--dry-run" in argv and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def median_ms(fn, *, warmup: int = 25, rep: int = 100) -> float:

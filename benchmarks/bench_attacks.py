@@ -6,6 +6,8 @@ torchattacks, on a GPU (10,000 images) or the CPU (1,000 images, 2 threads).
     python benchmarks/bench_attacks.py --device cpu --data /path/to/mnist   # the CPU rows
     python benchmarks/bench_attacks.py --models mlp --attacks pgd
     python benchmarks/bench_attacks.py --smoke                # tiny CPU run, no file
+    python benchmarks/bench_attacks.py --dry-run --out DIR    # tiny CPU run on the Triton step
+                                                              # (interpreter), writes the JSON
 
 Implementations (one row each, per model and attack):
 - ``ours``: ``robustness_curve`` as shipped: any-iterate success, fooled rows retired, nested
@@ -26,7 +28,8 @@ attacks meet a real classifier (success rates are what the savings depend on). E
 the median of ``--repeats`` full sweeps (attack + accuracy at every epsilon) after one warm-up,
 the accuracy per epsilon, and the work done: ``row_steps`` (rows through a forward +
 input-gradient pass) and ``row_forwards`` (rows through a forward pass alone).
-Writes ``benchmarks/results/<device>/attacks.json``.
+Writes ``benchmarks/results/<device>/attacks.json`` after every implementation's sweep
+(``"complete": false`` until the end), so a run cut off by its time budget keeps what it measured.
 """
 
 from __future__ import annotations
@@ -45,9 +48,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
     cuda_backend_available,
+    interpreter_for_dry_run,
     print_table,
+    triton_compile_counts,
     write_results,
 )
+
+interpreter_for_dry_run(sys.argv)
 from powerlaw_fast.attacks import robustness_curve  # noqa: E402
 from powerlaw_fast.paper.datasets import load_mnist  # noqa: E402
 from powerlaw_fast.paper.models import CNN, MLP  # noqa: E402
@@ -213,7 +220,8 @@ def run(args, on_progress=None) -> tuple[list[dict], dict]:
     x, y = x.to(device), y.to(device)
     x_train, y_train = load_mnist(args.data, train=True, limit=args.train_n)
     x_train, y_train = x_train.to(device), y_train.to(device)
-    backend = "triton" if device == "cuda" else "torch"
+    # a dry run takes the Triton step on the CPU too (the interpreter)
+    backend = "triton" if device == "cuda" or args.dry_run else "torch"
     rows, training = [], {}
     for model_name in args.models:
         model = build_model(model_name, args.seed).to(device)
@@ -241,6 +249,9 @@ def run(args, on_progress=None) -> tuple[list[dict], dict]:
                         times[impl].append(ms)
                         results[impl] = (statistics.median(times[impl]), *out)
                         print(f"{model_name} {attack} {impl}: {ms:.1f} ms", flush=True)
+                        if on_progress is not None:
+                            on_progress(rows + _rows_for(args, x, device, model_name, attack,
+                                                         results, None), training)
             else:
                 for impl, fn in sweeps.items():
                     ms, (acc, work) = time_median_ms(fn, args.repeats, args.warmup)
@@ -248,34 +259,45 @@ def run(args, on_progress=None) -> tuple[list[dict], dict]:
                     print(f"{model_name} {attack} {impl}: {ms:.1f} ms, row_steps "
                           f"{work['row_steps']}, accuracy {[round(a, 4) for a in acc]}",
                           flush=True)
-            base = results.get("plain_loop")
-            ta = results.get("torchattacks")
-            for impl, (ms, acc, work) in results.items():
-                row = {
-                    "model": model_name, "attack": attack, "impl": impl, "n": x.shape[0],
-                    "eps": EPS_GRID, "steps": args.steps if attack == "pgd" else 1,
-                    "step_size": PGD_STEP if attack == "pgd" else None,
-                    "dtype": "float32", "matmul_precision": args.precision,
-                    "threads": torch.get_num_threads() if device == "cpu" else None,
-                    "median_ms": ms, "accuracy": acc, "row_steps": work["row_steps"],
-                    "row_forwards": work["row_forwards"],
-                }
-                if base is not None:
-                    row["speedup_vs_plain_loop"] = base[0] / ms
-                    row["max_acc_diff_pp_vs_plain_loop"] = 100 * max(
-                        abs(a - b) for a, b in zip(acc, base[1], strict=True))
-                if ta is not None:
-                    row["speedup_vs_torchattacks"] = ta[0] / ms
-                    # signed: > 0 where ours is weaker (higher robust accuracy) than torchattacks
-                    row["max_acc_excess_pp_vs_torchattacks"] = 100 * max(
-                        a - b for a, b in zip(acc, ta[1], strict=True))
-                rows.append(row)
-            if note:
-                rows.append({"model": model_name, "attack": attack, "impl": "torchattacks",
-                             "note": note})
+                    if on_progress is not None:  # each sweep kept as soon as it is timed
+                        on_progress(rows + _rows_for(args, x, device, model_name, attack,
+                                                     results, None), training)
+            rows += _rows_for(args, x, device, model_name, attack, results, note)
             if on_progress is not None:  # a long CPU run keeps what it measured so far
                 on_progress(rows, training)
     return rows, training
+
+
+def _rows_for(args, x, device, model_name, attack, results, note) -> list[dict]:
+    """One row per timed implementation of (model, attack), with its ratios to the baselines
+    timed so far; a note row where a baseline was skipped."""
+    rows = []
+    base = results.get("plain_loop")
+    ta = results.get("torchattacks")
+    for impl, (ms, acc, work) in results.items():
+        row = {
+            "model": model_name, "attack": attack, "impl": impl, "n": x.shape[0],
+            "eps": EPS_GRID, "steps": args.steps if attack == "pgd" else 1,
+            "step_size": PGD_STEP if attack == "pgd" else None,
+            "dtype": "float32", "matmul_precision": args.precision,
+            "threads": torch.get_num_threads() if device == "cpu" else None,
+            "median_ms": ms, "accuracy": acc, "row_steps": work["row_steps"],
+            "row_forwards": work["row_forwards"],
+        }
+        if base is not None:
+            row["speedup_vs_plain_loop"] = base[0] / ms
+            row["max_acc_diff_pp_vs_plain_loop"] = 100 * max(
+                abs(a - b) for a, b in zip(acc, base[1], strict=True))
+        if ta is not None:
+            row["speedup_vs_torchattacks"] = ta[0] / ms
+            # signed: > 0 where ours is weaker (higher robust accuracy) than torchattacks
+            row["max_acc_excess_pp_vs_torchattacks"] = 100 * max(
+                a - b for a, b in zip(acc, ta[1], strict=True))
+        rows.append(row)
+    if note:
+        rows.append({"model": model_name, "attack": attack, "impl": "torchattacks",
+                     "note": note})
+    return rows
 
 
 def parse_args(argv=None):
@@ -308,14 +330,19 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="highest", choices=["highest", "high", "medium"])
     p.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--smoke", action="store_true", help="tiny CPU run, writes no file")
+    p.add_argument("--dry-run", action="store_true",
+                   help="a smoke run on the Triton step (the interpreter on a CPU) that writes "
+                        "the results file like a full run")
     args = p.parse_args(argv)
+    if args.dry_run and args.out is None:  # never over the committed results
+        p.error("--dry-run needs --out DIR")
     if args.n is None:
         on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.n = 10000 if on_gpu else 1000
     if args.warmup is None:
         on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         args.warmup = 1 if on_gpu else 0
-    if args.smoke:
+    if args.smoke or args.dry_run:
         args.device = "cpu"
         args.n, args.steps, args.repeats = min(args.n, 32), min(args.steps, 2), 1
         args.train_n = min(args.train_n, 200)
@@ -329,7 +356,8 @@ def _extra(args, training) -> dict:
             "data": f"MNIST ({args.data or 'POWERLAW_FAST_DATA or the shipped subset'}): "
                     f"first {args.n} test images, first {args.train_n} training images",
             "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "warmup": args.warmup, "interleaved": args.interleave}
+            "warmup": args.warmup, "interleaved": args.interleave, "dry_run": args.dry_run,
+            "triton_compiles": triton_compile_counts()}
 
 
 def main(argv=None) -> None:

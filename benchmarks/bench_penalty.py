@@ -3,6 +3,8 @@
     python benchmarks/bench_penalty.py                 # full sweep, writes results JSON
     python benchmarks/bench_penalty.py --sizes 1024    # one width
     python benchmarks/bench_penalty.py --smoke         # tiny CPU run of the torch paths, no file
+    python benchmarks/bench_penalty.py --dry-run --out DIR  # every path at N = 40 on the
+                                                        # CPU (Triton interpreter), writes JSON
 
 Implementations (DESIGN.md section 5): ``triton`` and ``cuda`` (this library; at N >= 4096 also
 ``triton_fused_gemm`` and ``triton_cublas_gemm``, the two GEMM routes forced, and for float32
@@ -13,7 +15,11 @@ then diag(V^T Sigma V)), ``authors_loop`` (the authors' per-eigenvalue loop; N <
 of the same shapes, the roofline). Each row: eager median, and for ours and plain torch the
 CUDA-graph replay median (GPU time alone) and the host enqueue time per call.
 Batch B = 1.5 N. Dtypes: float32 at matmul precision "highest" and "high", and bfloat16.
-Writes ``benchmarks/results/<gpu-name>/penalty.json``.
+Writes ``benchmarks/results/<gpu-name>/penalty.json`` after every row (``"complete": false``
+until the end), so a run cut off by a time budget keeps what it measured. Cases run width by
+width in the order of ``SIZES`` (the paper's 1024 and the 4096 target first, the largest last),
+all three settings per width; each new (N, B, precision) is an autotune key (4 configs x 2
+kernels compiled), and ``triton_compiles`` in the JSON counts what the run compiled.
 """
 
 from __future__ import annotations
@@ -29,12 +35,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import (  # noqa: E402
+    ResultsWriter,
     cuda_backend_available,
+    interpreter_for_dry_run,
     median_ms,
     peak_memory_mb,
     print_table,
-    write_results,
 )
+
+interpreter_for_dry_run(sys.argv)
 from powerlaw_fast import spec_penalty  # noqa: E402
 from powerlaw_fast.baselines import (  # noqa: E402
     authors_loop_penalty,
@@ -43,7 +52,8 @@ from powerlaw_fast.baselines import (  # noqa: E402
     projection_penalty,
 )
 
-SIZES = (1024, 2048, 4096, 8192, 16384)
+SIZES = (1024, 4096, 2048, 8192, 16384)  # run in this order: the targets first, largest last
+DRY_RUN_SIZES = (40,)  # N % 16 != 0, B = 60: every path once (the interpreter: ~0.5 s a call)
 SETTINGS = (("float32", "highest"), ("float32", "high"), ("bfloat16", "high"))
 TAU = 10
 GRAPHED = ("triton", "torch_projection", "triton_bf16_compute")  # also timed as CUDA graphs
@@ -58,13 +68,15 @@ def make_inputs(N: int, dtype: torch.dtype, device: str, seed: int = 0):
     return x, V.to(dtype)
 
 
-def implementations(N: int, include_cuda: bool, dtype: torch.dtype):
+def implementations(N: int, include_cuda: bool, dtype: torch.dtype, *, dry_run: bool = False):
+    """name -> penalty function. ``dry_run``: every path at a tiny N on the CPU (the GEMM routes
+    forced at any N, torch.compile through its "eager" backend: no C++ compiler run)."""
     impls = {
         "triton": lambda x, V: spec_penalty(x, V, tau=TAU, backend="triton"),
         "torch_projection": lambda x, V: projection_penalty(x, V, tau=TAU),
         "torch_covariance": lambda x, V: covariance_penalty(x, V, tau=TAU),
     }
-    if N >= 4096:  # both GEMM routes where the choice is made (MAX_FUSED_N)
+    if N >= 4096 or dry_run:  # both GEMM routes where the choice is made (MAX_FUSED_N)
         impls["triton_fused_gemm"] = routed("triton")
         impls["triton_cublas_gemm"] = routed("cublas")
     if dtype == torch.float32:
@@ -75,7 +87,8 @@ def implementations(N: int, include_cuda: bool, dtype: torch.dtype):
         impls["cuda"] = lambda x, V: spec_penalty(x, V, tau=TAU, backend="cuda")
     if N <= 2048:  # seconds per call above; compiling costs ~10 s per shape
         impls["compiled_projection"] = torch.compile(
-            lambda x, V: projection_penalty(x, V, tau=TAU), dynamic=False
+            lambda x, V: projection_penalty(x, V, tau=TAU), dynamic=False,
+            **({"backend": "eager"} if dry_run else {}),
         )
         impls["authors_loop"] = lambda x, V: authors_loop_penalty(x, V, tau=TAU - 1)
         impls["eigvalsh"] = lambda x, V: eigvalsh_penalty(x, tau=TAU)
@@ -147,17 +160,19 @@ def timed_steps(impls, x, V):
     yield "gemm_floor", gemm_floor(x, V)
 
 
-def run(sizes, settings, device: str, rep: int):
+def run(sizes, settings, device: str, rep: int, *, dry_run: bool = False, on_row=None):
+    """Rows for every (N, setting, implementation), N in the order given; ``on_row(row)`` after
+    each (the results file is rewritten there)."""
     rows = []
     include_cuda = device == "cuda" and cuda_backend_available()
-    for dtype_name, precision in settings:
-        dtype = getattr(torch, dtype_name)
-        torch.set_float32_matmul_precision(precision)
-        for N in sizes:
+    for N in sizes:
+        for dtype_name, precision in settings:
+            dtype = getattr(torch, dtype_name)
+            torch.set_float32_matmul_precision(precision)
             x, V = make_inputs(N, dtype, device)
             B = x.shape[0]
-            impls = implementations(N, include_cuda and device == "cuda", dtype)
-            if device == "cpu":
+            impls = implementations(N, include_cuda, dtype, dry_run=dry_run)
+            if device == "cpu" and not dry_run:
                 for name in [n for n in impls if n.startswith("triton") or "compiled" in n]:
                     impls.pop(name)
             for name, step in timed_steps(impls, x, V):
@@ -182,6 +197,8 @@ def run(sizes, settings, device: str, rep: int):
                     )
                 )
                 print_table(rows[-1:], ["impl", "N", "dtype", "precision", "median_ms"])
+                if on_row is not None:
+                    on_row(rows[-1])
             del x, V
             if device == "cuda":
                 torch.cuda.empty_cache()
@@ -203,24 +220,38 @@ def add_ratios(rows):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="*", default=list(SIZES))
+    parser.add_argument("--sizes", type=int, nargs="*", default=None,
+                        help=f"widths, run in this order (default {' '.join(map(str, SIZES))})")
     parser.add_argument("--rep", type=int, default=100, help="milliseconds of timing per case")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run, writes nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="every implementation at N = 40 on the CPU (Triton interpreter, "
+                             "no CUDA graphs), writes the results file like a GPU run")
     args = parser.parse_args(argv)
+    if args.dry_run and args.out is None:  # never over the committed results
+        parser.error("--dry-run needs --out DIR")
     if args.smoke:
         rows = run([64], [("float32", "highest")], "cpu", rep=20)
         print_table(rows, ["impl", "N", "median_ms"])
         return rows
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_penalty needs a CUDA GPU (use --smoke for a CPU check)")
-    rows = add_ratios(run(args.sizes, SETTINGS, "cuda", args.rep))
+    if args.dry_run:
+        device, settings, rep = "cpu", (("float32", "highest"), ("bfloat16", "high")), 20
+        sizes = args.sizes or list(DRY_RUN_SIZES)
+    elif not torch.cuda.is_available():
+        raise SystemExit("bench_penalty needs a CUDA GPU (use --smoke or --dry-run on a CPU)")
+    else:
+        device, settings, rep, sizes = "cuda", SETTINGS, args.rep, args.sizes or list(SIZES)
+    writer = ResultsWriter("penalty", args.out, extra={"dry_run": args.dry_run},
+                           finalize=add_ratios)
+    rows = add_ratios(run(sizes, settings, device, rep, dry_run=args.dry_run,
+                          on_row=writer.add))
     print_table(
         rows,
         ["impl", "N", "dtype", "precision", "median_ms", "graph_ms", "enqueue_ms", "tflops",
          "peak_mem_mb", "triton_speedup"],
     )
-    path = write_results("penalty", rows, args.out)
+    path = writer.finish()
     print(f"wrote {path}")
     return rows
 

@@ -19,11 +19,15 @@ Rows (median ms and peak memory, same device and run):
   given, uniform random images of the same shape (the JSON's ``data`` field says which).
 
 ``peak_mem_mb`` is the device memory a call needs beyond what is allocated before it (model,
-optimiser state and data excluded). Writes ``benchmarks/results/<gpu name>/training.json`` and
-prints a table::
+optimiser state and data excluded). Writes ``benchmarks/results/<gpu name>/training.json`` after
+every row (``"complete": false`` until the end: a run cut off by its time budget keeps what it
+measured) and prints a table. Order: the MLP's steps, its refresh, the CNN's steps, its
+refresh, then the wide MLP (the most compiles) last::
 
     python benchmarks/bench_training.py --data /path/to/mnist   # GPU
     python benchmarks/bench_training.py --smoke                 # tiny CPU run, writes nothing
+    python benchmarks/bench_training.py --dry-run --out DIR     # tiny CPU run of the MLP rows
+                                                                # on the Triton path (interpreter)
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import median_ms, peak_memory_mb, print_table, write_results  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    ResultsWriter,
+    interpreter_for_dry_run,
+    median_ms,
+    peak_memory_mb,
+    print_table,
+)
+
+interpreter_for_dry_run(sys.argv)
+
 from powerlaw_fast.baselines import authors_loop_penalty  # noqa: E402
 from powerlaw_fast.paper.datasets import ENV_VAR, load_mnist  # noqa: E402
 from powerlaw_fast.paper.models import CNN, MLP  # noqa: E402
@@ -72,15 +85,16 @@ class _HiddenCapture:
 def _timing(args, slow: bool) -> dict:
     """median_ms's warm-up and timing budget (ms): a few calls in a smoke run; on the GPU ~3 s
     for the slow cases (the authors' loop, a full refresh) so that they get several calls."""
-    if args.smoke:
+    if args.smoke or args.dry_run:
         return {"warmup": 1, "rep": 1}
-    return {"warmup": 1, "rep": 3000} if slow else {"warmup": 5, "rep": 500}
+    return {"warmup": 1, "rep": 2000} if slow else {"warmup": 5, "rep": 300}
 
 
 def _load_images(args, device, count):
-    if args.smoke:
+    if args.smoke or args.dry_run:
         images = torch.rand(count, 1, 28, 28, device=device)
-        return images, torch.randint(0, 10, (count,), device=device), "random (smoke)"
+        label = "random (dry run)" if args.dry_run else "random (smoke)"
+        return images, torch.randint(0, 10, (count,), device=device), label
     if args.data is not None or os.environ.get(ENV_VAR):
         images, labels = load_mnist(args.data, train=True)
         source = args.data if args.data is not None else f"${ENV_VAR}"
@@ -141,11 +155,14 @@ MODELS = {
 }
 
 
-def bench_train_steps(args, device, images, labels):
+def bench_train_steps(args, device, images, labels, models=None, on_row=None):
+    """Step rows for each model: every execution, dtype and mode, then the authors' loop
+    (MLP only); ``on_row(row)`` after each."""
     rows = []
     precision = torch.get_float32_matmul_precision()
-    models = {"mlp": (lambda: MLP(widths=(64, 64, 64), activation="tanh"), 96)} if args.smoke \
-        else MODELS  # fmt: skip
+    if models is None:
+        models = {"mlp": (lambda: MLP(widths=(64, 64, 64), activation="tanh"), 96)} \
+            if args.smoke or args.dry_run else MODELS  # fmt: skip
     executions = ["eager", "graphed"] if device.type == "cuda" else ["eager"]
     for label, (make_model, B) in models.items():
         x, y = images[:B], labels[:B]
@@ -156,9 +173,13 @@ def bench_train_steps(args, device, images, labels):
                 for mode, penalty_dtype in cases:
                     rows.append(_train_row(args, device, label, make_model, images, x, y, dtype,
                                            mode, penalty_dtype, execution, precision))  # fmt: skip
+                    if on_row is not None:
+                        on_row(rows[-1])
         if label == "mlp":
             rows.append(_train_row(args, device, label, make_model, images, x, y, torch.float32,
                                    "authors", None, "eager", precision))  # fmt: skip
+            if on_row is not None:
+                on_row(rows[-1])
     _add_ratios(rows)
     return rows
 
@@ -176,7 +197,7 @@ def _train_row(args, device, label, make_model, images, x, y, dtype, mode, penal
     B = x.shape[0]
     if mode == "specreg":
         reg = SpectralRegularizer(model, names, tau=10, beta=BETA, progress=False,
-                                  penalty_dtype=penalty_dtype)  # fmt: skip
+                                  penalty_dtype=penalty_dtype, backend=_backend(args))
         reg.refresh(images[: 4 * B], batch_size=2000)
         impl = "powerlaw_fast.SpectralRegularizer"
     elif mode == "authors":
@@ -206,6 +227,12 @@ def _train_row(args, device, label, make_model, images, x, y, dtype, mode, penal
     return row
 
 
+def _backend(args) -> str:
+    """The regulariser's backend: "auto" (Triton on a GPU); a dry run forces the Triton path,
+    which runs under the interpreter on the CPU."""
+    return "triton" if args.dry_run else "auto"
+
+
 def _add_ratios(rows):
     """x_vanilla: each step's time over vanilla's, same model, dtype and execution."""
     vanilla = {
@@ -216,23 +243,27 @@ def _add_ratios(rows):
         key = (r.get("model"), r["dtype"], r.get("execution"))
         if r["op"] == "train_step" and key in vanilla:
             r["x_vanilla"] = r["median_ms"] / vanilla[key]
+    return rows
 
 
-def bench_refresh(args, device, images):
+def bench_refresh(args, device, images, labels=None, on_row=None):
     rows = []
     count = images.shape[0]
+    tiny = args.smoke or args.dry_run
     models = {
-        "mlp": MLP(widths=(64, 64, 64) if args.smoke else (1000, 1000, 1000)),
-        "cnn": CNN(fc_width=64 if args.smoke else 1000),
+        "mlp": lambda: MLP(widths=(64, 64, 64) if tiny else (1000, 1000, 1000)),
+        "cnn": lambda: CNN(fc_width=64 if tiny else 1000),
     }
-    batch = 100 if args.smoke else 2000
-    for label, model in models.items():
-        model = model.to(device)
+    if labels is not None:
+        models = {k: v for k, v in models.items() if k in labels}
+    batch = 100 if tiny else 2000
+    for label, make_model in models.items():
+        model = make_model().to(device)
         # a smoke run keeps only the narrow layers: conv1's float64 eigh (N = 2704) alone takes
         # ~1 min on a CPU
-        hidden = {n: w for n, w in model.hidden_widths().items() if not args.smoke or w <= 64}
+        hidden = {n: w for n, w in model.hidden_widths().items() if not tiny or w <= 64}
         names, widths = list(hidden), list(hidden.values())
-        reg = SpectralRegularizer(model, names, tau=10, progress=False)
+        reg = SpectralRegularizer(model, names, tau=10, progress=False, backend=_backend(args))
 
         def refresh(reg=reg):
             reg.refresh(images, batch_size=batch)
@@ -244,7 +275,24 @@ def bench_refresh(args, device, images):
             "impl": f"SpectralRegularizer.refresh (batches of {batch})",
             "median_ms": ms, "peak_mem_mb": peak_memory_mb(refresh),
         })
+        if on_row is not None:
+            on_row(rows[-1])
         reg.remove()
+    return rows
+
+
+def run(args, device, images, labels, on_row=None):
+    """The MLP's steps and refresh, then the CNN's, then the wide MLP: the paper's models
+    first, so a run cut off by its budget has them."""
+    if args.smoke or args.dry_run:
+        models = {"mlp": (lambda: MLP(widths=(64, 64, 64), activation="tanh"), 96)}
+        steps = bench_train_steps(args, device, images, labels, models, on_row)
+        return steps + bench_refresh(args, device, images, ["mlp", "cnn"], on_row)
+    rows = []
+    for label in MODELS:
+        rows += bench_train_steps(args, device, images, labels, {label: MODELS[label]}, on_row)
+        if label in ("mlp", "cnn"):
+            rows += bench_refresh(args, device, images, [label], on_row)
     return rows
 
 
@@ -259,28 +307,38 @@ def _print_rows(rows):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run, writes nothing")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="tiny CPU run of the MLP rows on the Triton path (interpreter), "
+                             "writes the results file like a GPU run")
     parser.add_argument("--data", default=None,
                         help=f"MNIST folder in torchvision's layout (default: ${ENV_VAR}, else "
                              "random images of the same shape)")
     parser.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     args = parser.parse_args(argv)
+    if args.dry_run and args.out is None:  # never over the committed results
+        parser.error("--dry-run needs --out DIR")
 
-    if args.smoke:
+    if args.smoke or args.dry_run:
         device = torch.device("cpu")
     elif not torch.cuda.is_available():
-        raise SystemExit("bench_training.py needs a CUDA GPU (use --smoke for a CPU check)")
+        raise SystemExit("bench_training.py needs a CUDA GPU (use --smoke or --dry-run on a CPU)")
     else:
         device = torch.device("cuda")
-    count = 600 if args.smoke else 60000
+    count = 600 if args.smoke or args.dry_run else 60000
     images, labels, data_note = _load_images(args, device, count)
     print(f"data: {data_note}")
-    rows = bench_train_steps(args, device, images, labels) + bench_refresh(args, device, images)
+    writer = None
+    if not args.smoke:
+        extra = {"python": platform.python_version(), "data": data_note,
+                 "dry_run": args.dry_run}
+        writer = ResultsWriter("training", args.out, extra=extra, finalize=_add_ratios)
+    rows = run(args, device, images, labels, on_row=writer.add if writer else None)
+    _add_ratios(rows)
     _print_rows(rows)
-    if args.smoke:
+    if writer is None:
         print("smoke run: no results file written")
         return rows
-    extra = {"python": platform.python_version(), "data": data_note}
-    path = write_results("training", rows, args.out, extra=extra)
+    path = writer.finish()
     print(f"wrote {path}")
     return rows
 

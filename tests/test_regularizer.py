@@ -629,7 +629,8 @@ def test_triton_backend_takes_the_grouped_path_with_the_same_result(device):
         torch.testing.assert_close(s_g[name], s_t[name], rtol=1e-4, atol=1e-8)
 
 
-def test_whole_training_step_under_torch_compile_matches_eager():
+@pytest.mark.parametrize("basis_update", ["epoch", "running"])
+def test_whole_training_step_under_torch_compile_matches_eager(basis_update):
     """forward, penalty, backward and Adam step compiled together (graph breaks allowed; the
     penalty runs as its custom ops), against the same steps run eagerly."""
     import copy
@@ -640,7 +641,8 @@ def test_whole_training_step_under_torch_compile_matches_eager():
     losses = {}
     for label in ("eager", "compiled"):
         model = copy.deepcopy(base)
-        reg = SpectralRegularizer(model, ["1"], tau=3, backend="torch", progress=False)
+        reg = SpectralRegularizer(model, ["1"], tau=3, backend="torch", progress=False,
+                                  basis_update=basis_update)
         reg.refresh(x)
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 

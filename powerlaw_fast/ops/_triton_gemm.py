@@ -45,6 +45,25 @@ def size_bucket(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+# Tiles for the ``[B, N] x [N, N]`` GEMMs (BLOCK_M = 128 is fixed by the callers): (BLOCK_N,
+# BLOCK_K, num_warps, num_stages). Each fits sm_90's 227 KiB of shared memory per block at
+# float32 operands, the widest (tests/ops/test_triton_sm90_configs.py compiles every one with
+# ptxas). Measured there (triton 3.9, sm_90a; shared KiB / spill bytes, TF32 | exact float32):
+#   128 x 64, 8 warps, 3 stages: 193 / 32 | 160 / 608
+#   128 x 32, 8 warps, 4 stages: 128 / 0  | 112 / 168
+#    64 x 32, 4 warps, 4 stages:  96 / 8  |  88 / 160
+#   256 x 32, 8 warps, 3 stages: 144 / 104 | 112 / 908
+# Replaced: 256 x 64 x 3 stages (288 KiB at TF32: could never launch, 6.5 KB spilled at exact
+# float32) and 64 x 64 x 4 stages (the most spills at every precision: 828 bytes TF32, 300 bf16,
+# 1464 exact float32). The exact-float32 (FMA) dot spills in every config: no spill-free tile
+# with BLOCK_M = 128 was found.
+GEMM_CONFIGS = (
+    (128, 64, 8, 3),
+    (128, 32, 8, 4),
+    (64, 32, 4, 4),
+    (256, 32, 8, 3),
+)
+
 if triton_available():
     import triton
     import triton.language as tl
@@ -55,10 +74,8 @@ if triton_available():
             # The interpreter's cost is per program instance: few, large tiles.
             return [triton.Config({"BLOCK_N": 128, "BLOCK_K": 128, "GROUP_M": 8})]
         return [
-            triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
-            triton.Config({"BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_warps=8, num_stages=4),
-            triton.Config({"BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=4, num_stages=4),
-            triton.Config({"BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3),
+            triton.Config({"BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for n, k, w, s in GEMM_CONFIGS
         ]
 
     @triton.jit

@@ -685,7 +685,10 @@ class SpectralRegularizer:
             self._check_not_modified(name, captured[name], versions.get(name))
         xs = [self._activations(name, captured.pop(name)) for name in self.layer_names]
         if self.basis_update == "running":
-            self._update_running_basis(xs)
+            if torch.compiler.is_compiling():  # eigh and its host logic run eagerly
+                torch.compiler.disable(self._update_running_basis)(xs)
+            else:
+                self._update_running_basis(xs)
         device, dtype = xs[0].device, xs[0].dtype
         backend = resolve_backend(self.backend, device, dtype=dtype)
         grouped = (
@@ -755,7 +758,6 @@ class SpectralRegularizer:
         name = self._layer_name(layer, "layer")
         return self._running.get(name)
 
-    @torch.compiler.disable
     def _update_running_basis(self, xs: list[torch.Tensor]) -> None:
         """Fold the batch covariances into the running averages; every ``basis_every`` calls
         (and on the first) eigendecompose them and install the bases in place."""

@@ -65,8 +65,10 @@ def test_modes_and_param_grads():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_backend_bit_for_bit():
-    model, (x, y) = make_mlp(torch.float32), make_data(n=7, dtype=torch.float32)
+def test_triton_backend_bit_for_bit(device):
+    # CUDA when present: Triton runs CPU tensors only under the interpreter (off on a GPU)
+    model, (x, y) = make_mlp(torch.float32).to(device), make_data(n=7, dtype=torch.float32)
+    x, y = x.to(device), y.to(device)
     assert torch.equal(fgsm(model, x, y, EPS, backend="triton"),
                        fgsm(model, x, y, EPS, backend="torch"))
 

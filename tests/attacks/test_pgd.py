@@ -160,8 +160,10 @@ def test_restarts_keep_the_first_fooling_restart():
 
 
 @pytest.mark.skipif(not triton_available(), reason="triton not installed")
-def test_triton_backend_equals_torch_backend():
-    model, (x, y) = make_mlp(torch.float32), make_data(n=6, dtype=torch.float32)
+def test_triton_backend_equals_torch_backend(device):
+    # CUDA when present: Triton runs CPU tensors only under the interpreter (off on a GPU)
+    model, (x, y) = make_mlp(torch.float32).to(device), make_data(n=6, dtype=torch.float32)
+    x, y = x.to(device), y.to(device)
     a = pgd(model, x, y, [0.0, 0.1], steps=3, backend="triton")
     b = pgd(model, x, y, [0.0, 0.1], steps=3, backend="torch")
     assert torch.equal(a, b)
