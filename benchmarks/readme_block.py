@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from benchmarks.report import (
+from benchmarks.tables import (
     BENCHMARKS,
     DEFAULT_RESULTS,
     REPO_ROOT,
@@ -22,7 +22,7 @@ from benchmarks.report import (
     sources,
     training_tables,
 )
-from benchmarks.targets import all_verdicts
+from benchmarks.targets import all_verdicts, gemm_floor_bound
 
 DEFAULT_README = REPO_ROOT / "README.md"
 START_MARKER = "<!-- speed-table:start -->"
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
     if not args.no_plot:
         for f in files:
             if f.benchmark == "penalty":
-                out = plot_penalty_speedup(f)
+                out = plot_penalty_speedup(f, floor_bound=gemm_floor_bound())
                 if out is not None:
                     plots[f.path] = out
                     print(f"wrote {out}")

@@ -7,6 +7,7 @@
 >>> spec_penalty(x, V).backward()
 """
 
+from powerlaw_fast._version import __version__ as __version__
 from powerlaw_fast.attacks import RobustnessCurve, fgsm, pgd, robustness_curve, white_noise
 from powerlaw_fast.ops.attack_step import pgd_update
 from powerlaw_fast.ops.covariance import batch_covariance
@@ -25,8 +26,6 @@ from powerlaw_fast.training import (
     fit_power_law,
     layer_spectrum,
 )
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CNN",

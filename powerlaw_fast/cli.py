@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .paper.datasets import MNISTFileError
 from .paper.experiments import (
     DEFAULT_EPS,

@@ -1,4 +1,4 @@
-"""benchmarks/report.py (tables, ratios, the plot), targets.py (verdicts) and readme_block.py
+"""benchmarks/tables.py (tables, ratios, the plot), targets.py (verdicts) and readme_block.py
 (the README block), from small synthetic results files written to tmp_path only.
 
 Every number below is made-up test data, chosen so that each verdict is known in advance; none
@@ -12,7 +12,8 @@ import json
 
 import pytest
 
-from benchmarks import readme_block, report, targets
+from benchmarks import readme_block, targets
+from benchmarks import tables as report
 
 FAKE_GPU = "FakeGPU (synthetic test data)"
 ENV = {"device": FAKE_GPU, "torch": "0.0-test", "triton": "0.0-test",

@@ -254,6 +254,28 @@ def centred_projection_cuda(
     return column_reduce_cuda(z32, square=True, scale=1.0, copy=z), z
 
 
+def centred_moments_cuda(
+    x: torch.Tensor, V: torch.Tensor, mean: torch.Tensor, operand: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``centred_projection`` stage of the CUDA row (registered by
+    :mod:`powerlaw_fast.ops.spectral_penalty`): ``x [B, N]``, ``V [N, N]``, ``mean [N]``
+    float32, the GEMM operand dtype -> (``[2, 1, N]`` column sums of Z and Z * Z, ``Z``).
+
+    The centring kernel (plain torch when the operand is not x's dtype), one cuBLAS GEMM, the
+    two column-reduction kernels.
+    """
+    _check_matrix(x, "x")
+    _check_cuda(x.device, x=x, V=V, mean=mean)
+    if operand == x.dtype:
+        centred = centre_columns_cuda(x, _float32_vector(mean))
+    else:  # rounded once from float32, as the torch twin does
+        centred = (x.float() - mean).to(operand).contiguous()
+    z = torch.mm(centred, V.to(operand))
+    sums = column_reduce_cuda(z, square=False, scale=1.0)
+    sumsq = column_reduce_cuda(z, square=True, scale=1.0)
+    return torch.stack([sums, sumsq]).unsqueeze(1), z
+
+
 def projected_spectrum_cuda(x: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [B, N]``, ``V [N, N]`` -> ``lam [N]`` float32 (``||(x - mu) V[:, n]||^2 / (B - 1)``)
     and ``Z [B, N]`` in x's dtype: column-mean kernel, then :func:`centred_projection_cuda`."""
@@ -368,52 +390,3 @@ def pgd_update_cuda(
         eps_rows, eps_rows.stride(0), out, out.stride(0), out.stride(1),
         R, D, step_size, lo, hi)  # fmt: skip
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# The "cuda" rows of the backend table (powerlaw_fast.ops.backends)
-# --------------------------------------------------------------------------------------------
-def _register_stages() -> None:
-    from powerlaw_fast.ops.backends import register
-    from powerlaw_fast.ops.centring import centre_columns_torch
-    from powerlaw_fast.ops.spectral_penalty import finish_spectrum_torch
-
-    register("column_mean", "cuda")(column_mean_cuda)
-    register("centred_gram", "cuda")(centred_gram_cuda)
-
-    @register("centred_projection", "cuda")
-    def centred_projection_stage(x, V, mean, plan):
-        """Centring kernel (torch when the GEMM operand is not x's dtype), one cuBLAS GEMM,
-        then the column sums of Z and Z * Z -> ``([2, 1, N], Z)``."""
-        _check_matrix(x, "x")
-        _check_cuda(x.device, x=x, V=V, mean=mean)
-        if plan.operand == x.dtype:
-            centred = centre_columns_cuda(x, _float32_vector(mean))
-        else:
-            centred = centre_columns_torch(x, mean, plan.operand)
-        z = torch.mm(centred, V.to(plan.operand))
-        sums = column_reduce_cuda(z, square=False, scale=1.0)
-        sumsq = column_reduce_cuda(z, square=True, scale=1.0)
-        return torch.stack([sums, sumsq]).unsqueeze(1), z
-
-    @register("spectrum_penalty", "cuda")
-    def spectrum_penalty_stage(src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol):
-        """The spectrum finished in torch, eq. (2) by csrc/powerlaw_penalty.cu -> scratch."""
-        lam, zbar = (src, None) if mean_tol is None else finish_spectrum_torch(src, count,
-                                                                                mean_tol)
-        penalty, grad, status = powerlaw_penalty_cuda(lam.float(), alpha, anchor, beta, skip,
-                                                      tiny, kink_tol)  # fmt: skip
-        overflow = (~torch.isfinite(penalty) | ~torch.isfinite(grad).all()) & (status[0] == 0)
-        parts = [penalty.reshape(1), status.float(), overflow.reshape(1).float(), grad, lam]
-        return torch.cat(parts + ([] if zbar is None else [zbar]))
-
-    @register("backprojection", "cuda")
-    def backprojection_stage(z, zbar, coef, grad_out, V, scale, out_dtype, plan):
-        """Z's column means subtracted, the scaling kernel, then one cuBLAS GEMM against V^T."""
-        if grad_out is not None:
-            coef = coef * grad_out
-        centred = (z.float() - zbar).to(z.dtype)
-        return spectrum_backward_cuda(coef, centred, V.to(z.dtype), scale).to(out_dtype)
-
-
-_register_stages()

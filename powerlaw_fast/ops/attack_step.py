@@ -23,6 +23,7 @@ the same operations in the same order, so they agree bit for bit.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -30,76 +31,41 @@ import torch
 
 from powerlaw_fast._backend import (
     resolve_backend,
-    triton_available,
     triton_interpreter_active,
 )
 from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import check_float_dtype, check_real, check_tensor
+from powerlaw_fast.ops._triton_gemm import cdiv, next_power_of_2
 
 __all__ = ["pgd_update", "pgd_update_reference", "resolve_step_backend"]
 
 
 # --------------------------------------------------------------------------- Triton kernel
-if triton_available():
-    import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _pgd_update_kernel(
-        xa_ptr, xn_ptr, g_ptr, eps_ptr, out_ptr,
-        R, D, rows_xa, rows_xn, rows_g,
-        s_xa_r, s_xa_d, s_xn_r, s_xn_d, s_g_r, s_g_d, s_eps, s_out_r, s_out_d,
-        step_size, lo, hi,
-        BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-    ):  # fmt: skip
-        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-        row_ok = rows < R
-        mask = row_ok[:, None] & (cols < D)[None, :]
-        # int64 offsets: R * stride can pass 2**31 for a full epsilon grid
-        rows = rows.to(tl.int64)
-        cols = cols.to(tl.int64)[None, :]
 
-        x = tl.load(xa_ptr + ((rows % rows_xa) * s_xa_r)[:, None] + cols * s_xa_d, mask=mask)
-        xn = tl.load(xn_ptr + ((rows % rows_xn) * s_xn_r)[:, None] + cols * s_xn_d, mask=mask)
-        g = tl.load(g_ptr + ((rows % rows_g) * s_g_r)[:, None] + cols * s_g_d, mask=mask)
-        eps = tl.load(eps_ptr + rows * s_eps, mask=row_ok, other=0.0).to(tl.float32)
-        x = x.to(tl.float32)
-        xn = xn.to(tl.float32)
-        g = g.to(tl.float32)
+@functools.cache
+def _kernels():
+    """This family's Triton kernels (:mod:`powerlaw_fast.ops._attack_step_kernels`), imported on the
+    first launch so that importing the package does not import triton."""
+    from powerlaw_fast.ops import _attack_step_kernels
 
-        sign = tl.where(g > 0.0, 1.0, tl.where(g < 0.0, -1.0, 0.0))
-        x = x + step_size * sign
-        ball_lo = xn - eps[:, None]
-        ball_hi = xn + eps[:, None]
-        # where-based clamps keep a NaN in x as torch.clamp does (fminf/fmaxf would drop it)
-        x = tl.where(x < ball_lo, ball_lo, x)
-        x = tl.where(x > ball_hi, ball_hi, x)
-        x = tl.where(x < lo, lo, x)
-        x = tl.where(x > hi, hi, x)
-        tl.store(
-            out_ptr + (rows * s_out_r)[:, None] + cols * s_out_d,
-            x.to(out_ptr.dtype.element_ty),
-            mask=mask,
-        )
+    return _attack_step_kernels
 
 
 def _tile_sizes(D: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps). The interpreter pays per program, so it gets big tiles."""
-    import triton
-
     if triton_interpreter_active():
-        block_d = min(triton.next_power_of_2(D), 4096)
+        block_d = min(next_power_of_2(D), 4096)
         return max(1, 16384 // block_d), block_d, 4
-    block_d = min(triton.next_power_of_2(D), 512)
+    block_d = min(next_power_of_2(D), 512)
     return max(1, 4096 // block_d), block_d, 4
 
 
 def _pgd_update_triton(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out):
     R, D = out.shape
     block_r, block_d, num_warps = _tile_sizes(D)
-    grid = (triton.cdiv(R, block_r), triton.cdiv(D, block_d))
-    _pgd_update_kernel[grid](
+    grid = (cdiv(R, block_r), cdiv(D, block_d))
+    _kernels()._pgd_update_kernel[grid](
         x_adv, x_nat, grad, eps_rows, out,
         R, D, x_adv.shape[0], x_nat.shape[0], grad.shape[0],
         x_adv.stride(0), x_adv.stride(1), x_nat.stride(0), x_nat.stride(1),

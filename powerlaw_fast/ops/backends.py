@@ -1,8 +1,9 @@
 """One table of implementations for every op: ``(stage, backend) -> function``.
 
-Each op family file registers its plain-torch twin and its Triton launcher for every stage it
-owns; the CUDA C++ backend (:mod:`powerlaw_fast.cuda.ops`) registers its own launchers under
-``"cuda"`` when it is first asked for, so importing the package needs neither CuPy nor a GPU.
+A leaf: it imports nothing of the package. Each op family file registers, for every stage it
+owns, its plain-torch twin, its Triton launcher (kernels imported on the first launch) and its
+CUDA C++ row (the wrappers of :mod:`powerlaw_fast.cuda`, imported on first use), so importing
+the package needs neither triton, CuPy nor a GPU.
 Resolving the user's ``backend=`` argument to one of these names is
 :func:`powerlaw_fast._backend.resolve_backend`.
 
@@ -14,7 +15,6 @@ Stages (shapes for a batch ``x [B, N]``):
                        and of Z * Z over M row-blocks, ``Z = (x - mean) V``
 ``spectrum_penalty``   ``(moments, count, penalty settings) -> scratch [4 + 2N]`` (see
                        :mod:`powerlaw_fast.ops.spectral_penalty`)
-``sorted_penalty``     ``(lam, penalty settings) -> scratch``: eq. (2) on a given spectrum
 ``backprojection``     ``(Z, coef, grad_out, V, scale, out_dtype, plan) -> grad_x [B, N]``
 ``centred_gram``       ``(x, mean, scale) -> scale (x - mean)^T (x - mean)`` ``[N, N]``
 =====================  ==========================================================================
@@ -47,10 +47,6 @@ def register(stage: str, backend: str):
 def implementation(stage: str, backend: str) -> Callable:
     """The function that runs ``stage`` on ``backend`` (an already resolved name)."""
     fn = _TABLE.get((stage, backend))
-    if fn is None and backend == "cuda":
-        import powerlaw_fast.cuda.ops  # noqa: F401  (registers the "cuda" rows)
-
-        fn = _TABLE.get((stage, backend))
     if fn is None:
         raise NotImplementedError(f"backend={backend!r} has no implementation of {stage!r}")
     return fn

@@ -24,95 +24,25 @@ Example::
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from powerlaw_fast._backend import triton_available
 from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast.ops import _alloc
+from powerlaw_fast.ops._triton_gemm import cdiv, next_power_of_2
 from powerlaw_fast.ops.backends import register
 
 _MOMENT_ROWS = 512  # rows per program of column_moments
 
-if triton_available():
-    import triton
-    import triton.language as tl
 
-    @triton.jit
-    def _column_mean_kernel(
-        x_ptr,
-        mean_ptr,
-        B,
-        N,
-        stride_b,
-        stride_n,
-        BLOCK_B: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        pid = tl.program_id(0)
-        # int64 indices: index * stride passes 2^31 once B * N does.
-        cols = pid * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        col_ok = cols < N
-        acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for start in range(0, B, BLOCK_B):
-            rows = start + tl.arange(0, BLOCK_B).to(tl.int64)
-            mask = (rows[:, None] < B) & col_ok[None, :]
-            ptrs = x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_n
-            acc += tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        total = tl.sum(acc, axis=0)
-        tl.store(mean_ptr + cols, total / B, mask=col_ok)
+@functools.cache
+def _kernels():
+    """This family's Triton kernels (:mod:`powerlaw_fast.ops._centring_kernels`), imported on the
+    first launch so that importing the package does not import triton."""
+    from powerlaw_fast.ops import _centring_kernels
 
-    @triton.jit
-    def _centre_columns_kernel(
-        x_ptr,
-        mean_ptr,
-        out_ptr,
-        B,
-        N,
-        stride_b,
-        stride_n,
-        BLOCK_B: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        mask = (rows[:, None] < B) & (cols < N)[None, :]
-        x = tl.load(x_ptr + rows[:, None] * stride_b + cols[None, :] * stride_n, mask=mask)
-        mu = tl.load(mean_ptr + cols, mask=cols < N, other=0.0)
-        centred = x.to(tl.float32) - mu[None, :]
-        tl.store(
-            out_ptr + rows[:, None] * N + cols[None, :],
-            centred.to(out_ptr.dtype.element_ty),
-            mask=mask,
-        )
-
-    @triton.jit
-    def _column_moments_kernel(
-        z_ptr,
-        out_ptr,
-        B,
-        N,
-        splits,
-        stride_b,
-        stride_n,
-        ROWS: tl.constexpr,
-        BLOCK_B: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-    ):
-        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        split = tl.program_id(1)
-        col_ok = cols < N
-        s1 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        s2 = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
-        for start in range(0, ROWS, BLOCK_B):
-            rows = split * ROWS + start + tl.arange(0, BLOCK_B).to(tl.int64)
-            mask = (rows[:, None] < B) & col_ok[None, :]
-            z = tl.load(
-                z_ptr + rows[:, None] * stride_b + cols[None, :] * stride_n, mask=mask, other=0.0
-            ).to(tl.float32)
-            s1 += z
-            s2 += z * z
-        tl.store(out_ptr + split * N + cols, tl.sum(s1, axis=0), mask=col_ok)
-        tl.store(out_ptr + (splits + split) * N + cols, tl.sum(s2, axis=0), mask=col_ok)
+    return _centring_kernels
 
 
 @register("column_mean", "torch")
@@ -123,7 +53,15 @@ def column_mean_torch(x: torch.Tensor) -> torch.Tensor:
 
 def _column_block(N: int) -> int:
     # about 256 programs for wide layers, 16..128 columns each
-    return max(16, min(128, triton.next_power_of_2(max(1, N // 256))))
+    return max(16, min(128, next_power_of_2(max(1, N // 256))))
+
+
+@register("column_mean", "cuda")
+def column_mean_cuda(x: torch.Tensor) -> torch.Tensor:
+    """CUDA C++ row: csrc/column_reduce.cu (powerlaw_fast.cuda, imported on first use)."""
+    from powerlaw_fast.cuda import ops
+
+    return ops.column_mean_cuda(x)
 
 
 @register("column_mean", "triton")
@@ -132,8 +70,10 @@ def column_mean_triton(x: torch.Tensor) -> torch.Tensor:
     B, N = x.shape
     out = _alloc.empty((N,), device=x.device, dtype=torch.float32)
     block_n = _column_block(N)
-    grid = (triton.cdiv(N, block_n),)
-    _column_mean_kernel[grid](x, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n)
+    grid = (cdiv(N, block_n),)
+    _kernels()._column_mean_kernel[grid](
+        x, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n
+    )
     return out
 
 
@@ -146,9 +86,9 @@ def centre_columns_triton(x: torch.Tensor, mean: torch.Tensor, dtype: torch.dtyp
     """Launcher: contiguous ``[B, N]`` of ``dtype`` holding ``x - mean`` (float32 arithmetic)."""
     B, N = x.shape
     out = _alloc.empty((B, N), device=x.device, dtype=dtype)
-    block_n = min(128, triton.next_power_of_2(N))
-    grid = (triton.cdiv(B, 32), triton.cdiv(N, block_n))
-    _centre_columns_kernel[grid](
+    block_n = min(128, next_power_of_2(N))
+    grid = (cdiv(B, 32), cdiv(N, block_n))
+    _kernels()._centre_columns_kernel[grid](
         x, mean, out, B, N, x.stride(0), x.stride(1), BLOCK_B=32, BLOCK_N=block_n
     )
     return out
@@ -163,11 +103,11 @@ def column_moments_torch(z: torch.Tensor) -> torch.Tensor:
 def column_moments_triton(z: torch.Tensor) -> torch.Tensor:
     """Launcher: ``[2, splits, N]`` float32 partial column sums of z and of z * z."""
     B, N = z.shape
-    splits = triton.cdiv(B, _MOMENT_ROWS)
+    splits = cdiv(B, _MOMENT_ROWS)
     out = _alloc.empty((2, splits, N), device=z.device, dtype=torch.float32)
-    block_n = min(64, triton.next_power_of_2(N))
-    grid = (triton.cdiv(N, block_n), splits)
-    _column_moments_kernel[grid](
+    block_n = min(64, next_power_of_2(N))
+    grid = (cdiv(N, block_n), splits)
+    _kernels()._column_moments_kernel[grid](
         z, out, B, N, splits, z.stride(0), z.stride(1),
         ROWS=_MOMENT_ROWS, BLOCK_B=32, BLOCK_N=block_n,
     )  # fmt: skip

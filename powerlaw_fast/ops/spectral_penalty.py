@@ -73,7 +73,7 @@ from typing import NamedTuple
 
 import torch
 
-from powerlaw_fast._backend import resolve_backend, tf32_allowed, triton_available
+from powerlaw_fast._backend import resolve_backend, tf32_allowed
 from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import (
     as_batch_matrix,
@@ -85,257 +85,27 @@ from powerlaw_fast._validation import (
     check_tensor,
 )
 from powerlaw_fast.ops import _alloc, status
-from powerlaw_fast.ops._triton_gemm import dot_in_fp32, size_bucket
+from powerlaw_fast.ops._layout import BLOCK_M, SCRATCH_HEAD
+from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, next_power_of_2, size_bucket
 from powerlaw_fast.ops.backends import implementation, register
 from powerlaw_fast.ops.centring import column_moments_torch
 
 CONVENTIONS = ("paper", "authors")
 MAX_FUSED_N = 4096  # widest layer for the one-program sort and the Triton GEMM route
-_BLOCK_M = 128  # fixed so the launcher can size the row-block moments before the launch
-_SCRATCH_HEAD = 4  # penalty, non-finite count, anchor code, overflow flag
-# A spectrum whose largest value is below the smallest normal float32 divided by float32's
-# epsilon has lost precision to underflow (and 1 / s_anchor overflows): about 9.9e-32.
-_UNDERFLOW_FLOAT32 = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
 
 
 # --------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------
-if triton_available():
-    import triton
-    import triton.language as tl
 
-    from powerlaw_fast.ops._triton_gemm import accumulate_dot, gemm_configs, grouped_tile
 
-    HEAD = tl.constexpr(_SCRATCH_HEAD)  # kernels may only read constexpr globals
-    UNDERFLOW = tl.constexpr(_UNDERFLOW_FLOAT32)
+@functools.cache
+def _kernels():
+    """This family's Triton kernels (:mod:`powerlaw_fast.ops._spectral_kernels`), imported on the
+    first launch so that importing the package does not import triton."""
+    from powerlaw_fast.ops import _spectral_kernels
 
-    @triton.jit
-    def projection_tile(
-        x_ptr, mean_ptr, v_ptr, rows, cols, B, N,
-        stride_xb, stride_xk, stride_vk, stride_vn,
-        OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """The ``[BLOCK_M, BLOCK_N]`` tile ``(x - mean)[rows] V[:, cols]``, float32."""
-        row_ok = rows < B
-        col_ok = cols < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, N, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            k_ok = ks < N
-            a_mask = row_ok[:, None] & k_ok[None, :]
-            a = tl.load(
-                x_ptr + rows[:, None] * stride_xb + ks[None, :] * stride_xk, mask=a_mask, other=0.0
-            ).to(tl.float32)
-            mu = tl.load(mean_ptr + ks, mask=k_ok, other=0.0)
-            # Padding rows must stay exactly zero, or they would add mu^2 terms to the sums.
-            a = tl.where(a_mask, a - mu[None, :], 0.0)
-            b = tl.load(
-                v_ptr + ks[:, None] * stride_vk + cols[None, :] * stride_vn,
-                mask=k_ok[:, None] & col_ok[None, :],
-                other=0.0,
-            )
-            if OPERAND_FP32:
-                b = b.to(tl.float32)
-            acc = accumulate_dot(a.to(b.dtype), b, acc, IN_PRECISION, DOT_IN_FP32)
-        return acc
-
-    @triton.jit
-    def backprojection_tile(
-        z_ptr, zbar_ptr, coef_ptr, v_ptr, rows, outs, B, N, scale,
-        stride_zb, stride_zn, stride_vk, stride_vn,
-        OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    ):  # fmt: skip
-        """The tile ``scale ((Z - zbar) * coef)[rows] V^T[:, outs]``, float32; the reduction
-        runs over V's columns."""
-        row_ok = rows < B
-        out_ok = outs < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for n0 in range(0, N, BLOCK_K):
-            ns = n0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            n_ok = ns < N
-            z = tl.load(
-                z_ptr + rows[:, None] * stride_zb + ns[None, :] * stride_zn,
-                mask=row_ok[:, None] & n_ok[None, :],
-                other=0.0,
-            ).to(tl.float32)
-            c = tl.load(coef_ptr + ns, mask=n_ok, other=0.0)
-            zb = tl.load(zbar_ptr + ns, mask=n_ok, other=0.0)
-            # V^T tile [n, k] read straight from V's strides: no transposed copy.
-            vt = tl.load(
-                v_ptr + outs[None, :] * stride_vk + ns[:, None] * stride_vn,
-                mask=n_ok[:, None] & out_ok[None, :],
-                other=0.0,
-            )
-            if OPERAND_FP32:
-                vt = vt.to(tl.float32)
-            a = ((z - zb[None, :]) * (c * scale)[None, :]).to(vt.dtype)
-            acc = accumulate_dot(a, vt, acc, IN_PRECISION, DOT_IN_FP32)
-        return acc
-
-    @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
-    @triton.jit
-    def _centred_projection_kernel(
-        x_ptr, mean_ptr, v_ptr, z_ptr, moments_ptr,
-        B, N, B_BUCKET,
-        stride_xb, stride_xk, stride_vk, stride_vn, stride_zb, stride_zn,
-        OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-        GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        """Z = (x - mean) V; moments[0 | 1, pid_m, :] = column sums of Z | Z * Z over the
-        row-block. B_BUCKET is only an autotune key."""
-        num_m = tl.cdiv(B, BLOCK_M)
-        num_n = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_n = grouped_tile(tl.program_id(0), num_m, num_n, GROUP_M)
-        # int64 indices: index * stride passes 2^31 once B * N or N * N does.
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok = rows < B
-        col_ok = cols < N
-        acc = projection_tile(
-            x_ptr, mean_ptr, v_ptr, rows, cols, B, N, stride_xb, stride_xk, stride_vk, stride_vn,
-            OPERAND_FP32, IN_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        tl.store(
-            z_ptr + rows[:, None] * stride_zb + cols[None, :] * stride_zn,
-            acc.to(z_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & col_ok[None, :],
-        )
-        tl.store(moments_ptr + pid_m * N + cols, tl.sum(acc, axis=0), mask=col_ok)
-        tl.store(moments_ptr + (num_m + pid_m) * N + cols, tl.sum(acc * acc, axis=0), mask=col_ok)
-
-    @triton.autotune(configs=gemm_configs(), key=["N", "B_BUCKET", "IN_PRECISION", "OPERAND_FP32"])
-    @triton.jit
-    def _scaled_backprojection_kernel(
-        z_ptr, zbar_ptr, coef_ptr, grad_out_ptr, v_ptr, out_ptr,
-        B, N, B_BUCKET, scale,
-        stride_zb, stride_zn, stride_vk, stride_vn, stride_ob, stride_ok,
-        HAS_GRAD_OUT: tl.constexpr, OPERAND_FP32: tl.constexpr, IN_PRECISION: tl.constexpr,
-        DOT_IN_FP32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    ):  # fmt: skip
-        """out = scale * grad_out * ((Z - zbar) * coef[None, :]) V^T over V's columns; zbar, the
-        column means of Z (the centring's rounding error), makes the centring exact."""
-        num_m = tl.cdiv(B, BLOCK_M)
-        num_k = tl.cdiv(N, BLOCK_N)
-        pid_m, pid_k = grouped_tile(tl.program_id(0), num_m, num_k, GROUP_M)
-        rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M).to(tl.int64)
-        outs = pid_k * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
-        row_ok = rows < B
-        out_ok = outs < N
-        if HAS_GRAD_OUT:
-            scale = scale * tl.load(grad_out_ptr).to(tl.float32)
-        acc = backprojection_tile(
-            z_ptr, zbar_ptr, coef_ptr, v_ptr, rows, outs, B, N, scale,
-            stride_zb, stride_zn, stride_vk, stride_vn,
-            OPERAND_FP32, IN_PRECISION, DOT_IN_FP32, BLOCK_M, BLOCK_N, BLOCK_K,
-        )  # fmt: skip
-        tl.store(
-            out_ptr + rows[:, None] * stride_ob + outs[None, :] * stride_ok,
-            acc.to(out_ptr.dtype.element_ty),
-            mask=row_ok[:, None] & out_ok[None, :],
-        )
-
-    @triton.jit
-    def finish_moments(
-        moments_ptr, row_stride, num_m, cols, ok, count, mean_tol, BLOCK: tl.constexpr
-    ):
-        """Row-block moments (S1 rows, then S2 rows, ``row_stride`` apart) -> (lam, Z's column
-        means): ``lam = (S2 - S1^2 / B) / (B - 1)`` with rounding-level values set to 0."""
-        s1 = tl.zeros((BLOCK,), dtype=tl.float32)
-        s2 = tl.zeros((BLOCK,), dtype=tl.float32)
-        for m in range(0, num_m):
-            s1 += tl.load(moments_ptr + m * row_stride + cols, mask=ok, other=0.0)
-            s2 += tl.load(moments_ptr + (num_m + m) * row_stride + cols, mask=ok, other=0.0)
-        raw = s2 - s1 * s1 / count
-        noise = (raw <= mean_tol * s2) & (s2 != float("inf"))
-        return tl.where(noise, 0.0, raw) / (count - 1.0), s1 / count
-
-    @triton.jit
-    def sorted_penalty(
-        lam, cols, ok, N, anchor, alpha, beta, tiny, kink_tol, SKIP_NONPOSITIVE: tl.constexpr
-    ):
-        """Eq. (2) over one spectrum held in a block -> (penalty, dR/dlam in sorted order, the
-        column of each sorted position, [non-finite count, anchor code, overflow flag]).
-
-        Decided on purpose, the same in every backend (see :func:`spectrum_penalty_torch`):
-        the anchor's own term is left out (it is 0 in value and slope by definition, and a
-        rank ratio of 1 +- an ulp must not give it a relu slope); ``|r - 1| <= kink_tol``
-        (within the rounding of r) takes the relu's slope 0; ties sort by column, lower first.
-        """
-        lam = tl.where(lam == 0.0, 0.0, lam)  # -0.0 and 0.0 are one value (a tie, not an order)
-        finite = (lam == lam) & (tl.abs(lam) != float("inf"))
-        nonfinite = tl.sum(tl.where(ok & ~finite, 1.0, 0.0), axis=0)
-        # Descending sort of (value, index) pairs as int64 keys: the float's bits mapped to an
-        # order-preserving int32 in the high half, N - 1 - column in the low half (so equal
-        # values keep the lower column first, as a stable sort does).
-        bits = lam.to(tl.int32, bitcast=True)
-        bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-        key = (bits.to(tl.int64) << 32) | (N - 1 - cols).to(tl.int64)
-        key = tl.where(ok, key, tl.full(cols.shape, -2147483648, tl.int64) << 32)
-        key = tl.sort(key, descending=True)
-        high = (key >> 32).to(tl.int32)
-        high = high ^ ((high >> 31) & 0x7FFFFFFF)
-        s = high.to(tl.float32, bitcast=True)
-        order = (N - 1 - (key & 0xFFFFFFFF)).to(tl.int32)
-
-        s_first = tl.sum(tl.where(cols == 0, s, 0.0), axis=0)
-        s_anchor = tl.sum(tl.where(cols == anchor, s, 0.0), axis=0)
-        s_mean = tl.sum(tl.where(ok, tl.maximum(s, 0.0), 0.0), axis=0) / N
-        rank_ratio = tl.exp(alpha * (tl.log((cols + 1).to(tl.float32)) - tl.log(anchor + 1.0)))
-        r = s / s_anchor * rank_ratio
-        active = ok & (cols > anchor)
-        if SKIP_NONPOSITIVE:
-            active = active & (s > 0)
-        d = r - 1.0
-        total = tl.sum(tl.where(active, d * d + tl.maximum(d, 0.0), 0.0), axis=0)
-        coef = beta / N
-        # 1 / gam_n = rank_ratio / s_anchor
-        slope = (2.0 * d + tl.where(d > kink_tol, 1.0, 0.0)) * rank_ratio / s_anchor
-        grad = tl.where(active, coef * slope, 0.0)
-        penalty = coef * total
-        grad_ok = (grad == grad) & (tl.abs(grad) != float("inf"))
-        grad_bad = tl.sum(tl.where(active & ~grad_ok, 1.0, 0.0), axis=0)
-        penalty_bad = (penalty != penalty) | (tl.abs(penalty) == float("inf"))
-        overflow = ((grad_bad > 0) | penalty_bad) & (nonfinite == 0)
-        # 1: the anchor is zero to the rounding of the spectrum; 2: the whole spectrum is too
-        # small for float32 (its largest value under 2^-103, where 1 / s_anchor overflows)
-        anchor_code = tl.where(s_anchor > tiny * s_mean, 0.0, 1.0)
-        anchor_code = tl.where((s_first > 0.0) & (s_first < UNDERFLOW), 2.0, anchor_code)
-        return penalty, grad, order, nonfinite, anchor_code, tl.where(overflow, 1.0, 0.0)
-
-    # An int argument equal to 1 is compiled as a constexpr, which has no .to(): anchor = 1
-    # would not compile on a GPU; num_m = 1 is common.
-    @triton.jit(do_not_specialize=["anchor", "num_m"])
-    def _spectrum_penalty_kernel(
-        src_ptr, count_ptr, out_ptr,
-        num_m, N, count, mean_tol, anchor, alpha, beta, tiny, kink_tol,
-        FROM_MOMENTS: tl.constexpr, COUNT_FROM_PTR: tl.constexpr,
-        SKIP_NONPOSITIVE: tl.constexpr, BLOCK: tl.constexpr,
-    ):  # fmt: skip
-        """One program: spectrum (from row-block moments, or given), sort, eq. (2), dR/dlam
-        scattered to V's column order, status. ``out`` is the scratch layout of the module."""
-        cols = tl.arange(0, BLOCK)
-        ok = cols < N
-        if FROM_MOMENTS:
-            if COUNT_FROM_PTR:
-                count = tl.load(count_ptr).to(tl.float32)
-            lam, zbar = finish_moments(src_ptr, N, num_m, cols, ok, count, mean_tol, BLOCK)
-            tl.store(out_ptr + HEAD + 2 * N + cols, zbar, mask=ok)
-        else:
-            lam = tl.load(src_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + HEAD + N + cols, lam, mask=ok)
-        penalty, grad, order, nonfinite, anchor_code, overflow = sorted_penalty(
-            lam, cols, ok, N, anchor, alpha, beta, tiny, kink_tol, SKIP_NONPOSITIVE
-        )
-        tl.store(out_ptr + HEAD + order, grad, mask=ok)
-        tl.store(out_ptr, penalty)
-        tl.store(out_ptr + 1, nonfinite)
-        tl.store(out_ptr + 2, anchor_code)
-        tl.store(out_ptr + 3, overflow)
+    return _spectral_kernels
 
 
 # --------------------------------------------------------------------------------------------
@@ -436,17 +206,17 @@ def centred_projection_triton(x, V, mean, plan: Plan):
         z = torch.mm(centre_columns_triton(x, mean, plan.operand), V.to(plan.operand))
         return column_moments_triton(z), z
     z = _alloc.empty((B, N), device=x.device, dtype=plan.z_dtype)
-    num_m = triton.cdiv(B, _BLOCK_M)
+    num_m = cdiv(B, BLOCK_M)
     moments = _alloc.empty((2, num_m, N), device=x.device, dtype=torch.float32)
 
     def grid(meta):
-        return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (num_m * cdiv(N, meta["BLOCK_N"]),)
 
-    _centred_projection_kernel[grid](
+    _kernels()._centred_projection_kernel[grid](
         x, mean, V, z, moments, B, N, size_bucket(B),
         x.stride(0), x.stride(1), V.stride(0), V.stride(1), z.stride(0), z.stride(1),
         OPERAND_FP32=plan.operand == torch.float32 and V.dtype != torch.float32,
-        IN_PRECISION=plan.precision, DOT_IN_FP32=dot_in_fp32(plan.operand), BLOCK_M=_BLOCK_M,
+        IN_PRECISION=plan.precision, DOT_IN_FP32=dot_in_fp32(plan.operand), BLOCK_M=BLOCK_M,
     )  # fmt: skip
     return moments, z
 
@@ -474,10 +244,10 @@ def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tin
             src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol
         )
     parts = 2 if mean_tol is None else 3
-    out = _alloc.empty((_SCRATCH_HEAD + parts * N,), device=src.device, dtype=torch.float32)
-    block = max(16, triton.next_power_of_2(N))
+    out = _alloc.empty((SCRATCH_HEAD + parts * N,), device=src.device, dtype=torch.float32)
+    block = max(16, next_power_of_2(N))
     from_ptr = isinstance(count, torch.Tensor)
-    _spectrum_penalty_kernel[(1,)](
+    _kernels()._spectrum_penalty_kernel[(1,)](
         src, count if from_ptr else src, out,
         src.shape[1] if mean_tol is not None else 1, N,
         float(count) if count is not None and not from_ptr else 0.0,
@@ -552,18 +322,18 @@ def backprojection_triton(z, zbar, coef, grad_out, V, scale, out_dtype, plan: Pl
     if plan.route == "cublas":
         return backprojection_torch(z, zbar, coef, grad_out, V, scale, out_dtype, plan)
     out = _alloc.empty((B, N), device=z.device, dtype=out_dtype)
-    num_m = triton.cdiv(B, _BLOCK_M)
+    num_m = cdiv(B, BLOCK_M)
 
     def grid(meta):
-        return (num_m * triton.cdiv(N, meta["BLOCK_N"]),)
+        return (num_m * cdiv(N, meta["BLOCK_N"]),)
 
-    _scaled_backprojection_kernel[grid](
+    _kernels()._scaled_backprojection_kernel[grid](
         z, zbar, coef, grad_out if grad_out is not None else coef, V, out, B, N, size_bucket(B),
         scale,
         z.stride(0), z.stride(1), V.stride(0), V.stride(1), out.stride(0), out.stride(1),
         HAS_GRAD_OUT=grad_out is not None,
         OPERAND_FP32=plan.operand == torch.float32 and V.dtype != torch.float32,
-        IN_PRECISION=plan.precision, DOT_IN_FP32=dot_in_fp32(plan.operand), BLOCK_M=_BLOCK_M,
+        IN_PRECISION=plan.precision, DOT_IN_FP32=dot_in_fp32(plan.operand), BLOCK_M=BLOCK_M,
     )  # fmt: skip
     return out
 
@@ -577,6 +347,42 @@ def backprojection_torch(z, zbar, coef, grad_out, V, scale, out_dtype, plan: Pla
         factor = factor * grad_out.to(acc)
     scaled = ((z.to(acc) - zbar.to(acc)) * factor).to(plan.operand)
     return (scaled.to(acc) @ V.to(acc).T).to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA C++ rows (csrc/; the launch wrappers in powerlaw_fast.cuda, imported on first use)
+# --------------------------------------------------------------------------------------------
+def _cuda():
+    from powerlaw_fast.cuda import ops
+
+    return ops
+
+
+@register("centred_projection", "cuda")
+def centred_projection_cuda(x, V, mean, plan: Plan):
+    """Centring kernel, one cuBLAS GEMM, column reductions -> ``([2, 1, N], Z)``."""
+    return _cuda().centred_moments_cuda(x, V, mean, plan.operand)
+
+
+@register("spectrum_penalty", "cuda")
+def spectrum_penalty_cuda(src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol):
+    """The spectrum finished in torch, eq. (2) by csrc/powerlaw_penalty.cu -> scratch."""
+    lam, zbar = (src, None) if mean_tol is None else finish_spectrum_torch(src, count, mean_tol)
+    penalty, grad, code = _cuda().powerlaw_penalty_cuda(
+        lam.float(), alpha, anchor, beta, skip, tiny, kink_tol
+    )
+    overflow = (~torch.isfinite(penalty) | ~torch.isfinite(grad).all()) & (code[0] == 0)
+    parts = [penalty.reshape(1), code.float(), overflow.reshape(1).float(), grad, lam]
+    return torch.cat(parts + ([] if zbar is None else [zbar]))
+
+
+@register("backprojection", "cuda")
+def backprojection_cuda(z, zbar, coef, grad_out, V, scale, out_dtype, plan: Plan):
+    """Z's column means subtracted, the scaling kernel, then one cuBLAS GEMM against V^T."""
+    if grad_out is not None:
+        coef = coef * grad_out
+    centred = (z.float() - zbar).to(z.dtype)
+    return _cuda().spectrum_backward_cuda(coef, centred, V.to(z.dtype), scale).to(out_dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -628,7 +434,7 @@ def spectral_forward(x: torch.Tensor, V: torch.Tensor, settings: Settings):
         kink_tolerance(N, settings.alpha, accumulation_dtype(plan.operand)),
     )  # fmt: skip
     status.check(
-        scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings),
+        scratch[1:SCRATCH_HEAD], settings.validate, _raiser(settings),
         op="projected_spectrum" if settings.source == "spectrum" else "spec_penalty",
         collective=group is not None,
     )  # fmt: skip
@@ -726,7 +532,7 @@ class _SpecPenalty(torch.autograd.Function):
         ctx.x = x
         ctx.set_materialize_grads(False)
         N = x.shape[1]
-        lam = scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
+        lam = scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
         ctx.mark_non_differentiable(lam)
         return scratch[0], lam
 
@@ -736,8 +542,8 @@ class _SpecPenalty(torch.autograd.Function):
             return None, None, None
         z, V, scratch = ctx.saved_tensors
         N = z.shape[1]
-        coef = scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
-        zbar = scratch[_SCRATCH_HEAD + 2 * N :]
+        coef = scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
+        zbar = scratch[SCRATCH_HEAD + 2 * N :]
         grad_x = spectral_backward(
             coef, grad_out, z, zbar, V, ctx.count, ctx.x_dtype, ctx.settings
         )
@@ -754,7 +560,7 @@ class _ProjectedSpectrum(torch.autograd.Function):
         ctx.save_for_backward(z, V, scratch)
         ctx.count, ctx.settings, ctx.x_dtype, ctx.x = count, settings, x.dtype, x
         ctx.set_materialize_grads(False)
-        return scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
+        return scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
 
     @staticmethod
     def backward(ctx, grad_lam):
@@ -762,7 +568,7 @@ class _ProjectedSpectrum(torch.autograd.Function):
             return None, None, None
         z, V, scratch = ctx.saved_tensors
         coef = grad_lam.to(scratch.dtype).contiguous()
-        zbar = scratch[_SCRATCH_HEAD + 2 * z.shape[1] :]
+        zbar = scratch[SCRATCH_HEAD + 2 * z.shape[1] :]
         grad_x = spectral_backward(coef, None, z, zbar, V, ctx.count, ctx.x_dtype, ctx.settings)
         return refuse_second_order(grad_x, ctx.x, "projected_spectrum"), None, None
 
@@ -789,7 +595,7 @@ def _(x, V, backend, anchor, alpha, beta, skip_nonpositive, validate, group_name
     B, N = x.shape
     z_dtype = operand_dtype(x.dtype, getattr(torch, compute) if compute else None)
     return (
-        x.new_empty((_SCRATCH_HEAD + 3 * N,), dtype=accumulation_dtype(x.dtype)),
+        x.new_empty((SCRATCH_HEAD + 3 * N,), dtype=accumulation_dtype(x.dtype)),
         x.new_empty((B, N), dtype=z_dtype),
         x.new_empty((), dtype=torch.float64),
     )
@@ -822,10 +628,10 @@ def _forward_backward(ctx, grad_scratch, grad_z, grad_count):
     N = z.shape[1]
     # dLoss/dlam: through the penalty (entry 0) and through lam itself (the last N entries)
     coef = (
-        grad_scratch[0] * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
-        + grad_scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
+        grad_scratch[0] * scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
+        + grad_scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
     )
-    zbar = scratch[_SCRATCH_HEAD + 2 * N :]
+    zbar = scratch[SCRATCH_HEAD + 2 * N :]
     grad_x = _spectral_backward_op(
         coef, z, zbar, V, count, ctx.backend, ctx.x_dtype, ctx.compute
     )
@@ -847,7 +653,7 @@ def _powerlaw_penalty_op(
 
 @_powerlaw_penalty_op.register_fake
 def _(lam, backend, anchor, alpha, beta, skip_nonpositive, validate, tau):
-    return lam.new_empty((_SCRATCH_HEAD + 2 * lam.shape[0],))
+    return lam.new_empty((SCRATCH_HEAD + 2 * lam.shape[0],))
 
 
 def _penalty_setup(ctx, inputs, output):
@@ -856,8 +662,8 @@ def _penalty_setup(ctx, inputs, output):
 
 def _penalty_backward(ctx, grad_scratch):
     (scratch,) = ctx.saved_tensors
-    N = (scratch.shape[0] - _SCRATCH_HEAD) // 2
-    grad = grad_scratch[0] * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N] + grad_scratch[-N:]
+    N = (scratch.shape[0] - SCRATCH_HEAD) // 2
+    grad = grad_scratch[0] * scratch[SCRATCH_HEAD : SCRATCH_HEAD + N] + grad_scratch[-N:]
     return (grad,) + (None,) * 7
 
 
@@ -870,7 +676,7 @@ def _sorted_penalty(lam: torch.Tensor, settings: Settings) -> torch.Tensor:
         settings.skip_nonpositive, None, 0.0,
         kink_tolerance(lam.shape[0], settings.alpha, lam.dtype),
     )  # fmt: skip
-    status.check(scratch[1:_SCRATCH_HEAD], settings.validate, _raiser(settings),
+    status.check(scratch[1:SCRATCH_HEAD], settings.validate, _raiser(settings),
                  op="powerlaw_penalty")  # fmt: skip
     return scratch
 
@@ -889,8 +695,8 @@ class _PowerlawPenalty(torch.autograd.Function):
         if grad_out is None:
             return None, None
         (scratch,) = ctx.saved_tensors
-        N = (scratch.shape[0] - _SCRATCH_HEAD) // 2
-        grad = grad_out * scratch[_SCRATCH_HEAD : _SCRATCH_HEAD + N]
+        N = (scratch.shape[0] - SCRATCH_HEAD) // 2
+        grad = grad_out * scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
         return refuse_second_order(grad, ctx.lam, "powerlaw_penalty"), None
 
 
@@ -1075,7 +881,7 @@ def _penalty_and_spectrum(x, V, settings: Settings):
     if torch.compiler.is_compiling():
         scratch = _spectral_forward_op(x, V, *settings)[0]
         N = x.shape[1]
-        return scratch[0], scratch[_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N].detach()
+        return scratch[0], scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N].detach()
     return _SpecPenalty.apply(x, V, settings)
 
 
@@ -1131,7 +937,7 @@ def projected_spectrum(
     )  # fmt: skip
     N = x.shape[1]
     if torch.compiler.is_compiling():
-        return _spectral_forward_op(x, V, *settings)[0][_SCRATCH_HEAD + N : _SCRATCH_HEAD + 2 * N]
+        return _spectral_forward_op(x, V, *settings)[0][SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
     return _ProjectedSpectrum.apply(x, V, settings)
 
 

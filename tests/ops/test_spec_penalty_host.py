@@ -132,8 +132,8 @@ def test_autotune_keys_bucket_the_batch():
 
     # a partial last batch (1000 of 1500 rows) reuses the 1500-row config
     assert size_bucket(1500) == size_bucket(1025) == 2048
-    assert "B_BUCKET" in sp_module._centred_projection_kernel.keys
-    assert "B" not in sp_module._centred_projection_kernel.keys
+    assert "B_BUCKET" in sp_module._kernels()._centred_projection_kernel.keys
+    assert "B" not in sp_module._kernels()._centred_projection_kernel.keys
 
 
 def test_bfloat16_compute_error_is_a_small_fraction_of_the_sampling_error():

@@ -30,6 +30,8 @@ SCRIPT = textwrap.dedent(
     from triton.runtime.jit import JITFunction
     from powerlaw_fast.ops import centring, covariance, grouped_penalty as gp
     from powerlaw_fast.ops import spectral_penalty as sp
+    from powerlaw_fast.ops import _spectral_kernels as spk, _grouped_kernels as gpk
+    from powerlaw_fast.ops import _covariance_kernels as covk, _centring_kernels as cek
 
     TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
              torch.int64: "i64", torch.int32: "i32"}
@@ -79,31 +81,31 @@ SCRIPT = textwrap.dedent(
         # anchor 1: tau = 2 (paper) or tau = 1 (authors); N = 1: one column; N = 4096: the
         # widest one-program sort
         moments = torch.empty(2, max(1, count // 128), N, **meta)
-        compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+        compile_launch(spk, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
                        moments, count, anchor, 1.0, 1.0, False, 1e-5, 1e-7, 1e-6)
-    compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+    compile_launch(spk, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
                    torch.empty(40, **meta), None, 3, 1.0, 1.0, True, None, 1e-7, 1e-6)
-    compile_launch(sp, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+    compile_launch(spk, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
                    torch.empty(2, 3, 40, **meta), torch.empty((), **meta), 3, 1.0, 1.0, False,
                    1e-5, 1e-7, 1e-6)
     x = torch.empty(1, 1, dtype=torch.bfloat16, **meta)
-    compile_launch(centring, "_column_mean_kernel", centring.column_mean_triton, x)
+    compile_launch(cek, "_column_mean_kernel", centring.column_mean_triton, x)
     x, V = torch.empty(300, 40, **meta), torch.empty(40, 40, **meta)
     mean = torch.empty(40, **meta)
-    compile_launch(centring, "_centre_columns_kernel", centring.centre_columns_triton, x, mean,
+    compile_launch(cek, "_centre_columns_kernel", centring.centre_columns_triton, x, mean,
                    torch.bfloat16)
-    compile_launch(centring, "_column_moments_kernel", centring.column_moments_triton, x)
+    compile_launch(cek, "_column_moments_kernel", centring.column_moments_triton, x)
     torch.set_float32_matmul_precision("high")
     for dtype, compute in ((f32, None), (torch.bfloat16, None), (torch.float16, None),
                            (f32, torch.bfloat16)):
         xd, Vd = x.to(dtype), V.to(compute or dtype)
         plan = sp.plan_for(dtype, 40, compute)
-        compile_launch(sp, "_centred_projection_kernel", sp.centred_projection_triton,
+        compile_launch(spk, "_centred_projection_kernel", sp.centred_projection_triton,
                        xd, Vd, mean, plan)
         z = torch.empty(300, 40, dtype=plan.z_dtype, **meta)
-        compile_launch(sp, "_scaled_backprojection_kernel", sp.backprojection_triton,
+        compile_launch(spk, "_scaled_backprojection_kernel", sp.backprojection_triton,
                        z, mean, mean, torch.empty((), **meta), Vd, 0.5, dtype, plan)
-    compile_launch(covariance, "_centred_gram_kernel", covariance.centred_gram_triton,
+    compile_launch(covk, "_centred_gram_kernel", covariance.centred_gram_triton,
                    x, mean, 1.0)
     # the grouped kernels: the forward launcher's four kernels, then the backward
     xs = [torch.empty(300, n, **meta) for n in (40, 1000, 1)]
@@ -118,23 +120,23 @@ SCRIPT = textwrap.dedent(
     }
     for name in ("_grouped_column_mean_kernel", "_grouped_projection_kernel",
                  "_grouped_penalty_kernel"):
-        kernels = {k: getattr(gp, k) for k in ("_grouped_column_mean_kernel",
+        kernels = {k: getattr(gpk, k) for k in ("_grouped_column_mean_kernel",
                    "_grouped_projection_kernel", "_grouped_penalty_kernel")}
         class Skip:
             def __getitem__(self, grid):
                 return lambda *args, **kwargs: None
         for other in kernels:
             if other != name:
-                setattr(gp, other, Skip())
+                setattr(gpk, other, Skip())
         try:
-            compile_launch(gp, name, gp._launch_forward, xs, Vs, [9, 9, 0], [1.0] * 3,
+            compile_launch(gpk, name, gp._launch_forward, xs, Vs, [9, 9, 0], [1.0] * 3,
                            [1.0] * 3, False, plan)
         finally:
             for k, v in kernels.items():
-                setattr(gp, k, v)
+                setattr(gpk, k, v)
     z = torch.empty(300 * 1041, **meta)
     tables = dict(gp._tables(None, None), widths_host=(40, 1000, 1))
-    compile_launch(gp, "_grouped_backprojection_kernel", gp._launch_backward,
+    compile_launch(gpk, "_grouped_backprojection_kernel", gp._launch_backward,
                    torch.empty((), **meta), z, torch.empty(3 * 1041, **meta),
                    torch.empty(1041 * 1041, **meta), tables, 300, f32, plan)
     """

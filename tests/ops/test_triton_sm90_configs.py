@@ -34,6 +34,8 @@ SCRIPT = textwrap.dedent(
     from triton.runtime.jit import JITFunction
     from powerlaw_fast.ops import covariance, grouped_penalty as gp
     from powerlaw_fast.ops import spectral_penalty as sp
+    from powerlaw_fast.ops import _spectral_kernels as spk, _grouped_kernels as gpk
+    from powerlaw_fast.ops import _covariance_kernels as covk, _centring_kernels as cek
     try:
         from triton.backends.nvidia.compiler import get_ptxas
         PTXAS = get_ptxas(90).path
@@ -123,14 +125,14 @@ SCRIPT = textwrap.dedent(
         plan = sp.plan_for(f32, 40)
         z = torch.empty(300, 40, dtype=plan.z_dtype, **meta)
         compile_all(f"projection/{precision}", *record(
-            sp, "_centred_projection_kernel", sp.centred_projection_triton, x, V, mean, plan))
+            spk, "_centred_projection_kernel", sp.centred_projection_triton, x, V, mean, plan))
         compile_all(f"backprojection/{precision}", *record(
-            sp, "_scaled_backprojection_kernel", sp.backprojection_triton,
+            spk, "_scaled_backprojection_kernel", sp.backprojection_triton,
             z, mean, mean, torch.empty((), **meta), V, 0.5, f32, plan))
         if precision == "highest":
             break
         compile_all(f"covariance/{precision}", *record(
-            covariance, "_centred_gram_kernel", covariance.centred_gram_triton, x, mean, 1.0))
+            covk, "_centred_gram_kernel", covariance.centred_gram_triton, x, mean, 1.0))
         # the grouped kernels (three layers: 40, 1000 and 1 wide)
         xs = [torch.empty(300, n, **meta) for n in (40, 1000, 1)]
         Vs = [torch.empty(n, n, **meta) for n in (40, 1000, 1)]
@@ -147,10 +149,10 @@ SCRIPT = textwrap.dedent(
         try:
             others = ("_grouped_column_mean_kernel", "_grouped_penalty_kernel")
             compile_all(f"grouped_projection/{precision}", *record(
-                gp, "_grouped_projection_kernel", gp._launch_forward, xs, Vs, [9, 9, 0],
+                gpk, "_grouped_projection_kernel", gp._launch_forward, xs, Vs, [9, 9, 0],
                 [1.0] * 3, [1.0] * 3, False, gplan, skip=others))
             compile_all(f"grouped_backprojection/{precision}", *record(
-                gp, "_grouped_backprojection_kernel", gp._launch_backward,
+                gpk, "_grouped_backprojection_kernel", gp._launch_backward,
                 torch.empty((), **meta), torch.empty(300 * 1041, **meta),
                 torch.empty(3 * 1041, **meta), torch.empty(1041 * 1041, **meta),
                 dict(tables, widths_host=(40, 1000, 1)), 300, f32, gplan))

@@ -18,7 +18,7 @@ from .training import train_model
 
 def run_environment(device: torch.device) -> dict:
     """Versions and the device a run's numbers came from (stored in its JSON)."""
-    from ... import __version__
+    from ..._version import __version__
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
     return {"powerlaw_fast": __version__, "torch": torch.__version__,
