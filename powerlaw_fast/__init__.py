@@ -11,7 +11,8 @@ from powerlaw_fast._version import __version__ as __version__
 from powerlaw_fast.attacks import RobustnessCurve, fgsm, pgd, robustness_curve, white_noise
 from powerlaw_fast.ops.attack_step import pgd_update
 from powerlaw_fast.ops.covariance import batch_covariance
-from powerlaw_fast.ops.spectral_penalty import powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast.ops.powerlaw_penalty import powerlaw_penalty
+from powerlaw_fast.ops.spectral_penalty import projected_spectrum, spec_penalty
 from powerlaw_fast.ops.status import raise_pending_errors
 from powerlaw_fast.paper.datasets import MNISTFileError, load_mnist, mnist_loaders
 from powerlaw_fast.paper.experiments import RunConfig, run_experiment, run_sweep, sweep_configs

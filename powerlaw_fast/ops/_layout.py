@@ -18,3 +18,4 @@ BLOCK_M = 128  # GEMM row block, fixed so launchers can size the row-block momen
 # A spectrum whose largest value is below the smallest normal float32 divided by float32's
 # epsilon has lost precision to underflow (and 1 / s_anchor overflows): about 9.9e-32.
 UNDERFLOW_FLOAT32 = torch.finfo(torch.float32).tiny / torch.finfo(torch.float32).eps
+MAX_FUSED_N = 4096  # widest layer for the one-program sort and the Triton GEMM route

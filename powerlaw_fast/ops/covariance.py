@@ -28,9 +28,9 @@ from powerlaw_fast._backend import resolve_backend
 from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import as_batch_matrix
 from powerlaw_fast.ops import _alloc, status
+from powerlaw_fast.ops._distributed import global_mean, group_name_of, resolve_group
 from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, dot_precision
 from powerlaw_fast.ops.backends import implementation, register
-from powerlaw_fast.ops.spectral_penalty import global_mean, group_name_of, resolve_group
 
 
 @functools.cache

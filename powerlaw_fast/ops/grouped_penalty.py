@@ -40,19 +40,12 @@ import functools
 import torch
 
 from powerlaw_fast.ops import _alloc, status
-from powerlaw_fast.ops._layout import BLOCK_M, SCRATCH_HEAD
+from powerlaw_fast.ops._autograd import refuse_second_order
+from powerlaw_fast.ops._layout import BLOCK_M, MAX_FUSED_N, SCRATCH_HEAD
+from powerlaw_fast.ops._plan import anchor_tolerance, kink_tolerance, mean_tolerance, plan_for
+from powerlaw_fast.ops._settings import Settings, status_raiser
 from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, next_power_of_2, size_bucket
-from powerlaw_fast.ops.spectral_penalty import (
-    MAX_FUSED_N,
-    Settings,
-    _mean_tolerance,
-    _raiser,
-    anchor_tolerance,
-    kink_tolerance,
-    penalty_and_spectrum,
-    plan_for,
-    refuse_second_order,
-)
+from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
 
 
 @functools.cache
@@ -150,7 +143,7 @@ def _launch_forward(xs, Vs, anchors, alphas, betas, skip, plan):
     _kernels()._grouped_penalty_kernel[(L,)](
         moments, parts, heads, tables["widths"], tables["col_off"], tables["anchors"],
         tables["alphas"], tables["betas"], tables["tinies"], tables["kinks"], num_m, total,
-        float(B), _mean_tolerance(B, torch.float32),
+        float(B), mean_tolerance(B, torch.float32),
         SKIP_NONPOSITIVE=skip, BLOCK=block, num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
     return heads, parts, z, v_flat, tables
@@ -217,10 +210,11 @@ def _group_raiser(names, config):
 
     def raise_for(values):
         for i, name in enumerate(names):
-            settings = Settings("triton", anchors[i], alphas[i], betas[i], skip, validate, "",
-                                "x", taus[i], "")  # fmt: skip
+            settings = Settings(backend="triton", anchor=anchors[i], alpha=alphas[i],
+                                beta=betas[i], skip_nonpositive=skip, validate=validate,
+                                source="x", tau=taus[i])  # fmt: skip
             try:
-                _raiser(settings)(values[3 * i : 3 * i + 3])
+                status_raiser(settings)(values[3 * i : 3 * i + 3])
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}") from None
 

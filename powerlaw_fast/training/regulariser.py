@@ -63,9 +63,10 @@ from powerlaw_fast._backend import BACKENDS, resolve_backend
 from powerlaw_fast._torch_helpers import StopForward, eval_mode, find_submodule, module_device
 from powerlaw_fast._validation import check_int_range, check_orthonormal, check_real
 from powerlaw_fast.ops import status
+from powerlaw_fast.ops._settings import CONVENTIONS
+from powerlaw_fast.ops._settings import anchor_index as _anchor_index
 from powerlaw_fast.ops.grouped_penalty import can_group, grouped_penalty_triton
-from powerlaw_fast.ops.spectral_penalty import CONVENTIONS, penalty_and_spectrum
-from powerlaw_fast.ops.spectral_penalty import anchor_index as _anchor_index
+from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
 from powerlaw_fast.ops.status import DeferredValidationError, validation_mode
 from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
 from powerlaw_fast.training.capture import iterate_inputs, model_device

@@ -9,17 +9,16 @@ import torch
 
 from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty
 from powerlaw_fast.baselines import authors_loop_penalty, literal_penalty, literal_spectrum
+from powerlaw_fast.ops import powerlaw_penalty as powerlaw_penalty_module
 from powerlaw_fast.ops import spectral_penalty as sp_module
 from tests.devices import (
     BACKENDS,
     DEVICE,
-    TF32_FLOOR,
     TOL,
     raises_validation,
     rel_err,
     skip_unsupported,
     value_and_grad,
-    within_tf32_rule,
 )
 
 
@@ -251,23 +250,29 @@ def test_triton_is_deterministic():
 @pytest.mark.parametrize(
     "B,N,tau,mean", [(64, 40, 10, 0.0), (100, 37, 5, 3.0), (300, 257, 10, 0.5)]
 )
-def test_float32_follows_matmul_precision(backend, precision, B, N, tau, mean):
-    """"highest": exact float32 tolerances. "high" (TF32; the Triton interpreter emulates TF32's
-    rounding, so this branch runs on a CPU too): no worse than twice the torch backend's own
-    error against float64, or the TF32 floor."""
+@pytest.mark.parametrize("decay", [0.5, 1.0])  # on the 1/n law (R small), away from it
+def test_float32_follows_matmul_precision(backend, precision, B, N, tau, mean, decay):
+    """Against the independent oracle (tests/oracle.py) on the same float32 inputs, within the
+    bound derived from the rounding the precision permits (tests/bounds.py): "highest", GEMM
+    operands exact in float32 (u = 2^-24); "high", TF32 or better (u = 2^-11 per operand, on
+    any backend and device: the bound is that of the setting, not of this machine's GEMM).
+    The bounds are worst-case (tests/bounds.py): at TF32 the gradient's is loose (the tail
+    eigenvalues move by a few percent, so the relu's side and the order of close values are
+    unknown there); the value's is a few percent away from the 1/n law."""
+    from tests import bounds
+
     before = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
-        x, V = make_batch(B, N, mean=mean, seed=11)
-        ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), tau=tau)
+        x, V = make_batch(B, N, mean=mean, decay=decay, seed=11)
+        u_op = bounds.U_TF32 if precision == "high" else bounds.U[torch.float32]
+        kw = dict(alpha=1.0, tau=tau, beta=1.0, convention="paper")
+        R, dR, G, dG = bounds.expected_penalty(
+            x, V, u_op=u_op, u_acc=bounds.U[torch.float32], u_out=bounds.U[torch.float32], **kw
+        )
         val, grad = value_and_grad(spec_penalty, x, V, tau=tau, backend=backend)
-        t_val, t_grad = value_and_grad(spec_penalty, x, V, tau=tau, backend="torch")
-        v_err, g_err = rel_err(val, ref_v), rel_err(grad, ref_g)
-        if precision == "highest":
-            assert v_err < TOL[torch.float32][0] and g_err < TOL[torch.float32][1]
-        else:
-            assert within_tf32_rule(v_err, rel_err(t_val, ref_v), TF32_FLOOR[0]), v_err
-            assert within_tf32_rule(g_err, rel_err(t_grad, ref_g), TF32_FLOOR[1]), g_err
+        bounds.assert_within(val, R, dR, f"value at {precision}")
+        bounds.assert_within(grad, G, dG, f"gradient at {precision}")
     finally:
         torch.set_float32_matmul_precision(before)
 
@@ -386,11 +391,12 @@ def test_opcheck(backend):
     x.requires_grad_()
     torch.library.opcheck(
         sp_module._spectral_forward_op,
-        (x, V, backend, 9, 1.0, 1.0, False, "immediate", "", "x", 10, ""),
+        (x, V, backend, 9, 1.0, 1.0, False, "immediate", "x", 10, "", ""),
     )
     lam = projected_spectrum(x.detach(), V).requires_grad_()
     torch.library.opcheck(
-        sp_module._powerlaw_penalty_op, (lam, backend, 9, 1.0, 1.0, False, "immediate", 10)
+        powerlaw_penalty_module._powerlaw_penalty_op,
+        (lam, backend, 9, 1.0, 1.0, False, "immediate", 10),
     )
     z = torch.randn(40, 24, device=DEVICE)
     coef, zbar = torch.randn(24, device=DEVICE), torch.randn(24, device=DEVICE)

@@ -30,6 +30,7 @@ SCRIPT = textwrap.dedent(
     from triton.runtime.jit import JITFunction
     from powerlaw_fast.ops import centring, covariance, grouped_penalty as gp
     from powerlaw_fast.ops import spectral_penalty as sp
+    from powerlaw_fast.ops import powerlaw_penalty as pp
     from powerlaw_fast.ops import _spectral_kernels as spk, _grouped_kernels as gpk
     from powerlaw_fast.ops import _covariance_kernels as covk, _centring_kernels as cek
 
@@ -81,11 +82,11 @@ SCRIPT = textwrap.dedent(
         # anchor 1: tau = 2 (paper) or tau = 1 (authors); N = 1: one column; N = 4096: the
         # widest one-program sort
         moments = torch.empty(2, max(1, count // 128), N, **meta)
-        compile_launch(spk, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+        compile_launch(spk, "_spectrum_penalty_kernel", pp.spectrum_penalty_triton,
                        moments, count, anchor, 1.0, 1.0, False, 1e-5, 1e-7, 1e-6)
-    compile_launch(spk, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+    compile_launch(spk, "_spectrum_penalty_kernel", pp.spectrum_penalty_triton,
                    torch.empty(40, **meta), None, 3, 1.0, 1.0, True, None, 1e-7, 1e-6)
-    compile_launch(spk, "_spectrum_penalty_kernel", sp.spectrum_penalty_triton,
+    compile_launch(spk, "_spectrum_penalty_kernel", pp.spectrum_penalty_triton,
                    torch.empty(2, 3, 40, **meta), torch.empty((), **meta), 3, 1.0, 1.0, False,
                    1e-5, 1e-7, 1e-6)
     x = torch.empty(1, 1, dtype=torch.bfloat16, **meta)
