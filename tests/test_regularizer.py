@@ -253,7 +253,7 @@ def test_penalty_releases_the_activations():
     loss = model(_training_step_inputs(model)).sum() + reg.penalty()
     loss.backward()
     del loss
-    assert reg._captured == {}
+    assert reg._hooks.captured == {}
     assert refs[0]() is None
 
 
@@ -448,7 +448,7 @@ def test_remove_and_context_manager_take_the_hooks_off():
     assert len(model[2]._forward_hooks) == 0
     model.train()
     model(_batches([30])[0][0])
-    assert reg._captured == {}
+    assert reg._hooks.captured == {}
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,12 +474,12 @@ def test_autocast_bfloat16_is_close_to_float32_and_casts_the_basis_once():
     torch.testing.assert_close(value, reference, rtol=0.02, atol=0.0)  # measured: 6e-4
     value.backward()
     assert all(torch.isfinite(p.grad).all() for p in model[:4].parameters())
-    cast = reg._cast_basis[(torch.bfloat16, x.device)]["1"]
+    cast = reg._store.cast[(torch.bfloat16, x.device)]["1"]
     assert cast.dtype == torch.bfloat16
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(x[:96])
         reg.penalty()
-    assert reg._cast_basis[(torch.bfloat16, x.device)]["1"] is cast
+    assert reg._store.cast[(torch.bfloat16, x.device)]["1"] is cast
 
 
 def test_torch_compile_of_the_model_fires_the_hooks():
@@ -529,7 +529,7 @@ def test_penalty_dtype_bfloat16_is_close_and_keeps_v_in_bfloat16():
     fast = reg16.penalty()
     assert fast.dtype == torch.float32
     assert abs(float(fast) / float(full) - 1) < 0.05
-    (views,) = reg16._cast_basis.values()
+    (views,) = reg16._store.cast.values()
     assert views["1"].dtype == torch.bfloat16  # cast once per refresh, not per step
     with pytest.raises(TypeError, match="penalty_dtype: expected None"):
         SpectralRegularizer(model, ["1"], penalty_dtype=torch.float16, progress=False)
@@ -539,11 +539,11 @@ def test_refresh_updates_the_basis_in_place_for_captured_graphs():
     model, reg, data = _small_setup()
     model(data[0][0])
     reg.penalty()
-    (views,) = reg._cast_basis.values()
+    (views,) = reg._store.cast.values()
     before = views["1"].clone()
     pointer = views["1"].data_ptr()
     reg.refresh([(torch.randn(40, 12) * 3, None)])
-    after = reg._cast_basis[(torch.float32, torch.device("cpu"))]["1"]
+    after = reg._store.cast[(torch.float32, torch.device("cpu"))]["1"]
     assert after.data_ptr() == pointer and not torch.equal(after, before)
     assert torch.equal(after, reg.basis("1"))
 
@@ -602,7 +602,7 @@ def test_triton_backend_takes_the_grouped_path_with_the_same_result(device):
         model.zero_grad()
         model(x[:96])
         if backend == "triton":
-            import powerlaw_fast.training.regulariser as module
+            import powerlaw_fast.ops.grouped_penalty as module  # the stage calls it
 
             calls = []
             original = module.grouped_penalty_triton
@@ -722,7 +722,7 @@ def test_running_basis_updates_every_k_steps_in_place():
     for _ in range(7):
         model(torch.randn(40, 12, generator=g) * 3)
         reg.penalty()
-        (views,) = reg._cast_basis.values()
+        (views,) = reg._store.cast.values()
         pointers.add((reg.basis("1").data_ptr(), views["1"].data_ptr()))
         snapshots.append(reg.basis("1").clone())
     assert len(pointers) == 1  # installed in place: CUDA graphs keep reading the same buffers

@@ -1,5 +1,6 @@
-"""Shared pieces of the attacks: argument checks, eval mode, input gradients, private RNG,
-gradient precision and the fp32 verification of adversarial examples."""
+"""Shared pieces of the attacks: their result type, argument checks, rows per forward pass,
+input gradients, private RNG, gradient precision and the fp32 verification of adversarial
+examples."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import contextlib
 import math
 import numbers
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,38 @@ from powerlaw_fast._validation import check_float_dtype, check_int_range, check_
 
 # Rows (epsilon replicas x samples) per forward pass on the CPU when max_batch is None.
 CPU_DEFAULT_ROWS = 4096
+
+
+@dataclass
+class AttackResult:
+    """What an attack over an eps grid found, per eps and sample.
+
+    Attributes:
+        adv: ``[E, n, *]`` adversarial examples (None when not asked for): where ``success`` is
+            True the fooling iterate, else the final iterate of the attack at that eps.
+        success: bool ``[E, n]``: fooled (clean misclassified samples count as fooled).
+        step: int64 ``[E, n]``: gradient steps taken before the fooling iterate (0: the clean
+            input or the random start; ``steps`` in final-iterate mode), -1 where not fooled.
+        found_at: int64 ``[E, n]``: index into the eps grid of the ball whose attack found the
+            example (smaller than the row's own index when inherited from a smaller eps), -1
+            where not fooled.
+        row_steps: rows passed through a forward + input-gradient pass (the attack's work).
+        row_forwards: rows passed through a forward pass alone (clean pass, checks).
+        unverified: successes the final fp32 check rejected (reported as not fooled; expected
+            0, see :func:`powerlaw_fast.attacks.pgd.pgd`).
+    """
+
+    adv: torch.Tensor | None
+    success: torch.Tensor
+    step: torch.Tensor
+    found_at: torch.Tensor
+    row_steps: int = 0
+    row_forwards: int = 0
+    unverified: int = 0
+
+    def work(self) -> dict:
+        return {"row_steps": self.row_steps, "row_forwards": self.row_forwards,
+                "unverified": self.unverified}
 
 
 def check_bounds(bounds) -> tuple[float, float]:
@@ -167,6 +201,33 @@ def input_gradient(model, x_leaf: torch.Tensor, y: torch.Tensor) -> torch.Tensor
 
 
 @torch.no_grad()
+def rows_per_pass(model, x: torch.Tensor, y: torch.Tensor, memory_budget: int | None,
+                  cuda_graph: bool = True) -> int:
+    """Rows per forward pass of a PGD attack when ``max_batch`` is None: the CPU default, or on
+    CUDA what fits in ``memory_budget`` bytes (default: half the free device memory), from the
+    peak memory of one probe step (which resets the peak-memory statistics). ``cuda_graph``:
+    the step loop will be captured, whose private pool holds a second copy of the activations."""
+    if x.device.type != "cuda":
+        return CPU_DEFAULT_ROWS
+    device = x.device
+    if memory_budget is None:
+        free, _ = torch.cuda.mem_get_info(device)
+        memory_budget = free // 2
+    probe = min(x.shape[0], 256)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    x_in = x[:probe].detach().clone().requires_grad_(True)
+    input_gradient(model, x_in, y[:probe].long())
+    torch.cuda.synchronize(device)
+    per_row = (torch.cuda.max_memory_allocated(device) - base) / probe
+    if cuda_graph:  # the graph's private pool holds a second copy of a step's activations
+        per_row *= 2
+    # the attack's own buffers: iterate, gradient, best restart, output slice
+    per_row += 4 * x[0].numel() * x.element_size()
+    return max(1, int(memory_budget // max(per_row, 1.0)))
+
+
 def misclassified(model, x: torch.Tensor, y: torch.Tensor, max_batch: int | None) -> torch.Tensor:
     """Boolean [n]: the model's argmax differs from y, by fp32 forwards (autocast off, full
     float32 matmuls) of at most max_batch rows."""

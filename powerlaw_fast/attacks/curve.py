@@ -22,10 +22,11 @@ from powerlaw_fast.attacks._common import (
     check_precision,
     make_generator,
     misclassified,
+    rows_per_pass,
 )
 from powerlaw_fast.attacks.fgsm import fgsm_search
 from powerlaw_fast.attacks.noise import white_noise
-from powerlaw_fast.attacks.pgd import _auto_rows, _pgd_validated
+from powerlaw_fast.attacks.pgd import run_pgd
 from powerlaw_fast.ops.attack_step import resolve_step_backend
 
 __all__ = ["RobustnessCurve", "robustness_curve"]
@@ -257,9 +258,9 @@ def robustness_curve(
             work["row_forwards"] += 1
             if attack == "pgd":
                 if max_batch is None:  # size the chunks once, on the first batch
-                    max_batch = _auto_rows(model, x, y, kwargs.get("memory_budget"),
-                                           kwargs.get("cuda_graph", True) and final_iterate)
-                result, _ = _pgd_validated(
+                    max_batch = rows_per_pass(model, x, y, kwargs.get("memory_budget"),
+                                              kwargs.get("cuda_graph", True) and final_iterate)
+                result, _ = run_pgd(
                     model, x, y, eps_list, steps=kwargs.get("steps", 40),
                     step_size=kwargs.get("step_size", 0.01),
                     random_start=kwargs.get("random_start", False),
@@ -268,7 +269,7 @@ def robustness_curve(
                     cuda_graph=kwargs.get("cuda_graph", True), max_batch=max_batch,
                     memory_budget=None, need_adv=False, progress=False, runners=runners,
                     final_iterate=final_iterate, precision=kwargs.get("precision"),
-                    compact_every=kwargs.get("compact_every"), checked=True,
+                    compact_every=kwargs.get("compact_every"), labels_checked=True,
                 )
             elif attack == "fgsm":
                 backend = resolve_step_backend(kwargs.get("backend", "auto"), x.device, x.dtype)

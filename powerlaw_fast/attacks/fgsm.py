@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from powerlaw_fast._torch_helpers import accumulation_dtype, eval_mode
 from powerlaw_fast.attacks._common import (
+    AttackResult,
     check_bounds,
     check_eps,
     check_inputs,
@@ -24,7 +25,6 @@ from powerlaw_fast.attacks._common import (
     input_gradient,
     misclassified,
 )
-from powerlaw_fast.attacks.pgd import AttackResult
 from powerlaw_fast.ops.attack_step import pgd_update, resolve_step_backend
 
 __all__ = ["fgsm", "fgsm_search", "fgsm_sweep"]

@@ -19,6 +19,18 @@ subtract, clamp, max, min, ... each its own kernel); this is one read of each in
 Precision: float16 / bfloat16 are computed in float32 and rounded once at the end, float32 in
 float32, float64 in float64 (torch backend only). The Triton kernel and the torch reference do
 the same operations in the same order, so they agree bit for bit.
+
+The update is the ``pgd_update`` stage of the backend table (:mod:`powerlaw_fast.ops.backends`):
+``(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out) -> out``, inputs already checked by
+:func:`pgd_update`. Rows: ``torch`` (:func:`pgd_update_reference` copied into ``out``),
+``triton`` (kernel in ``ops/_attack_step_kernels.py``, imported on the first launch) and
+``cuda`` (``csrc/pgd_update.cu`` through :mod:`powerlaw_fast.cuda`, imported on first use).
+
+Example::
+
+    >>> from powerlaw_fast.ops.backends import implementation
+    >>> implementation("pgd_update", "torch").__name__
+    'pgd_update_torch'
 """
 
 from __future__ import annotations
@@ -29,13 +41,11 @@ import numbers
 
 import torch
 
-from powerlaw_fast._backend import (
-    resolve_backend,
-    triton_interpreter_active,
-)
+from powerlaw_fast._backend import resolve_backend, triton_interpreter_active
 from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import check_float_dtype, check_real, check_tensor
 from powerlaw_fast.ops._triton_gemm import cdiv, next_power_of_2
+from powerlaw_fast.ops.backends import implementation, register
 
 __all__ = ["pgd_update", "pgd_update_reference", "resolve_step_backend"]
 
@@ -61,7 +71,9 @@ def _tile_sizes(D: int) -> tuple[int, int, int]:
     return max(1, 4096 // block_d), block_d, 4
 
 
-def _pgd_update_triton(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out):
+@register("pgd_update", "triton")
+def pgd_update_triton(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out):
+    """Launcher: the fused update into ``out [R, D]`` (rows of the inputs cycled)."""
     R, D = out.shape
     block_r, block_d, num_warps = _tile_sizes(D)
     grid = (cdiv(R, block_r), cdiv(D, block_d))
@@ -111,16 +123,27 @@ def pgd_update_reference(
     return torch.clamp(x, min=lo, max=hi).to(x_adv.dtype)
 
 
+@register("pgd_update", "torch")
+def pgd_update_torch(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out):
+    """The torch row: :func:`pgd_update_reference` written into ``out``."""
+    return out.copy_(pgd_update_reference(x_adv, x_nat, grad, eps_rows, step_size, lo, hi))
+
+
+# --------------------------------------------------------------------------- CUDA C++ row
+@register("pgd_update", "cuda")
+def pgd_update_cuda(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out):
+    """CUDA C++ row: csrc/pgd_update.cu (powerlaw_fast.cuda, imported on first use)."""
+    from powerlaw_fast.cuda import ops
+
+    return ops.pgd_update_cuda(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out)
+
+
 # --------------------------------------------------------------------------- public function
 def resolve_step_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """resolve_backend, with a clear error while the CUDA C++ backend is not part of the build."""
-    try:
-        return resolve_backend(backend, device, dtype=dtype)
-    except ImportError as err:
-        raise ValueError(
-            f"backend={backend!r}: the CUDA C++ backend (powerlaw_fast.cuda) is not available "
-            f"({err}); use backend='triton' or 'torch'"
-        ) from err
+    """The table row :func:`pgd_update` runs for ``backend`` on tensors of ``device`` and
+    ``dtype`` ("torch", "triton" or "cuda"); a ValueError (TypeError for a dtype) saying what
+    is missing when it cannot run there. The attacks resolve once and pass the name on."""
+    return resolve_backend(backend, device, dtype=dtype)
 
 
 def _check_rows(t: torch.Tensor, name: str, R: int, D: int) -> None:
@@ -226,15 +249,5 @@ def pgd_update(
             )
 
     resolved = resolve_step_backend(backend, x_adv.device, x_adv.dtype)
-    if resolved == "triton":
-        return _pgd_update_triton(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out)
-    if resolved == "cuda":
-        try:
-            from powerlaw_fast.cuda import pgd_update_cuda
-        except ImportError as err:
-            raise ValueError(
-                "backend='cuda': powerlaw_fast.cuda.pgd_update_cuda is not available in this "
-                f"build ({err}); use backend='triton' or 'torch'"
-            ) from err
-        return pgd_update_cuda(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out)
-    return out.copy_(pgd_update_reference(x_adv, x_nat, grad, eps_rows, step_size, lo, hi))
+    update = implementation("pgd_update", resolved)
+    return update(x_adv, x_nat, grad, eps_rows, step_size, lo, hi, out)

@@ -13,10 +13,15 @@ Stages (shapes for a batch ``x [B, N]``):
 ``column_mean``        ``x -> mean [N]`` float32 (float64 for float64 x)
 ``centred_projection`` ``(x, V, mean, plan) -> (moments [2, M, N], Z [B, N])``: column sums of Z
                        and of Z * Z over M row-blocks, ``Z = (x - mean) V``
-``spectrum_penalty``   ``(moments, count, penalty settings) -> scratch [4 + 2N]`` (see
-                       :mod:`powerlaw_fast.ops.spectral_penalty`)
+``spectrum_penalty``   ``(moments or lam, count, penalty settings) -> scratch`` (the layout of
+                       :mod:`powerlaw_fast.ops._layout`; :mod:`powerlaw_fast.ops.powerlaw_penalty`)
 ``backprojection``     ``(Z, coef, grad_out, V, scale, out_dtype, plan) -> grad_x [B, N]``
 ``centred_gram``       ``(x, mean, scale) -> scale (x - mean)^T (x - mean)`` ``[N, N]``
+``layers_penalty``     ``(xs, Vs, per-layer settings) -> (sum of the layers' penalties, [lam_l])``:
+                       the grouped kernels or the per-layer loop
+                       (:mod:`powerlaw_fast.ops.grouped_penalty`)
+``pgd_update``         ``(x_adv, x_nat, grad, eps_rows, step, lo, hi, out) -> out``: one fused
+                       PGD/FGSM step (:mod:`powerlaw_fast.ops.attack_step`)
 =====================  ==========================================================================
 
 Example::

@@ -45,6 +45,7 @@ from powerlaw_fast.ops._layout import BLOCK_M, MAX_FUSED_N, SCRATCH_HEAD
 from powerlaw_fast.ops._plan import anchor_tolerance, kink_tolerance, mean_tolerance, plan_for
 from powerlaw_fast.ops._settings import Settings, status_raiser
 from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, next_power_of_2, size_bucket
+from powerlaw_fast.ops.backends import register
 from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
 
 
@@ -246,33 +247,61 @@ def grouped_penalty_triton(xs, Vs, *, alphas, anchors, betas, convention, valida
     return total, out
 
 
+@register("layers_penalty", "torch")
 def grouped_penalty_torch(xs, Vs, *, alphas, anchors, betas, convention, validate="deferred",
-                          compute_dtype=None, names=None, taus=None, backend="torch"):  # fmt: skip
-    """Twin of :func:`grouped_penalty_triton`: the per-layer loop over spec_penalty."""
+                          compute_dtype=None, names=None, taus=None, process_group=None,
+                          backend="torch"):  # fmt: skip
+    """Twin of :func:`grouped_penalty_triton`: the per-layer loop over spec_penalty (also the
+    path of the other backends, of a process group, of torch.compile, and of layers the
+    grouped kernels do not take). Layers may differ in dtype and device; a float64 layer is
+    computed in float64 whatever ``compute_dtype``."""
     names = names or [str(i) for i in range(len(xs))]
+    taus = taus or [a + 1 if convention == "paper" else a for a in anchors]
     total, lams = None, []
     for i, (x, V) in enumerate(zip(xs, Vs, strict=True)):
-        tau = anchors[i] + 1 if convention == "paper" else anchors[i]
         try:
-            value, lam = penalty_and_spectrum(
-                x, V, alpha=alphas[i], tau=tau, beta=betas[i], convention=convention,
-                backend=backend, validate=validate, compute_dtype=compute_dtype,
-            )  # fmt: skip
+            with status.where(f"layer {names[i]!r}"):
+                value, lam = penalty_and_spectrum(
+                    x, V, alpha=alphas[i], tau=taus[i], beta=betas[i], convention=convention,
+                    backend=backend, validate=validate, process_group=process_group,
+                    compute_dtype=compute_dtype if x.dtype != torch.float64 else None,
+                )  # fmt: skip
         except status.DeferredValidationError:
             raise  # about an earlier call: it names its own layer
         except ValueError as err:
             raise ValueError(f"layer {names[i]!r}: {err}") from None
         lams.append(lam)
-        total = value if total is None else total + value.to(total.dtype)
+        if total is None:
+            total = value
+        else:
+            total = total + value.to(torch.promote_types(total.dtype, value.dtype))
     return total, lams
 
 
-def can_group(xs, backend: str) -> bool:
-    """The grouped kernels apply: Triton, one batch size and dtype (not float64), N <= 4096."""
+@register("layers_penalty", "cuda")
+def grouped_penalty_cuda(xs, Vs, **settings):
+    """The per-layer loop on the CUDA C++ backend."""
+    return grouped_penalty_torch(xs, Vs, **settings, backend="cuda")
+
+
+@register("layers_penalty", "triton")
+def layers_penalty_triton(xs, Vs, *, process_group=None, **settings):
+    """The grouped kernels where they apply (:func:`can_group`, one process, eager), else the
+    per-layer loop of Triton launches."""
+    if process_group is None and not torch.compiler.is_compiling() and can_group(xs):
+        return grouped_penalty_triton(xs, Vs, **settings)
+    return grouped_penalty_torch(xs, Vs, **settings, process_group=process_group,
+                                 backend="triton")  # fmt: skip
+
+
+def can_group(xs) -> bool:
+    """The grouped kernels apply: one batch size, dtype (not float64) and device, N <= 4096."""
     first = xs[0]
     return (
-        backend == "triton"
-        and first.dtype != torch.float64
-        and all(x.dtype == first.dtype and x.shape[0] == first.shape[0] for x in xs)
+        first.dtype != torch.float64
+        and all(
+            x.dtype == first.dtype and x.shape[0] == first.shape[0] and x.device == first.device
+            for x in xs
+        )
         and max(x.shape[1] for x in xs) <= MAX_FUSED_N
     )

@@ -91,10 +91,11 @@ def validation_mode(validate) -> str:
 
 @contextlib.contextmanager
 def where(description: str):
-    """Label the checks made inside the block (e.g. ``"layer 'fc1', step 12"``), so that a
-    deferred error says which layer and step it came from."""
+    """Label the checks made inside the block (e.g. ``"step 12"``, and inside that
+    ``"layer 'fc1'"``: ``"layer 'fc1', step 12"``), so that a deferred error says which layer
+    and step it came from."""
     previous = _state["where"]
-    _state["where"] = description
+    _state["where"] = f"{description}, {previous}" if previous else description
     try:
         yield
     finally:

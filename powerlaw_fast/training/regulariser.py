@@ -51,42 +51,29 @@ Example::
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from powerlaw_fast._backend import BACKENDS, resolve_backend
-from powerlaw_fast._torch_helpers import StopForward, eval_mode, find_submodule, module_device
-from powerlaw_fast._validation import check_int_range, check_orthonormal, check_real
+from powerlaw_fast._torch_helpers import find_submodule, module_device
+from powerlaw_fast._validation import check_int_range, check_real
+from powerlaw_fast.ops import grouped_penalty as _layers_penalty  # noqa: F401  (its stage)
 from powerlaw_fast.ops import status
 from powerlaw_fast.ops._settings import CONVENTIONS
 from powerlaw_fast.ops._settings import anchor_index as _anchor_index
-from powerlaw_fast.ops.grouped_penalty import can_group, grouped_penalty_triton
-from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
-from powerlaw_fast.ops.status import DeferredValidationError, validation_mode
-from powerlaw_fast.training.accumulator import CovarianceAccumulator, eigh_descending
-from powerlaw_fast.training.capture import iterate_inputs, model_device
+from powerlaw_fast.ops.backends import implementation
+from powerlaw_fast.ops.status import validation_mode
+from powerlaw_fast.training._basis_store import BasisStore, read_layers
+from powerlaw_fast.training._hooks import LayerHooks
+from powerlaw_fast.training._refresh import accumulate_layers, eigenbases
+from powerlaw_fast.training._running_basis import RunningBasis
+from powerlaw_fast.training.capture import model_device
 
 STATE_FORMAT = 2  # the layout of state_dict() (2 adds the running basis); 1 is still read
 BASIS_UPDATES = ("epoch", "running")
-
-
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass: activation checkpointing recomputes the
-    forward there, and that recomputation is not a new training forward."""
-    return torch._C._current_graph_task_id() != -1
-
-
-def _reused_layer_error(name: str) -> RuntimeError:
-    return RuntimeError(
-        f"layer {name!r} ran twice in one forward pass: its basis describes one use and the "
-        f"penalty would see another; a module reused within the forward cannot be regularised "
-        f"(wrap each use in its own module)"
-    )
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -203,9 +190,7 @@ class SpectralRegularizer:
                                          low_inclusive=False)
         if self.basis_momentum > 1.0:
             raise ValueError(f"basis_momentum: expected a number in (0, 1], got {basis_momentum}")
-        # running mode: name -> float64 running covariance [N, N]; penalty calls so far
-        self._running: dict[str, torch.Tensor] = {}
-        self._running_steps = 0
+        self._running = RunningBasis(self.basis_momentum, self.basis_every)
 
         self._modules: dict[str, nn.Module] = {}
         for entry in self._as_layer_list(layers):
@@ -228,27 +213,11 @@ class SpectralRegularizer:
         self._tau = self._per_layer(tau, "tau", integer)
         self._beta = self._per_layer(beta, "beta", non_negative)
 
-        self._basis: dict[str, torch.Tensor] = {}
-        self._eigenvalues: dict[str, torch.Tensor] = {}
-        # (dtype, device) -> {layer: V}, every layer's V a view of one flat buffer (the grouped
-        # kernels read all layers' bases from it)
-        self._cast_basis: dict[tuple[torch.dtype, torch.device], dict[str, torch.Tensor]] = {}
-        self._captured: dict[str, torch.Tensor] = {}
+        self._store = BasisStore(self.layer_names)
+        self._hooks = LayerHooks(self._model, self._modules)
         self._latest_spectrum: dict[str, torch.Tensor] = {}
         self._small_batch_warned: set[str] = set()
-        self._refresh_sink = None  # set during refresh(): called with (name, output)
-        self._fired: set[str] = set()  # layers that ran in the current call of the model
-        self._model_depth = 0  # calls of the model in progress (its forward, possibly nested)
-        self._versions: dict[str, int] = {}  # name -> the kept output's version at capture
         self._steps = 0  # penalty() calls, for the errors' "step"
-        self._handles = [
-            module.register_forward_hook(self._make_hook(name))
-            for name, module in self._modules.items()
-        ]
-        self._handles.append(self._model.register_forward_pre_hook(self._enter_model))
-        self._handles.append(
-            self._model.register_forward_hook(self._leave_model, always_call=True)
-        )
 
     # ----------------------------------------------------------------------------------------
     # Construction helpers
@@ -303,32 +272,6 @@ class SpectralRegularizer:
             raise ValueError(f"{what}: the mapping has no value for layers {missing}")
         return settings
 
-    def _enter_model(self, module, args) -> None:
-        if self._model_depth == 0:
-            self._fired.clear()
-        self._model_depth += 1
-
-    def _leave_model(self, module, args, output) -> None:
-        self._model_depth = max(0, self._model_depth - 1)
-
-    def _make_hook(self, name: str):
-        def hook(module, args, output):
-            sink = self._refresh_sink
-            if sink is not None:
-                sink(name, output)
-            elif module.training and torch.is_grad_enabled() and not _in_backward():
-                # Reuse is checked within one call of the model; a layer called outside it
-                # (``model[:2](x)``, the layer itself) is a forward of its own, latest wins.
-                if self._model_depth > 0:
-                    if name in self._fired:
-                        raise _reused_layer_error(name)
-                    self._fired.add(name)
-                self._captured[name] = output
-                if isinstance(output, torch.Tensor) and not torch.compiler.is_compiling():
-                    self._versions[name] = output._version
-
-        return hook
-
     # ----------------------------------------------------------------------------------------
     # Settings and state
     def settings(self, layer) -> dict:
@@ -339,19 +282,19 @@ class SpectralRegularizer:
     @property
     def refreshed(self) -> bool:
         """True once :meth:`refresh` (or :meth:`load_state_dict`) has provided the eigenbases."""
-        return bool(self._basis)
+        return bool(self._store)
 
     def basis(self, layer) -> torch.Tensor:
         """``V [N, N]`` float32 of ``layer``: eigenvectors as columns, descending eigenvalues."""
         name = self._layer_name(layer, "layer")
         self._require_refreshed()
-        return self._basis[name]
+        return self._store.basis[name]
 
     def eigenvalues(self, layer) -> torch.Tensor:
         """Eigenvalues ``[N]`` float64, descending, of ``layer``'s covariance over the data set."""
         name = self._layer_name(layer, "layer")
         self._require_refreshed()
-        return self._eigenvalues[name]
+        return self._store.eigenvalues[name]
 
     def spectra(self) -> dict[str, torch.Tensor]:
         """Name -> the per-batch spectrum ``[N]`` of the latest :meth:`penalty` call, sorted in
@@ -368,105 +311,37 @@ class SpectralRegularizer:
         (so that a resumed run installs the same basis on the same step as an uninterrupted
         one)."""
         self._require_refreshed()
-        return {
-            "format": STATE_FORMAT,
-            "layers": {
-                name: {"basis": self._basis[name], "eigenvalues": self._eigenvalues[name]}
-                for name in self.layer_names
-            },
-            "running": {name: cov for name, cov in self._running.items()},
-            "running_steps": self._running_steps,
-        }
+        return {"format": STATE_FORMAT, "layers": self._store.state(), **self._running.state()}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore the eigenbases of :meth:`state_dict` exactly (bitwise), each moved to its
-        layer's device (the device of the layer's parameters, else of the model's)."""
+        layer's device (the device of the layer's parameters, else of the model's). Every check
+        (types, shapes, widths, finiteness, tau, orthonormal bases) runs before anything is
+        installed."""
         if not isinstance(state, Mapping) or "layers" not in state:
             raise TypeError("state: expected a mapping from SpectralRegularizer.state_dict()")
         if state.get("format") not in (1, STATE_FORMAT):
             raise ValueError(
                 f"state: expected format 1 or {STATE_FORMAT}, got {state.get('format')!r}"
             )
-        entries = state["layers"]
-        if not isinstance(entries, Mapping):
-            raise TypeError(
-                f"state: expected 'layers' to map layer names to their basis and eigenvalues, "
-                f"got {type(entries).__name__}"
-            )
-        if set(entries) != set(self.layer_names):
-            raise ValueError(
-                f"state: expected layers {sorted(self.layer_names)}, got {sorted(entries)}"
-            )
-        basis, values = {}, {}
         fallback = model_device(self._model)
-        for name in self.layer_names:
-            V, lam = entries[name]["basis"], entries[name]["eigenvalues"]
-            if not (isinstance(V, torch.Tensor) and isinstance(lam, torch.Tensor)):
-                raise TypeError(
-                    f"state: layer {name!r}: expected tensors for basis and eigenvalues"
-                )
-            N = lam.shape[0] if lam.dim() == 1 else -1
-            if V.dtype != torch.float32 or lam.dtype != torch.float64 or V.shape != (N, N):
-                raise ValueError(
-                    f"state: layer {name!r}: expected basis float32 [N, N] and eigenvalues float64 "
-                    f"[N], got {V.dtype} {tuple(V.shape)} and {lam.dtype} {tuple(lam.shape)}"
-                )
-            width = self._known_width(name)
-            if width is not None and width != N:
-                raise ValueError(
-                    f"state: layer {name!r}: expected a basis for {width} features (the layer's "
-                    f"width), got one for {N}"
-                )
-            if not (torch.isfinite(V).all() and torch.isfinite(lam).all()):
-                raise ValueError(
-                    f"state: layer {name!r}: expected finite basis and eigenvalues, got NaN or inf"
-                )
-            self._check_tau(name, N)
-            check_orthonormal(V, f"state: layer {name!r}: basis")
-            device = module_device(self._modules[name], fallback)
-            basis[name] = V.detach().to(device, copy=True)
-            values[name] = lam.detach().to(device, copy=True)
-        running = self._running_state(state, basis)
+        basis, values = read_layers(
+            state["layers"], self.layer_names, known_width=self._known_width,
+            check_tau=self._check_tau,
+            device_of=lambda name: module_device(self._modules[name], fallback),
+        )  # fmt: skip
+        running = RunningBasis(self.basis_momentum, self.basis_every)
+        running.load(state, {n: (V.shape[0], V.device) for n, V in basis.items()},
+                     expected=self.basis_update == "running")  # fmt: skip
         self._install(basis, values)
         self._running = running
-        self._running_steps = int(state.get("running_steps", 0))
-
-    def _running_state(self, state: Mapping, basis: dict) -> dict[str, torch.Tensor]:
-        """The running covariances of a checkpoint, checked against the bases' widths."""
-        entries = state.get("running") or {}
-        if not isinstance(entries, Mapping):
-            raise TypeError(f"state: expected 'running' to be a mapping, got "
-                            f"{type(entries).__name__}")  # fmt: skip
-        if self.basis_update == "running" and set(entries) != set(self.layer_names):
-            warnings.warn(
-                "state: no running covariance for every layer (saved with "
-                "basis_update='epoch' or by an older version): the running average restarts "
-                "from the next batch",
-                stacklevel=3,
-            )
-            return {}
-        running = {}
-        for name, cov in entries.items():
-            if name not in basis:
-                raise ValueError(f"state: running covariance for unknown layer {name!r}")
-            N = basis[name].shape[0]
-            if not isinstance(cov, torch.Tensor) or cov.dtype != torch.float64 or (
-                cov.shape != (N, N)
-            ):
-                raise ValueError(
-                    f"state: layer {name!r}: expected a float64 [{N}, {N}] running covariance, "
-                    f"got {getattr(cov, 'dtype', type(cov).__name__)} "
-                    f"{tuple(getattr(cov, 'shape', ()))}"
-                )
-            running[name] = cov.detach().to(basis[name].device, copy=True)
-        return running
 
     def _known_width(self, name: str) -> int | None:
         """The layer's number of output features when it can be known without a forward: its
         basis, its ``out_features``, or the width the model reports for it (the paper's models'
         ``hidden_widths()``); otherwise the next training forward checks it."""
-        if name in self._basis:
-            return self._basis[name].shape[0]
+        if name in self._store.basis:
+            return self._store.basis[name].shape[0]
         module = self._modules[name]
         width = getattr(module, "out_features", None)
         if width is None and hasattr(self._model, "hidden_widths"):
@@ -478,10 +353,7 @@ class SpectralRegularizer:
 
     def remove(self) -> None:
         """Take the forward hooks off the model and drop every kept tensor."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self._captured.clear()
+        self._hooks.remove()
 
     def __enter__(self) -> SpectralRegularizer:
         return self
@@ -490,34 +362,21 @@ class SpectralRegularizer:
         self.remove()
 
     def _require_refreshed(self) -> None:
-        if not self._basis:
+        if not self._store:
             raise RuntimeError(
                 "SpectralRegularizer: no eigenbasis yet; call reg.refresh(train_loader) (at each "
                 "epoch start) or reg.load_state_dict(...) before reg.penalty()"
             )
+
+    def _install(self, basis: dict, values: dict) -> None:
+        self._store.install(basis, values)
+        self._latest_spectrum.clear()
 
     def _check_tau(self, name: str, N: int) -> None:
         try:
             _anchor_index(N, self._tau[name], self.convention)
         except ValueError as err:
             raise ValueError(f"tau for layer {name!r} (N = {N} features): {err}") from None
-
-    def _install(self, basis: dict, values: dict) -> None:
-        # In place where the shapes allow: a CUDA graph captured around penalty() keeps reading
-        # the same V buffers, so a refresh outside the graph stays visible to its replays.
-        for key, views in list(self._cast_basis.items()):
-            if all(views[n].shape == basis[n].shape for n in views):
-                for n, view in views.items():
-                    view.copy_(basis[n])
-            else:
-                del self._cast_basis[key]
-        for name, V in basis.items():
-            old = self._basis.get(name)
-            if old is not None and old.shape == V.shape and old.device == V.device:
-                basis[name] = old.copy_(V)
-        self._basis = basis
-        self._eigenvalues = values
-        self._latest_spectrum.clear()
 
     # ----------------------------------------------------------------------------------------
     # Refresh
@@ -539,80 +398,18 @@ class SpectralRegularizer:
             batch_size: rows per forward pass when ``data`` is a tensor.
         """
         batch_size = check_int_range(batch_size, "batch_size", 1, 1 << 30)
-        device = model_device(self._model)
-        accumulators: dict[str, CovarianceAccumulator] = {}
-        fired: set[str] = set()
-        wanted = len(self._modules)
-
-        def sink(name: str, output) -> None:
-            if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"layer {name!r}: expected the layer to output a tensor, got "
-                    f"{type(output).__name__}"
-                )
-            if name in fired:
-                raise _reused_layer_error(name)
-            fired.add(name)
-            rows = output.detach().reshape(output.shape[0], -1)
-            acc = accumulators.get(name)
-            if acc is None:
-                acc = accumulators[name] = CovarianceAccumulator(rows.shape[1], device=rows.device)
-            elif rows.shape[1] != acc.num_features:
-                raise ValueError(
-                    f"layer {name!r}: expected {acc.num_features} features per sample as in the "
-                    f"first batch, got {rows.shape[1]}"
-                )
-            acc.update(rows)
-            if len(fired) == wanted:
-                raise StopForward
-
-        total = None
-        if isinstance(data, torch.Tensor):
-            total = math.ceil(data.shape[0] / batch_size) if data.dim() >= 1 else None
-        elif hasattr(data, "__len__"):
-            try:
-                total = len(data)
-            except TypeError:
-                total = None
-        batches = tqdm(
-            iterate_inputs(data, batch_size), total=total, desc="spectral refresh",
-            unit="batch", disable=not self.progress or self._rank() != 0, leave=False,
-        )
-        self._refresh_sink = sink
-        try:
-            with eval_mode(self._model), torch.no_grad():
-                for inputs in batches:
-                    fired.clear()
-                    try:
-                        self._model(inputs.to(device, non_blocking=True))
-                    except StopForward:
-                        pass
-                    if len(fired) != wanted:
-                        missing = [n for n in self.layer_names if n not in fired]
-                        raise ValueError(
-                            f"layers {missing} did not run during the model's forward pass"
-                        )
-        finally:
-            self._refresh_sink = None
-            batches.close()
-        if not accumulators:
-            raise ValueError("data: no batches to refresh the eigenbases from")
-
-        basis, values = {}, {}
+        accumulators = accumulate_layers(
+            self._model, self.layer_names, self._hooks, data, batch_size=batch_size,
+            progress=self.progress and self._rank() == 0,
+        )  # fmt: skip
+        covariances = {}
         for name in self.layer_names:
             acc = accumulators[name]
             if self.process_group is not None:
                 acc.all_reduce(self.process_group)
             self._check_tau(name, acc.num_features)
-            lam, vectors = eigh_descending(acc.covariance())
-            basis[name] = vectors.to(torch.float32)
-            values[name] = lam
-            if self.process_group is not None:
-                # identical inputs give identical eigenvectors in practice, but eigenvector
-                # signs are not guaranteed across devices: rank 0's basis is the one every
-                # rank uses
-                self._broadcast_from_first_rank(basis[name], values[name])
-        self._install(basis, values)
+            covariances[name] = acc.covariance()
+        self._install(*eigenbases(covariances, self.process_group))
 
     def _rank(self) -> int:
         import torch.distributed as dist
@@ -621,34 +418,8 @@ class SpectralRegularizer:
             return 0
         return dist.get_rank(self.process_group)
 
-    def _broadcast_from_first_rank(self, *tensors: torch.Tensor) -> None:
-        import torch.distributed as dist
-
-        if dist.get_world_size(self.process_group) == 1:
-            return
-        source = dist.get_global_rank(self.process_group, 0)
-        for t in tensors:
-            dist.broadcast(t, src=source, group=self.process_group)
-
     # ----------------------------------------------------------------------------------------
     # Penalty
-    def _bases(self, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
-        """Every layer's V in ``dtype`` on ``device``, as views of one flat buffer: cast once
-        per refresh (under autocast, or with ``penalty_dtype``), updated in place after."""
-        key = (dtype, device)
-        views = self._cast_basis.get(key)
-        if views is None:
-            flat = torch.cat(
-                [self._basis[n].to(device=device, dtype=dtype).flatten() for n in self.layer_names]
-            )
-            views, offset = {}, 0
-            for name in self.layer_names:
-                N = self._basis[name].shape[0]
-                views[name] = flat[offset : offset + N * N].view(N, N)
-                offset += N * N
-            self._cast_basis[key] = views
-        return views
-
     def penalty(self) -> torch.Tensor:
         """Sum over the layers of the spectral penalty on the latest training forward pass.
 
@@ -670,7 +441,7 @@ class SpectralRegularizer:
         """
         if not torch.compiler.is_compiling():
             status.poll()  # an earlier step's deferred error, before any work of this one
-        captured, self._captured = self._captured, {}
+        captured = self._hooks.take()
         if self.basis_update == "epoch":
             self._require_refreshed()
         missing = [n for n in self.layer_names if n not in captured]
@@ -681,48 +452,30 @@ class SpectralRegularizer:
                 f"the activations of a forward pass are released by the first penalty() call"
             )
         self._steps += 1
-        versions, self._versions = self._versions, {}
-        for name in self.layer_names:
-            self._check_not_modified(name, captured[name], versions.get(name))
-        xs = [self._activations(name, captured.pop(name)) for name in self.layer_names]
+        xs = [self._activations(name, captured[name]) for name in self.layer_names]
         if self.basis_update == "running":
             if torch.compiler.is_compiling():  # eigh and its host logic run eagerly
                 torch.compiler.disable(self._update_running_basis)(xs)
             else:
                 self._update_running_basis(xs)
-        device, dtype = xs[0].device, xs[0].dtype
-        backend = resolve_backend(self.backend, device, dtype=dtype)
-        grouped = (
-            not torch.compiler.is_compiling()  # compiled steps use the opaque custom ops
-            and self.process_group is None
-            and all(x.device == device for x in xs)
-            and can_group(xs, backend)
-        )
+        names = self.layer_names
+        backend = resolve_backend(self.backend, xs[0].device, dtype=xs[0].dtype)
+        compute = self.penalty_dtype
+        Vs = [self._store.views(compute if x.dtype != torch.float64 and compute else x.dtype,
+                                x.device)[name] for name, x in zip(names, xs, strict=True)]
         # The ops keep their own float32 (or float64) arithmetic; autocast must not recast it.
-        with torch.autocast(device.type, enabled=False), status.where(f"step {self._steps}"):
-            if grouped:
-                return self._grouped_penalty(xs)
-            total = None
-            for name, x in zip(self.layer_names, xs, strict=True):
-                term = self._layer_penalty(name, x)
-                if total is None:
-                    total = term
-                else:
-                    total = total + term.to(torch.promote_types(total.dtype, term.dtype))
-            return total
-
-    @staticmethod
-    def _check_not_modified(name: str, out, version: int | None) -> None:
-        """The kept output must be what the layer returned: an in-place op after the layer
-        (``nn.ReLU(inplace=True)``, ``h += ...``) would change what is penalised."""
-        if version is None or not isinstance(out, torch.Tensor) or out._version == version:
-            return
-        raise RuntimeError(
-            f"layer {name!r}: its output was modified in place after the layer ran (e.g. by "
-            f"nn.ReLU(inplace=True) or an in-place op on it), so the penalty would see the "
-            f"modified values, not the layer's; use the out-of-place op after a regularised "
-            f"layer (nn.ReLU(inplace=False))"
-        )
+        with torch.autocast(xs[0].device.type, enabled=False), \
+                status.where(f"step {self._steps}"):  # fmt: skip
+            total, lams = implementation("layers_penalty", backend)(
+                xs, Vs, alphas=[self._alpha[n] for n in names],
+                anchors=[_anchor_index(x.shape[1], self._tau[n], self.convention)
+                         for n, x in zip(names, xs, strict=True)],
+                betas=[self._beta[n] for n in names], convention=self.convention,
+                validate=self.validate, compute_dtype=compute, names=names,
+                taus=[self._tau[n] for n in names], process_group=self.process_group,
+            )  # fmt: skip
+        self._latest_spectrum.update(zip(names, lams, strict=True))
+        return total
 
     def _activations(self, name: str, out) -> torch.Tensor:
         """A layer's kept output as ``[B, N]``, checked against its basis."""
@@ -731,7 +484,7 @@ class SpectralRegularizer:
                 f"layer {name!r}: expected the layer to output a tensor, got {type(out).__name__}"
             )
         x = out.reshape(out.shape[0], -1)
-        known = self._basis.get(name, self._running.get(name))
+        known = self._store.basis.get(name, self._running.covariance.get(name))
         N = x.shape[1] if known is None else known.shape[0]
         if x.shape[1] != N:
             raise ValueError(
@@ -757,94 +510,19 @@ class SpectralRegularizer:
         """With ``basis_update="running"``: the float64 running average ``[N, N]`` of
         ``layer``'s batch covariances (None before the first penalty, or in ``"epoch"`` mode)."""
         name = self._layer_name(layer, "layer")
-        return self._running.get(name)
+        return self._running.covariance.get(name)
 
     def _update_running_basis(self, xs: list[torch.Tensor]) -> None:
-        """Fold the batch covariances into the running averages; every ``basis_every`` calls
-        (and on the first) eigendecompose them and install the bases in place."""
-        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError(
-                "SpectralRegularizer(basis_update='running'): the basis update cannot run inside "
-                "a CUDA graph capture (eigh synchronises); capture without the penalty or use "
-                "basis_update='epoch'"
-            )
-        m = self.basis_momentum
-        with torch.no_grad(), torch.autocast(xs[0].device.type, enabled=False):
-            for name, x in zip(self.layer_names, xs, strict=True):
-                rows = x.detach().to(torch.float64)
-                count = torch.tensor(float(rows.shape[0]), dtype=torch.float64,
-                                     device=rows.device)
-                total = rows.sum(0)
-                if self.process_group is not None:
-                    import torch.distributed as dist
-
-                    # raw moments of the global batch: N^2 + N + 1 floats per layer and step
-                    moments = torch.cat([count.reshape(1), total, (rows.T @ rows).flatten()])
-                    dist.all_reduce(moments, group=self.process_group)
-                    N = rows.shape[1]
-                    count, total = moments[0], moments[1 : N + 1]
-                    second = moments[N + 1 :].view(N, N)
-                    mean = total / count
-                    cov = (second - count * torch.outer(mean, mean)) / (count - 1)
-                else:
-                    centred = rows - total / count
-                    cov = centred.T @ centred / (count - 1)
-                old = self._running.get(name)
-                if old is None or old.shape != cov.shape or old.device != cov.device:
-                    self._running[name] = cov
-                else:
-                    old.mul_(1.0 - m).add_(cov, alpha=m)
-        due = not self._basis or self._running_steps % self.basis_every == 0
-        self._running_steps += 1
-        if not due:
+        """Fold the batch covariances into the running averages; when due, eigendecompose them
+        and install the bases in place."""
+        with torch.autocast(xs[0].device.type, enabled=False):
+            due = self._running.fold(dict(zip(self.layer_names, xs, strict=True)),
+                                     self.process_group)  # fmt: skip
+        if not (due or not self._store):
             return
-        basis, values = {}, {}
-        for name in self.layer_names:
-            cov = self._running[name]
+        for name, cov in self._running.covariance.items():
             self._check_tau(name, cov.shape[0])
-            lam, vectors = eigh_descending(cov)
-            basis[name] = vectors.to(torch.float32)
-            values[name] = lam
-            if self.process_group is not None:
-                self._broadcast_from_first_rank(basis[name], values[name])
-        self._install(basis, values)
-
-    def _compute_dtype(self, x: torch.Tensor):
-        return self.penalty_dtype if x.dtype != torch.float64 else None
-
-    def _grouped_penalty(self, xs) -> torch.Tensor:
-        compute = self._compute_dtype(xs[0])
-        views = self._bases(compute or xs[0].dtype, xs[0].device)
-        names = self.layer_names
-        total, lams = grouped_penalty_triton(
-            xs, [views[n] for n in names],
-            alphas=[self._alpha[n] for n in names],
-            anchors=[_anchor_index(x.shape[1], self._tau[n], self.convention)
-                     for n, x in zip(names, xs, strict=True)],
-            betas=[self._beta[n] for n in names],
-            convention=self.convention, validate=self.validate, compute_dtype=compute,
-            names=names, taus=[self._tau[n] for n in names],
-        )  # fmt: skip
-        for name, lam in zip(names, lams, strict=True):
-            self._latest_spectrum[name] = lam
-        return total
-
-    def _layer_penalty(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        compute = self._compute_dtype(x)
-        V = self._bases(compute or x.dtype, x.device)[name]
-        try:
-            with status.where(f"layer {name!r}, step {self._steps}"):
-                value, lam = penalty_and_spectrum(
-                    x, V, **self.settings(name), convention=self.convention,
-                    backend=self.backend, validate=self.validate,
-                    process_group=self.process_group, compute_dtype=compute,
-                )  # fmt: skip
-        except DeferredValidationError:
-            raise  # about an earlier call: it names its own layer and step
-        except ValueError as err:
-            raise ValueError(f"layer {name!r}: {err}") from None
-        self._latest_spectrum[name] = lam
-        return value
+        self._install(*eigenbases(self._running.covariance, self.process_group))
 
     def __repr__(self) -> str:
         layers = ", ".join(

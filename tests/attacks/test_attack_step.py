@@ -194,3 +194,18 @@ def test_gpu_triton_equals_torch_bit_for_bit(dtype):
     a, n_, gr = xa.to(dtype), xn.to(dtype), g.to(dtype)
     out = pgd_update(a, n_, gr, e, 0.01, backend="triton")
     assert torch.equal(out, pgd_update_reference(a, n_, gr, e, 0.01, 0.0, 1.0))
+
+
+def test_the_update_is_a_stage_of_the_backend_table():
+    from powerlaw_fast.ops import attack_step
+    from powerlaw_fast.ops.backends import implementation
+
+    rows = {b: implementation("pgd_update", b) for b in ("torch", "triton", "cuda")}
+    assert rows["torch"] is attack_step.pgd_update_torch
+    assert rows["triton"] is attack_step.pgd_update_triton
+    assert rows["cuda"] is attack_step.pgd_update_cuda
+    xa, xn, g, e = make_inputs(6, 3, 5, device="cpu")
+    out = torch.empty_like(xa)
+    assert rows["torch"](xa, xn, g, e, 0.05, 0.0, 1.0, out) is out
+    torch.testing.assert_close(out, pgd_update(xa, xn, g, e, 0.05, backend="torch"),
+                               rtol=0, atol=0)

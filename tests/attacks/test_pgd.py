@@ -260,7 +260,7 @@ def test_gpu_capture_failure_falls_back_with_warning():
 
 @pytest.mark.gpu
 def test_gpu_step_loop_never_syncs_with_host():
-    from powerlaw_fast.attacks.pgd import _ChunkRunner, _Config
+    from powerlaw_fast.attacks._pgd_final import _ChunkRunner, _Config
 
     model, x, y = _cuda_model_and_data(n=32)
     for graph in (False, True):
@@ -306,10 +306,10 @@ def test_cuda_graph_flag_is_ignored_on_cpu_and_progress_bar_runs():
 
 @pytest.mark.gpu
 def test_gpu_memory_budget_splits_into_chunks_with_same_result():
-    from powerlaw_fast.attacks.pgd import _auto_rows
+    from powerlaw_fast.attacks._common import rows_per_pass
 
     model, x, y = _cuda_model_and_data(n=256)
-    rows = _auto_rows(model.eval(), x, y, memory_budget=2**20)
+    rows = rows_per_pass(model.eval(), x, y, memory_budget=2**20)
     assert 1 <= rows < len(EPS) * 256
     small = pgd(model, x, y, EPS, steps=5, memory_budget=2**20, cuda_graph=False,
                 final_iterate=True)

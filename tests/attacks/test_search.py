@@ -136,8 +136,7 @@ def test_eps_zero_costs_one_forward_and_no_steps():
 
 
 def test_work_counts_are_exact_and_smaller_than_the_loop(monkeypatch):
-    # the package attribute `pgd` is the function, which shadows the submodule
-    pgd_module = importlib.import_module("powerlaw_fast.attacks.pgd")
+    search_module = importlib.import_module("powerlaw_fast.attacks._pgd_search")
 
     model, x, y = setup()
     counted = Counting(model)
@@ -147,7 +146,7 @@ def test_work_counts_are_exact_and_smaller_than_the_loop(monkeypatch):
     loop_work = len([e for e in EPS if e > 0]) * x.shape[0] * STEPS
     assert r.row_steps < loop_work
     # one radius at a time (no grouping of small batches): less work, the very same answer
-    monkeypatch.setattr(pgd_module, "_GROUP_ROWS", {"cpu": 1, "cuda": 1})
+    monkeypatch.setattr(search_module, "_GROUP_ROWS", {"cpu": 1, "cuda": 1})
     seq = pgd(model, x, y, EPS, steps=STEPS, step_size=STEP, details=True)
     assert seq.row_steps < loop_work / 2 and seq.row_steps <= r.row_steps
     for key in ("success", "step", "found_at", "adv"):
