@@ -6,7 +6,7 @@
     python benchmarks/bench_penalty.py --dry-run --out DIR  # every path at N = 40 on the
                                                         # CPU (Triton interpreter), writes JSON
 
-Implementations (DESIGN.md section 5): ``triton`` and ``cuda`` (this library; at N >= 4096 also
+Implementations: ``triton`` and ``cuda`` (this library; at N >= 4096 also
 ``triton_fused_gemm`` and ``triton_cublas_gemm``, the two GEMM routes forced, and for float32
 ``triton_bf16_compute``), ``torch_projection`` (plain torch, projection form),
 ``compiled_projection`` (torch.compile of it; N <= 2048), ``torch_covariance`` (Sigma first,

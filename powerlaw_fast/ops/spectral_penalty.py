@@ -1,6 +1,6 @@
 """The power-law spectral penalty of Nassar et al. (2020), eq. (2), as fused GPU ops.
 
-Math (paper conventions, n is 1-indexed; DESIGN.md section 2)::
+Math (paper conventions, n is 1-indexed; the oracle in tests/oracle.py writes eq. (2) literally)::
 
     Z    = (x - mu) V                          [B, N]  one GEMM, centring in its prologue
     lam  = (S2 - S1^2 / B) / (B - 1)           [N]     = diag(V^T Sigma V), V's column order
@@ -30,7 +30,8 @@ Kernels and launches for one forward + backward (Triton, N <= 4096, one process)
 
 Wide layers (N > 4096) take the cuBLAS route: a centring pass, ``torch.mm`` for both GEMMs and
 a column-moments pass, because there the GEMM dominates and cuBLAS's Hopper kernels beat a
-plain Triton GEMM (DESIGN.md section 5). ``POWERLAW_FAST_GEMM=triton|cublas`` forces a route.
+plain Triton GEMM (measured by benchmarks/bench_penalty.py).
+``POWERLAW_FAST_GEMM=triton|cublas`` forces a route.
 
 Everything a call writes lands in one float32 ``scratch [4 + 3N]``: ``[R, #non-finite values,
 anchor not positive, penalty overflow, dR/dlam (N), lam (N), column means of Z (N)]``; the

@@ -1,6 +1,6 @@
 """Whole-model spectral regularisation: eigenbasis refresh, activation hooks, per-layer penalty sum.
 
-The training scheme of Nassar et al. (2020), sec. 3.2 (DESIGN.md sections 2 and 3):
+The training scheme of Nassar et al. (2020), sec. 3.2:
 
 1. At each epoch start, :meth:`SpectralRegularizer.refresh` runs the model once over the training
    set (eval mode, no gradients), accumulates every regularised layer's activation covariance in

@@ -7,6 +7,7 @@ against powerlaw_fast.spec_penalty in check_penalty.py.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 import json
 import math
 import time
@@ -206,7 +207,7 @@ def main():
     p.add_argument("--ntest", type=int, default=1000)
     p.add_argument("--pgd-steps", type=int, default=20)
     p.add_argument("--warm", type=int, default=0, help="epochs of CE-only before the penalty switches on")
-    p.add_argument("--out", default="results.jsonl")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results.jsonl")))
     p.add_argument("--save-spec", default="")
     a = p.parse_args()
 

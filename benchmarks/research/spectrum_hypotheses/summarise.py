@@ -1,6 +1,7 @@
 """Markdown table of every run in results.jsonl (settings -> metrics)."""
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1] if len(sys.argv) > 1 else "results.jsonl")]
+from pathlib import Path
+rows = [json.loads(l) for l in open(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).with_name("results.jsonl"))]
 def ref(r):
     return {0: "epoch", -1: "batch", -2: "once", -3: f"EMA{r.get('ema')}"}.get(r["refresh"], f"{r['refresh']} steps" + ("" if r["vsub"] >= 60000 else f" ({r['vsub']//1000}k)"))
 hdr = ["run", "seed", "act", "BN", "reg. output", "beta", "norm/form", "V refresh", "V stats", "kappa", "lr", "B", "ep",
