@@ -1,4 +1,5 @@
-"""Developer sessions: ``nox`` runs the tests; ``nox -s lint``, ``bench``, ``gpu_tests``."""
+"""Developer sessions: ``nox`` runs the tests; ``nox -s lint``, ``properties``, ``bench``,
+``gpu_tests``."""
 
 import nox
 
@@ -16,6 +17,17 @@ def tests(session):
     session.install("-e", ".[test,plot]")
     session.install("--no-deps", "torchattacks")  # the PGD cross-check; no torchvision
     session.run("python", "-m", "pytest", "tests", *session.posargs)
+
+
+@nox.session
+def properties(session):
+    """The property tests (tests/ops/test_properties.py) with many examples per property
+    (hypothesis profile "many"; the default "ci" profile keeps ``nox -s tests`` short)."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.env["HYPOTHESIS_PROFILE"] = "many"
+    session.run("python", "-m", "pytest", "tests/ops/test_properties.py", "tests/test_oracle.py",
+                *session.posargs)
 
 
 @nox.session

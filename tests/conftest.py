@@ -117,7 +117,7 @@ try:
                                                          HealthCheck.too_slow])  # fmt: skip
     # "ci" (default): few examples, derandomised, so a run's verdict is reproducible;
     # "many" (HYPOTHESIS_PROFILE=many, ``nox -s properties``): a real search.
-    settings.register_profile("ci", max_examples=20, derandomize=True, **_common)
+    settings.register_profile("ci", max_examples=30, derandomize=True, **_common)
     settings.register_profile("many", max_examples=400, **_common)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a test extra; the property tests skip without it

@@ -369,19 +369,38 @@ def test_help_texts(capsys):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the estimate is printed on a CPU")
 def test_reproduce_warns_with_an_estimate_on_the_cpu(tmp_path, capsys, monkeypatch):
     import powerlaw_fast.cli as cli
+    from powerlaw_fast.paper.experiments import estimate
 
     monkeypatch.setattr(cli, "run_sweep", lambda *a, **k: [])
-    assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot"]) == 0
+    # the GEMM speed is injected, so the verdict does not depend on this CPU's speed
+    speed = {"flops": 1e11}
+    monkeypatch.setattr(estimate, "gemm_flops_per_second", lambda *a, **k: speed["flops"])
+    estimates = []
+    real_estimate = estimate.estimate_seconds
+
+    def spy(*args, **kwargs):
+        estimates.append(real_estimate(*args, **kwargs))
+        return estimates[-1]
+
+    monkeypatch.setattr(estimate, "estimate_seconds", spy)
+    shallow = ["reproduce", "shallow", "--out", str(tmp_path), "--no-plot"]
+    assert main(shallow) == 0
     err = capsys.readouterr().err
-    assert "powerlaw-fast: warning: on this CPU this sweep should take about" in err
-    amount, unit = err.split("take about ")[1].split()[:2]
-    hours = float(amount) / (60.0 if unit.startswith("min") else 1.0)
-    # 12 runs of 50 epochs of the 2000-wide net: about 3e14 flops, so tens of minutes even on a
-    # fast idle CPU (the estimate divides by a GEMM timed on this machine)
-    assert unit in ("h", "min") and hours > 0.1
-    # a small sweep says nothing
-    assert main(["reproduce", "shallow", "--out", str(tmp_path), "--no-plot", *TINY_REPRODUCE]
-                ) == 0
+    seconds, measured = estimates[-1]
+    assert measured == 1e11
+    # 12 runs of 50 epochs of the 2000-wide net: about 3e14 flops, so 50 min at 100 GFLOP/s
+    assert 1e14 < seconds * 1e11 < 1e15
+    assert (f"powerlaw-fast: warning: on this CPU this sweep should take about "
+            f"{estimate.format_duration(seconds)} (a rough estimate: float32 GEMMs measured at "
+            f"100 GFLOP/s here)") in err  # fmt: skip
+    # the same sweep on a machine 100x faster: under SLOW_SWEEP_SECONDS, so no warning
+    speed["flops"] = 1e13
+    assert main(shallow) == 0
+    assert estimates[-1][0] < cli.SLOW_SWEEP_SECONDS < seconds
+    assert "warning" not in capsys.readouterr().err
+    # a small sweep says nothing, at the slow speed too
+    speed["flops"] = 1e11
+    assert main([*shallow, *TINY_REPRODUCE]) == 0
     assert "warning" not in capsys.readouterr().err
 
 

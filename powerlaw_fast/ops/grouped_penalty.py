@@ -46,7 +46,7 @@ from powerlaw_fast.ops._plan import anchor_tolerance, kink_tolerance, mean_toler
 from powerlaw_fast.ops._settings import Settings, status_raiser
 from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, next_power_of_2, size_bucket
 from powerlaw_fast.ops.backends import register
-from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
+from powerlaw_fast.ops.spectral_penalty import check_half_gradient, penalty_and_spectrum
 
 
 @functools.cache
@@ -183,7 +183,7 @@ class _GroupedPenalty(torch.autograd.Function):
         ctx.tables = dict(tables, widths_host=widths)
         ctx.shapes = [x.shape for x in xs]
         ctx.xs = xs  # inputs as attributes: no cycle, not version-checked (refuse_second_order)
-        ctx.plan, ctx.x_dtype = plan, xs[0].dtype
+        ctx.plan, ctx.x_dtype, ctx.validate = plan, xs[0].dtype, validate
         ctx.set_materialize_grads(False)
         total = tables["total"]
         lams = parts[total : 2 * total]
@@ -197,6 +197,7 @@ class _GroupedPenalty(torch.autograd.Function):
         z, parts, v_flat = ctx.saved_tensors
         B = ctx.shapes[0][0]
         flat = _launch_backward(grad_out, z, parts, v_flat, ctx.tables, B, ctx.x_dtype, ctx.plan)
+        check_half_gradient(flat, ctx.validate, "grouped penalty (backward)")
         grads, offset = [], 0
         for shape, x in zip(ctx.shapes, ctx.xs, strict=True):
             n = B * (shape.numel() // B)

@@ -263,6 +263,24 @@ def spectral_backward(coef, grad_out, z, zbar, V, count, x_dtype, backend: str, 
     )
 
 
+def check_half_gradient(grad_x: torch.Tensor, validate: str, op: str) -> None:
+    """A float16 gradient beyond 65504 would come back as inf: an error (deferred like every
+    status check), not a silent inf. One reduction, for float16 activations only (bfloat16
+    and float32 share float32's range, where the penalty's own overflow check applies)."""
+    if grad_x.dtype != torch.float16 or validate == "off":
+        return
+    bad = (~torch.isfinite(grad_x)).sum().reshape(1).float()
+    status.check(bad, validate, _raise_half_overflow, op=op)
+
+
+def _raise_half_overflow(values):
+    if values[0]:
+        raise ValueError(
+            f"x: the penalty's gradient overflows float16 in {int(values[0])} entries (|dR/dx| > "
+            f"65504); use bfloat16 or float32 activations, a smaller beta, or scale the loss down"
+        )
+
+
 class _SpecPenalty(torch.autograd.Function):
     """Eager path of :func:`spec_penalty`: one autograd node, launchers called directly."""
 
@@ -290,6 +308,7 @@ class _SpecPenalty(torch.autograd.Function):
         zbar = scratch[SCRATCH_HEAD + 2 * N :]
         grad_x = spectral_backward(coef, grad_out, z, zbar, V, ctx.count, ctx.x_dtype,
                                    ctx.settings.backend, ctx.settings.compute)  # fmt: skip
+        check_half_gradient(grad_x, ctx.settings.validate, "spec_penalty (backward)")
         return refuse_second_order(grad_x, ctx.x, "spec_penalty"), None, None
 
 
@@ -314,6 +333,7 @@ class _ProjectedSpectrum(torch.autograd.Function):
         zbar = scratch[SCRATCH_HEAD + 2 * z.shape[1] :]
         grad_x = spectral_backward(coef, None, z, zbar, V, ctx.count, ctx.x_dtype,
                                    ctx.settings.backend, ctx.settings.compute)  # fmt: skip
+        check_half_gradient(grad_x, ctx.settings.validate, "projected_spectrum (backward)")
         return refuse_second_order(grad_x, ctx.x, "projected_spectrum"), None, None
 
 
