@@ -110,7 +110,7 @@ run_part() {
 # torch.compile). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes) and
 # this script's own dry-run test. A dry run runs only the GPU-marked tests of the same selection
 # (all skipped on a CPU, so it checks that everything collects and imports).
-TESTS=(tests/ops tests/cuda tests/attacks tests/test_regularizer.py
+TESTS=(tests/ops tests/cuda tests/attacks tests/training/test_regularizer.py
        --ignore=tests/ops/test_triton_sm90_compile.py
        --ignore=tests/ops/test_triton_sm90_configs.py)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=15 -o addopts="")

@@ -36,7 +36,7 @@ def _real_mnist_root() -> Path | None:
     from powerlaw_fast.paper.datasets import _find_raw_dir
 
     for root in (os.environ.get("POWERLAW_FAST_DATA", ""),
-                 Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"):
+                 Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist"):
         if root and Path(root).is_dir():
             try:
                 return _find_raw_dir(Path(root))

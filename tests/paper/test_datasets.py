@@ -20,7 +20,7 @@ from powerlaw_fast.paper.datasets import (
 def _real_mnist_raw() -> Path | None:
     """The raw IDX folder of real MNIST: $POWERLAW_FAST_DATA, else the sibling ../shared."""
     candidates = [os.environ.get("POWERLAW_FAST_DATA", ""),
-                  Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist",
+                  Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist",
                   "/work/shared/data/mnist"]
     for root in candidates:
         if root and Path(root).is_dir():
