@@ -10,7 +10,11 @@
   (:data:`~powerlaw_fast.paper.experiments.config.PRESETS`): ``paper`` (the paper as written, the
   default), ``authors`` (the authors' code's values) or ``fresh-basis`` (the per-step running
   basis under which the regularised spectrum follows 1/n, though not the robustness gain);
-  explicit options override it.
+  explicit options override it. It says what it is doing: before any run, on a CPU, a rough
+  duration (a warning above 15 minutes), and a warning when PGD's steps x step size cannot
+  reach the largest eps; at the end the robustness tables (those ``plot`` prints) and a
+  warning when the vanilla networks are undertrained for the claims tested
+  (:mod:`~powerlaw_fast.paper.experiments.checks`).
 - ``plot RESULTS_DIR``: redraw every figure and ``summary.json`` from the JSON results.
 
 Every check that can fail (arguments, the output folder, matplotlib, the data, the runs'
@@ -44,6 +48,11 @@ from .paper.experiments import (
     preset_fields,
     run_sweep,
     sweep_configs,
+)
+from .paper.experiments.checks import (
+    UNDERTRAINED_ACCURACY,
+    pgd_reach_warning,
+    undertrained_warning,
 )
 from .paper.experiments.config import BASIS_UPDATES, SCHEME_PATTERN
 from .paper.experiments.demo import demo_settings, run_demo
@@ -231,7 +240,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run one experiment of the paper with its settings (Adam lr 1e-4, batch "
         "1.5x the widest layer, tau 10, alpha 1, beta 1 2 5, 3 seeds, PGD 40 x 0.01), one JSON "
         "per run in --out; rerunning the same command resumes an interrupted sweep. On a CPU "
-        "it prints an estimate of the duration first.")
+        "it prints an estimate of the duration first (a warning above 15 minutes); it warns "
+        "before any run when PGD's steps x 0.01 cannot reach the largest eps (PGD can come out "
+        "weaker than FGSM there), and at the end prints the robustness tables and warns when "
+        "the vanilla networks' clean test accuracy is below "
+        f"{UNDERTRAINED_ACCURACY:g} (undertrained: the paper's claims compare trained "
+        "networks).")
     rep.add_argument("experiment", choices=list(EXPERIMENTS),
                      help="shallow: sec. 4.1 (784-2000-10, vanilla vs SpecReg); whitening: sec. "
                      "4.2 (whitened 2nd layer, last-layer SpecReg, both); all-layers: sec. 4.3 "
@@ -288,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "with --preset fresh-basis, whose basis is updated every step)")
     rep.add_argument("--no-plot", action="store_true",
                      help="do not draw the figures nor write figures/summary.json at the end "
-                     "('plot' does both later)")
+                     "('plot' does both later; the tables are printed all the same)")
     rep.add_argument("--parallel", choices=["runs", "data"], default="runs",
                      help="under torchrun: divide the runs among the processes (runs, default) "
                      "or train each run data-parallel over all of them (data: DDP, the "
@@ -362,17 +376,24 @@ def cmd_reproduce(args) -> int:
     if data.source.startswith("shipped"):
         print("  note: the paper used all of MNIST (60000 / 10000): pass --data DIR or set "
               "POWERLAW_FAST_DATA", flush=True)
+    if rank == 0:
+        reach = pgd_reach_warning(configs)
+        if reach is not None:
+            _warn(reach)
     if device.type == "cpu" and rank == 0:
         from .paper.experiments.estimate import estimate_seconds, format_duration
 
         seconds, speed = estimate_seconds(configs, n_train, n_test, device)
         seconds /= world if args.parallel == "runs" else 1
+        rough = (f"(a rough estimate: float32 GEMMs measured at {speed / 1e9:.0f} GFLOP/s "
+                 "here)")
         if seconds > SLOW_SWEEP_SECONDS:
-            print(f"powerlaw-fast: warning: on this CPU this sweep should take about "
-                  f"{format_duration(seconds)} (a rough estimate: float32 GEMMs measured at "
-                  f"{speed / 1e9:.0f} GFLOP/s here); a GPU, or --epochs, --limit-train, "
-                  "--width or --seeds, makes it shorter. Interrupt it at any time: rerunning "
-                  "the same command resumes it.", file=sys.stderr, flush=True)
+            _warn(f"on this CPU this sweep should take about {format_duration(seconds)} "
+                  f"{rough}; a GPU, or --epochs, --limit-train, --width or --seeds, makes it "
+                  "shorter. Interrupt it at any time: rerunning the same command resumes it.")
+        else:
+            print(f"  estimate: about {format_duration(seconds)} on this CPU {rough}",
+                  flush=True)
     try:
         outcome = run_sweep(configs, args.out, data, device=device,
                             progress=_progress(args), parallel=args.parallel)
@@ -387,16 +408,28 @@ def cmd_reproduce(args) -> int:
     if world > 1 and args.parallel == "runs":
         print("distributed sweep: draw the figures and the summary once every rank is done: "
               f"python -m powerlaw_fast plot {args.out}")
-    elif rank == 0 and not args.no_plot:
+    elif rank == 0:
         from .paper.experiments import load_results
-        from .paper.experiments.summary import write_summary
-        from .paper.plots import plot_results
+        from .paper.plots import print_tables
 
-        results = load_results(args.out)
-        figures = plot_results(args.out, results=results)
-        summary = write_summary(results, Path(args.out) / "figures" / "summary.json")
-        print("figures: " + ", ".join(str(p) for p in figures))
-        print(f"summary (per seed, mean +- std over seeds, best beta per seed): {summary}")
+        try:
+            results = load_results(args.out) if Path(args.out).is_dir() else []
+        except ValueError as err:  # a damaged result in the folder: as 'plot' reports it
+            raise CommandError(str(err)) from None
+        print()
+        print_tables(results)  # what 'plot' prints
+        if not args.no_plot:
+            from .paper.experiments.summary import write_summary
+            from .paper.plots import plot_results
+
+            figures = plot_results(args.out, results=results)
+            summary = write_summary(results, Path(args.out) / "figures" / "summary.json")
+            print("figures: " + ", ".join(str(p) for p in figures))
+            print(f"summary (per seed, mean +- std over seeds, best beta per seed): {summary}")
+        undertrained = undertrained_warning(results)
+        if undertrained is not None:
+            for line in undertrained.splitlines():
+                _warn(line)
     return 0
 
 
@@ -421,6 +454,11 @@ def cmd_plot(args) -> int:
     for path in [*figures, summary]:
         print(path)
     return 0
+
+
+def _warn(message: str) -> None:
+    sys.stdout.flush()  # after what was printed before it, also in a merged log
+    print(f"powerlaw-fast: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

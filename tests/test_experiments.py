@@ -518,7 +518,7 @@ def test_variants_without_the_penalty_store_default_basis_settings():
                     basis_momentum=0.5, scheme="random-basis")
     assert (cfg.basis_update, cfg.basis_every, cfg.basis_momentum, cfg.scheme) == (
         "epoch", 1, 0.1, None)
-    assert cfg.name == "shallow-shallow-vanilla-seed0"
+    assert cfg.name == "shallow-vanilla-seed0"
     with pytest.raises(ValueError, match="refresh_every: applies to basis_update='epoch'"):
         RunConfig("shallow", "shallow", "specreg", beta=1.0, basis_update="random",
                   refresh_every=2)
@@ -531,3 +531,107 @@ def test_sweep_resumes_when_only_the_notes_changed(data, tmp_path):
                                                                "why": "reworded"}})
     assert ex.run_sweep([reworded], tmp_path, data, device="cpu", progress=False) == [
         (cfg.name, "skipped")]
+
+
+# --- Issue 25: file names without the repeated model name; reproduce's checks; progress bars --
+
+
+def test_run_names_name_the_architecture_once():
+    shallow = RunConfig("shallow", "shallow", "specreg", beta=2.0, scheme="fresh-basis")
+    assert shallow.name == "shallow-specreg-fresh-basis-beta2-seed0"
+    assert shallow.legacy_name == "shallow-shallow-specreg-fresh-basis-beta2-seed0"
+    mlp = RunConfig("whitening", "mlp", "vanilla", seed=1)
+    assert mlp.name == mlp.legacy_name == "whitening-mlp-vanilla-seed1"
+    assert [c.name for c in ex.sweep_configs("shallow", seeds=1, betas=[5.0])] == [
+        "shallow-vanilla-seed0", "shallow-specreg-beta5-seed0"]
+
+
+def test_sweep_resumes_from_a_result_under_its_old_name(data, tmp_path):
+    (cfg,) = [c for c in _tiny_sweep() if c.variant == "vanilla" and c.seed == 0][:1]
+    ex.run_sweep([cfg], tmp_path, data, device="cpu", progress=False)
+    new, old = tmp_path / f"{cfg.name}.json", tmp_path / f"{cfg.legacy_name}.json"
+    new.rename(old)  # as an older version named it
+    (tmp_path / f".{cfg.legacy_name}.json.4242.tmp").write_text("{")  # its killed writer's
+    assert ex.run_sweep([cfg], tmp_path, data, device="cpu", progress=False) == [
+        (cfg.name, "skipped")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [old.name]  # read, not duplicated
+    # another config of the same run: rerun under the new name, the old file replaced
+    changed = RunConfig.from_dict({**cfg.to_dict(), "activation": "tanh"})
+    assert ex.run_sweep([changed], tmp_path, data, device="cpu", progress=False) == [
+        (cfg.name, "ran")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [new.name]
+    assert len(ex.load_results(tmp_path)) == 1
+
+
+def test_pgd_reach_warning_names_the_unreachable_eps_and_the_fix():
+    from powerlaw_fast.paper.experiments.checks import pgd_reach_warning
+
+    assert pgd_reach_warning(ex.sweep_configs("shallow", seeds=1)) is None  # 40 x 0.01 >= 0.3
+    short = pgd_reach_warning(ex.sweep_configs("shallow", seeds=1, pgd_steps=20))
+    assert "20 steps of 0.01, so it moves at most 0.2" in short
+    assert "at eps 0.25 0.3 it cannot reach" in short and "--pgd-steps 30 or more" in short
+    # exactly at the edge counts as reached (0.1 x 3 is 0.30000000000000004 in floats)
+    edge = ex.sweep_configs("shallow", seeds=1, pgd_steps=3, pgd_step_size=0.1)
+    assert pgd_reach_warning(edge) is None
+
+
+def _vanilla(accuracy, seed=0, experiment="shallow", arch="shallow", variant="vanilla"):
+    return {"config": {"experiment": experiment, "arch": arch, "variant": variant,
+                       "epochs": 5, "lr": 1e-4},
+            "data": {"n_train": 10000}, "history": [{"steps": 13}] * 5,
+            "test_accuracy": accuracy, "seed": seed}
+
+
+def test_undertrained_warning_is_the_vanilla_accuracy_below_the_threshold():
+    from powerlaw_fast.paper.experiments.checks import UNDERTRAINED_ACCURACY, undertrained_warning
+
+    assert UNDERTRAINED_ACCURACY == 0.95
+    trained = [_vanilla(0.97), _vanilla(0.96, seed=1), _vanilla(0.5, variant="specreg")]
+    assert undertrained_warning(trained) is None  # the regularised runs' accuracy is not it
+    assert undertrained_warning([_vanilla(0.95)]) is None  # at the threshold: trained
+    text = undertrained_warning([_vanilla(0.79), _vanilla(0.77, seed=1)])
+    assert text.startswith("shallow: the vanilla network reached 0.780 clean test accuracy "
+                           "(mean over 2 seed(s)), below 0.95: it is undertrained (5 epoch(s), "
+                           "10000 training images, 65 optimiser steps, lr 0.0001; the paper: "
+                           "50 epochs of 60000 images)")
+    assert "--epochs" in text and "--limit-train" in text and "--lr" in text
+    mixed = undertrained_warning([_vanilla(0.97), _vanilla(0.9, experiment="all-layers",
+                                                          arch="mlp")])
+    assert mixed.startswith("all-layers (mlp): the vanilla network reached 0.900")
+    assert "\n" not in mixed and undertrained_warning([]) is None
+
+
+class _Terminal:
+    """A stand-in for a terminal's stderr (tqdm draws only where isatty() is true)."""
+
+    def __init__(self, tty: bool):
+        self.tty, self.text = tty, ""
+
+    def isatty(self):
+        return self.tty
+
+    def write(self, text):
+        self.text += text
+
+    def flush(self):
+        pass
+
+
+@pytest.mark.parametrize("tty, n, drawn", [(True, 64, True), (True, 16, False),
+                                           (False, 64, False)])
+def test_robustness_curve_draws_a_bar_only_on_a_terminal_over_several_batches(
+        monkeypatch, tty, n, drawn):
+    import sys
+
+    from powerlaw_fast.attacks import robustness_curve
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.rand(n, 4), torch.randint(0, 3, (n,))
+    stream = _Terminal(tty)
+    monkeypatch.setattr(sys, "stderr", stream)
+    robustness_curve(model, (x, y), [0.0, 0.1], attack="fgsm", batch_size=16)  # progress=True
+    assert ("fgsm x 2 eps" in stream.text) is drawn, stream.text
+    stream.text = ""
+    robustness_curve(model, (x, y), [0.0, 0.1], attack="fgsm", batch_size=16, progress=False)
+    assert stream.text == ""

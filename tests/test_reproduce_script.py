@@ -30,8 +30,8 @@ def test_a_sweep_writes_runs_figures_and_summary_then_resumes(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     sweep = tmp_path / "reproduce" / "shallow-paper"
     runs = sorted(p.name for p in sweep.glob("*.json"))
-    assert runs == [f"shallow-shallow-specreg-beta{b}-seed0.json" for b in (1, 2, 5)] + [
-        "shallow-shallow-vanilla-seed0.json"]
+    assert runs == [f"shallow-specreg-beta{b}-seed0.json" for b in (1, 2, 5)] + [
+        "shallow-vanilla-seed0.json"]
     assert json.loads((sweep / runs[0]).read_text())["config"]["notes"]["preset"] == "paper"
     summary = json.loads((sweep / "figures" / "summary.json").read_text())
     assert summary["runs"] == 4 and summary["figures"][0]["best_beta"]

@@ -204,7 +204,8 @@ def robustness_curve(
             ``final_iterate=True`` judges each eps on its own final iterate instead, as a
             plain per-eps loop or torchattacks does.
         batch_size: samples per data batch for tensor data (a DataLoader keeps its own).
-        progress: tqdm bar over the data batches.
+        progress: a tqdm bar over the data batches, drawn only on a terminal (not when the
+            output is piped) and only for more than one batch.
 
     Returns: a :class:`RobustnessCurve`; ``eps = 0`` gives the clean accuracy. Labels must lie
     in ``[0, classes)`` of the model's output.
@@ -247,8 +248,11 @@ def robustness_curve(
     runners: dict = {}  # CUDA graphs captured on the first batch are replayed on the next ones
     successes, step_parts, found = [], [], []
     work = {"row_steps": 0, "row_forwards": 0, "unverified": 0}
-    bar = tqdm(_batches(data, batch_size), total=_n_batches(data, batch_size),
-               desc=f"{attack} x {len(eps_list)} eps", disable=not progress)
+    total = _n_batches(data, batch_size)
+    # a bar only where it helps: on a terminal (disable=None: tqdm hides it when its output
+    # is piped or redirected) and over more than one batch (a bar of total 1 says nothing)
+    bar = tqdm(_batches(data, batch_size), total=total, desc=f"{attack} x {len(eps_list)} eps",
+               disable=None if progress and (total is None or total > 1) else True)
     with eval_mode(model):
         for x, y in bar:
             if device is not None:

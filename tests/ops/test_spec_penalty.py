@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty
-from powerlaw_fast.baselines import authors_loop_penalty, literal_penalty, literal_spectrum
+from powerlaw_fast.baselines import literal_penalty, literal_spectrum
 from powerlaw_fast.ops import powerlaw_penalty as powerlaw_penalty_module
 from powerlaw_fast.ops import spectral_penalty as sp_module
 from tests.devices import (
@@ -155,17 +155,20 @@ def test_conv_shaped_input_is_flattened(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_authors_convention_matches_their_loop(backend):
+    """Against the oracle (the authors' loop itself is checked against it in
+    tests/test_oracle.py), within the bound of float32 rounding: at tau = 48 only the last
+    term is left, r_50 - 1 is 3e-3, and a fixed relative tolerance would turn one ulp of
+    another CPU's log/exp into a failure (it did, on an AVX2 EPYC)."""
+    from tests import bounds
+
     x, V = make_batch(80, 50, seed=6)
+    u32 = bounds.U[torch.float32]
     for tau in (0, 10, 48):
-        ref_v, ref_g = value_and_grad(
-            authors_loop_penalty, x.double(), V.double(), tau=tau, beta=5.0
-        )
-        val, grad = value_and_grad(
-            spec_penalty, x, V, tau=tau, beta=5.0, convention="authors", backend=backend
-        )
-        assert math.isclose(float(val), float(ref_v), rel_tol=2e-4, abs_tol=1e-9)
-        if ref_g.norm() > 0:
-            assert rel_err(grad, ref_g) < 2e-4
+        kw = dict(alpha=1.0, tau=tau, beta=5.0, convention="authors")
+        R, dR, G, dG = bounds.expected_penalty(x, V, u_op=u32, u_acc=u32, u_out=u32, **kw)
+        val, grad = value_and_grad(spec_penalty, x, V, backend=backend, **kw)
+        bounds.assert_within(val, R, dR, f"value at tau = {tau}")
+        bounds.assert_within(grad, G, dG, f"gradient at tau = {tau}")
     # on an ordinary batch the authors' tau is the paper's tau - 1
     a = spec_penalty(x, V, tau=10, convention="authors", backend=backend)
     p = spec_penalty(x, V, tau=11, convention="paper", backend=backend)

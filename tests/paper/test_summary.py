@@ -113,7 +113,7 @@ def test_summary_keeps_json_free_of_nan():
 
 def test_a_scheme_names_its_runs_and_curves_apart():
     cfg = RunConfig("shallow", "shallow", "specreg", beta=5.0, scheme="fresh-basis")
-    assert cfg.name == "shallow-shallow-specreg-fresh-basis-beta5-seed0"
+    assert cfg.name == "shallow-specreg-fresh-basis-beta5-seed0"
     assert RunConfig.from_dict(cfg.to_dict()) == cfg
     for bad in ("Fresh", "a b", "-x", "", 3):
         with pytest.raises(ValueError, match="scheme: expected lower-case"):

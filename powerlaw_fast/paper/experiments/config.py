@@ -19,7 +19,7 @@ setting under which the regularised spectrum follows 1/n, issue 15), each with w
 
 >>> from powerlaw_fast.paper.experiments.config import sweep_configs
 >>> [c.name for c in sweep_configs("shallow", seeds=1, betas=[2.0])]
-['shallow-shallow-vanilla-seed0', 'shallow-shallow-specreg-beta2-seed0']
+['shallow-vanilla-seed0', 'shallow-specreg-beta2-seed0']
 """
 
 from __future__ import annotations
@@ -249,9 +249,23 @@ class RunConfig:
 
     @property
     def name(self) -> str:
-        """File stem of the run, e.g. ``shallow-shallow-specreg-beta2-seed0`` (with a scheme:
-        ``shallow-shallow-specreg-fresh-basis-beta5-seed0``)."""
-        parts = [self.experiment, self.arch, self.variant.replace("+", "_")]
+        """File stem of the run, e.g. ``shallow-specreg-beta2-seed0`` (with a scheme:
+        ``shallow-specreg-fresh-basis-beta5-seed0``; another architecture:
+        ``whitening-mlp-vanilla-seed0``). The architecture is named only when it differs
+        from the experiment's name, so the shallow net's runs are not ``shallow-shallow-...``
+        (what older versions wrote, :attr:`legacy_name`, is still read on resume)."""
+        return self._stem(self.arch != self.experiment)
+
+    @property
+    def legacy_name(self) -> str:
+        """The file stem older versions wrote, with the architecture always named
+        (``shallow-shallow-specreg-beta2-seed0``); :func:`~.sweep.run_sweep` still resumes
+        from it. Equal to :attr:`name` where the architecture differs from the experiment."""
+        return self._stem(True)
+
+    def _stem(self, with_arch: bool) -> str:
+        parts = [self.experiment, *([self.arch] if with_arch else []),
+                 self.variant.replace("+", "_")]
         if self.scheme is not None:
             parts.append(self.scheme)
         if self.beta is not None:

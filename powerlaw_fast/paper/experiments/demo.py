@@ -135,6 +135,9 @@ def run_demo(
                for variant, scheme, fields in DEMO_VARIANTS]
     results = []
     for cfg in configs:
+        # an older version's file of the same run (shallow-shallow-...) would be drawn twice
+        if cfg.legacy_name != cfg.name:
+            (out / f"{cfg.legacy_name}.json").unlink(missing_ok=True)
         results.append(run_experiment(cfg, data, device=device, out_path=out / f"{cfg.name}.json",
                                       progress=progress))
     for r in results:

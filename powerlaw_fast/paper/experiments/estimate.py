@@ -117,6 +117,8 @@ def estimate_seconds(configs: Sequence[RunConfig], n_train: int, n_test: int,
 
 
 def format_duration(seconds: float) -> str:
+    if seconds < 1:
+        return "under 1 s"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 90 * 60:

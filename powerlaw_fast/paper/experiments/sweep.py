@@ -44,8 +44,10 @@ def run_sweep(
 ) -> list[tuple[str, str]]:
     """Run every config into ``out_dir/<name>.json``, skipping the complete ones.
 
-    A run is skipped when its JSON exists, is complete and was made with the same config; a
-    JSON from a different config is replaced, and the temporary files a killed writer left for
+    A run is skipped when its JSON exists, is complete and was made with the same config (also
+    under the name older versions gave it, :attr:`RunConfig.legacy_name`); a JSON from a
+    different config is replaced (an old-named one is removed, the run written under the new
+    name), and the temporary files a killed writer left for
     this process's runs are removed. Under torchrun
     (``WORLD_SIZE > 1``), ``parallel="runs"`` makes this process run the configs ``i`` with
     ``i % WORLD_SIZE == RANK``; ``parallel="data"`` trains every run over all processes
@@ -70,14 +72,20 @@ def run_sweep(
     if data_parallel is None or rank == 0:
         # these runs are this process's alone: a temporary file of one is a killed writer's
         for cfg in mine:
-            for stale in temporary_files(out_dir, cfg.name):
-                stale.unlink(missing_ok=True)
+            for name in {cfg.name, cfg.legacy_name}:
+                for stale in temporary_files(out_dir, name):
+                    stale.unlink(missing_ok=True)
     outcome = []
     bar = tqdm(mine, desc=f"runs (rank {rank}/{world})" if world > 1 else "runs", unit="run",
                disable=not progress or (data_parallel is not None and rank != 0))
     for cfg in bar:
         path = out_dir / f"{cfg.name}.json"
         done = read_result(path)
+        # a folder from an older version holds the run under its old name
+        # (shallow-shallow-...): resume from it; a different config's is replaced below
+        legacy = out_dir / f"{cfg.legacy_name}.json"
+        if done is None and legacy != path and legacy.exists():
+            done, path = read_result(legacy), legacy
         skip = done is not None and _same_config(done["config"], cfg)
         if data_parallel is not None:
             import torch.distributed as dist
@@ -88,6 +96,10 @@ def run_sweep(
         if skip:
             outcome.append((cfg.name, "skipped"))
             continue
+        if path != out_dir / f"{cfg.name}.json":  # rerun under the new name, not beside it
+            if data_parallel is None or rank == 0:
+                path.unlink(missing_ok=True)
+            path = out_dir / f"{cfg.name}.json"
         bar.set_postfix_str(cfg.name)
         run_experiment(cfg, data, device=device, out_path=path, progress=progress,
                        parallel=data_parallel)
