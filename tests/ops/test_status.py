@@ -183,3 +183,175 @@ def test_nothing_is_recorded_with_validation_off_or_immediate():
             spec_penalty(bad, V, tau=2, validate="immediate")
         assert not isinstance(info.value, DeferredValidationError)
     assert status.pending_count() == 0
+
+
+# --- found by `nox -s mutants -- ops/status.py` (issue 28): each test below fails for a
+# one-line change of status.py that the tests above let through
+
+
+@pytest.mark.parametrize(
+    "validate, mode",
+    [(True, "immediate"), (False, "off"), ("immediate", "immediate"), ("deferred", "deferred"),
+     ("off", "off")],
+)  # fmt: skip
+def test_validation_mode_maps_each_accepted_value(validate, mode):
+    assert status.validation_mode(validate) == mode
+
+
+@pytest.mark.parametrize("validate", ["eager", "", None, 1, 0, "True"])
+def test_validation_mode_rejects_anything_else_with_a_clear_type_error(validate):
+    with pytest.raises(TypeError, match=r"validate: expected True, False or one of .*got"):
+        status.validation_mode(validate)
+
+
+def test_deferred_errors_are_numbered_by_call_and_unlabelled_without_op_or_where():
+    first = status._state["calls"] + 1
+    with status.simulate_deferral(delay=10**9):
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(0))
+        status.check(torch.tensor([0.0]), "deferred", _raise_if_set(1))
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(2))
+        messages = []
+        for _ in range(2):
+            with pytest.raises(DeferredValidationError) as info:
+                raise_pending_errors()
+            messages.append(str(info.value))
+    # no op, no where: the call is named by its number alone, with no empty "()" label
+    assert f"deferred check of call #{first}, an earlier call" in messages[0]
+    assert f"deferred check of call #{first + 2}, an earlier call" in messages[1]
+
+
+def test_checks_are_not_collective_unless_asked():
+    with status.simulate_deferral(delay=10**9):
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(0))
+        status.poll()  # not done and not collective: neither waited for nor raised
+        assert status.pending_count() == 1
+        status.discard_pending()
+
+
+def test_an_error_left_after_raise_pending_errors_is_raised_by_the_next_poll():
+    with status.simulate_deferral():
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(0))
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(1))
+        with pytest.raises(DeferredValidationError, match="check 0 failed"):
+            raise_pending_errors()
+        assert status.pending_count() == 1  # the second error: found, nothing pending
+        with pytest.raises(DeferredValidationError, match="check 1 failed"):
+            status.poll()
+    assert status.pending_count() == 0
+
+
+def test_a_check_is_settled_by_the_poll_after_its_copy_reports_done():
+    # simulate_deferral(delay=d): the copy reports done to its (d + 1)-th query, one per poll
+    with status.simulate_deferral(delay=2):
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(0))
+        status.poll()
+        status.poll()
+        assert status.pending_count() == 1
+        with pytest.raises(DeferredValidationError, match="check 0 failed"):
+            status.poll()
+
+
+def test_a_simulated_copy_is_done_once_waited_for():
+    event = status._SimulatedEvent(5)
+    event.synchronize()
+    assert event.query() is True
+
+
+def test_checks_after_an_unfinished_copy_are_not_queried():
+    # copies finish in stream order: a later copy is not taken as done before an earlier one
+    with status.simulate_deferral(delay=10**9):
+        status.check(torch.tensor([0.0]), "deferred", _raise_if_set(0))
+    with status.simulate_deferral(delay=0):
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(1))
+        status.poll()
+        assert status.pending_count() == 2
+        status.discard_pending()
+
+
+class _SpyOnWaits:
+    """Counts the waits on simulated copies (on a GPU, reading before the wait reads garbage)."""
+
+    def __init__(self, monkeypatch):
+        self.waits = 0
+        original = status._SimulatedEvent.synchronize
+
+        def synchronize(event):
+            self.waits += 1
+            original(event)
+
+        monkeypatch.setattr(status._SimulatedEvent, "synchronize", synchronize)
+
+
+def test_every_check_is_waited_for_before_it_is_read(monkeypatch):
+    spy = _SpyOnWaits(monkeypatch)
+    with status.simulate_deferral(delay=10**9):
+        for i in range(status.MAX_IN_FLIGHT + 1):
+            status.check(torch.tensor([0.0]), "deferred", _raise_if_set(i))
+        assert spy.waits == 1  # the oldest, settled to make room
+        assert status.pending_count() == status.MAX_IN_FLIGHT
+        status.check(torch.tensor([1.0]), "deferred", _raise_if_set(0), collective=True)
+        status.check(torch.tensor([0.0]), "deferred", _raise_if_set(1))
+        assert spy.waits == 3  # two more made room
+        waits = spy.waits
+        with pytest.raises(DeferredValidationError, match="check 0 failed"):
+            status.poll()  # only the collective one is settled, by waiting
+        assert spy.waits == waits + 1
+        raise_pending_errors()  # the other MAX_IN_FLIGHT - 1, each waited for
+        assert spy.waits == waits + 1 + status.MAX_IN_FLIGHT - 1
+    assert status.pending_count() == 0
+
+
+def test_found_and_pending_checks_are_both_counted():
+    with status.simulate_deferral(delay=10**9):
+        for i in range(status.MAX_IN_FLIGHT + 1):
+            status.check(torch.tensor([1.0 if i == 0 else 0.0]), "deferred", _raise_if_set(i))
+        # the first was settled to make room (an error found), MAX_IN_FLIGHT still pending
+        assert status.pending_count() == status.MAX_IN_FLIGHT + 1
+        with pytest.raises(DeferredValidationError, match="check 0 failed"):
+            raise_pending_errors()
+
+
+class _SpyOnCopies:
+    """Records the host buffers the deferred path copies into, and how."""
+
+    def __init__(self, monkeypatch, *, fail_first=False):
+        self.targets, self.non_blocking = [], []
+        self.fail = fail_first
+        original = torch.Tensor.copy_
+
+        def copy_(target, source, non_blocking=False):
+            self.targets.append(target)
+            self.non_blocking.append(non_blocking)
+            if self.fail:
+                self.fail = False
+                raise RuntimeError("copy failed")
+            return original(target, source, non_blocking)
+
+        monkeypatch.setattr(torch.Tensor, "copy_", copy_)
+
+
+def test_host_buffers_are_reused_and_filled_without_blocking(monkeypatch):
+    width = 7919  # a width no other test uses: the spare pool starts without it
+    with status.simulate_deferral():
+        spy = _SpyOnCopies(monkeypatch)
+        status.check(torch.zeros(width), "deferred", lambda values: None)
+        raise_pending_errors()  # settled: the buffer goes back to the pool
+        status.check(torch.zeros(width), "deferred", lambda values: None)
+        raise_pending_errors()
+        monkeypatch.undo()
+    assert spy.targets[0] is spy.targets[1]
+    assert spy.targets[0].dtype == torch.float32 and spy.targets[0].shape == (width,)
+    assert spy.non_blocking == [True, True]
+
+
+def test_the_buffer_of_a_failed_copy_is_reused(monkeypatch):
+    width = 7907
+    with status.simulate_deferral():
+        spy = _SpyOnCopies(monkeypatch, fail_first=True)
+        with pytest.raises(RuntimeError, match="copy failed"):
+            status.check(torch.zeros(width), "deferred", lambda values: None)
+        status.check(torch.tensor([0.0] * (width - 1) + [1.0]), "deferred", _fail_on_last)
+        monkeypatch.undo()
+        with pytest.raises(DeferredValidationError, match=f"value {width - 1} is bad"):
+            raise_pending_errors()
+    assert spy.targets[0] is spy.targets[1]
