@@ -34,6 +34,7 @@ SCRIPT = textwrap.dedent(
     from triton.runtime.jit import JITFunction
     from powerlaw_fast.ops import covariance, grouped_penalty as gp
     from powerlaw_fast.ops import spectral_penalty as sp
+    from tests.ops.sm90_specialise import specialise
     from powerlaw_fast.ops import _spectral_kernels as spk, _grouped_kernels as gpk
     from powerlaw_fast.ops import _covariance_kernels as covk, _centring_kernels as cek
     try:
@@ -42,8 +43,6 @@ SCRIPT = textwrap.dedent(
     except Exception:
         PTXAS = None
 
-    TYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.int64: "i64", torch.int32: "i32"}
 
     class Recorder:
         def __init__(self):
@@ -94,19 +93,7 @@ SCRIPT = textwrap.dedent(
         for config in kernel.configs:
             values = dict(zip(fn.arg_names, call_args), **call_kwargs)
             values.update(config.kwargs)
-            signature, constants, attrs = {}, {}, {}
-            for i, (param, arg) in enumerate(zip(fn.params, fn.arg_names)):
-                value = values[arg]
-                if param.is_constexpr or (type(value) is int and value == 1
-                                          and not param.do_not_specialize):
-                    signature[arg], constants[arg] = "constexpr", value
-                elif isinstance(value, torch.Tensor):
-                    signature[arg] = "*" + TYPES[value.dtype]
-                    attrs[(i,)] = [["tt.divisibility", 16]]
-                elif isinstance(value, float):
-                    signature[arg] = "fp32"
-                else:
-                    signature[arg] = "i32" if abs(value) < 2**31 else "i64"
+            signature, constants, attrs = specialise(fn, values)
             compiled = triton.compile(
                 ASTSource(fn, signature, constants, attrs), target=GPUTarget("cuda", 90, 32),
                 options={"num_warps": config.num_warps, "num_stages": config.num_stages})
