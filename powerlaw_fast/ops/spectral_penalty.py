@@ -281,8 +281,27 @@ def _raise_half_overflow(values):
         )
 
 
-class _SpecPenalty(torch.autograd.Function):
-    """Eager path of :func:`spec_penalty`: one autograd node, launchers called directly."""
+def vjp_coefficients(scratch, N: int, grad_R, grad_lam, *, fold: bool):
+    """dLoss/dlam ``[N]`` from dLoss/dR (0-dim or None) and dLoss/dlam (``[N]`` or None) ->
+    ``(coef, grad_out)`` for :func:`spectral_backward`. The one backward of this family: the
+    eager Function and the custom op's autograd both use it. Eagerly, a penalty alone keeps
+    dR/dlam as is and lets the backprojection kernel scale by dLoss/dR (no extra launch);
+    ``fold=True`` (the compiled graph, where the arithmetic fuses) folds it into coef."""
+    dR_dlam = scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
+    if grad_lam is None and not fold:
+        return dR_dlam, grad_R
+    coef = grad_lam.to(scratch.dtype) if grad_lam is not None else None
+    if grad_R is not None:
+        coef = grad_R * dR_dlam if coef is None else coef + grad_R * dR_dlam
+    return coef.contiguous(), None
+
+
+class _Spectral(torch.autograd.Function):
+    """The eager path of :func:`spec_penalty`, :func:`penalty_and_spectrum` and
+    :func:`projected_spectrum`: one autograd node returning ``(R, lam)``, the launchers called
+    directly (no custom-op dispatch); under torch.compile the custom ops below run the same
+    forward (:func:`spectral_forward`) and backward (:func:`vjp_coefficients`,
+    :func:`spectral_backward`)."""
 
     @staticmethod
     def forward(ctx, x, V, settings):
@@ -294,47 +313,22 @@ class _SpecPenalty(torch.autograd.Function):
         ctx.x = x
         ctx.set_materialize_grads(False)
         N = x.shape[1]
-        lam = scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
-        ctx.mark_non_differentiable(lam)
-        return scratch[0], lam
+        return scratch[0], scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lam):
-        if grad_out is None:
+    def backward(ctx, grad_R, grad_lam):
+        if grad_R is None and grad_lam is None:
             return None, None, None
         z, V, scratch = ctx.saved_tensors
         N = z.shape[1]
-        coef = scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
+        coef, grad_out = vjp_coefficients(scratch, N, grad_R, grad_lam, fold=False)
         zbar = scratch[SCRATCH_HEAD + 2 * N :]
+        settings = ctx.settings
         grad_x = spectral_backward(coef, grad_out, z, zbar, V, ctx.count, ctx.x_dtype,
-                                   ctx.settings.backend, ctx.settings.compute)  # fmt: skip
-        check_half_gradient(grad_x, ctx.settings.validate, "spec_penalty (backward)")
-        return refuse_second_order(grad_x, ctx.x, "spec_penalty"), None, None
-
-
-class _ProjectedSpectrum(torch.autograd.Function):
-    """Eager path of :func:`projected_spectrum`: returns lam, backward through Z."""
-
-    @staticmethod
-    def forward(ctx, x, V, settings):
-        scratch, z, count = spectral_forward(x, V, settings)
-        N = x.shape[1]
-        ctx.save_for_backward(z, V, scratch)
-        ctx.count, ctx.settings, ctx.x_dtype, ctx.x = count, settings, x.dtype, x
-        ctx.set_materialize_grads(False)
-        return scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
-
-    @staticmethod
-    def backward(ctx, grad_lam):
-        if grad_lam is None:
-            return None, None, None
-        z, V, scratch = ctx.saved_tensors
-        coef = grad_lam.to(scratch.dtype).contiguous()
-        zbar = scratch[SCRATCH_HEAD + 2 * z.shape[1] :]
-        grad_x = spectral_backward(coef, None, z, zbar, V, ctx.count, ctx.x_dtype,
-                                   ctx.settings.backend, ctx.settings.compute)  # fmt: skip
-        check_half_gradient(grad_x, ctx.settings.validate, "projected_spectrum (backward)")
-        return refuse_second_order(grad_x, ctx.x, "projected_spectrum"), None, None
+                                   settings.backend, settings.compute)  # fmt: skip
+        op = "projected_spectrum" if settings.source == "spectrum" else "spec_penalty"
+        check_half_gradient(grad_x, settings.validate, f"{op} (backward)")
+        return refuse_second_order(grad_x, ctx.x, op), None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -391,11 +385,9 @@ def _forward_setup(ctx, inputs, output):
 def _forward_backward(ctx, grad_scratch, grad_z, grad_count):
     z, V, scratch, count = ctx.saved_tensors
     N = z.shape[1]
-    # dLoss/dlam: through the penalty (entry 0) and through lam itself (the last N entries)
-    coef = (
-        grad_scratch[0] * scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
-        + grad_scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
-    )
+    # dLoss/dR is entry 0 of the scratch's gradient, dLoss/dlam its lam part
+    coef, _ = vjp_coefficients(scratch, N, grad_scratch[0],
+                               grad_scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N], fold=True)
     zbar = scratch[SCRATCH_HEAD + 2 * N :]
     grad_x = _spectral_backward_op(
         coef, z, zbar, V, count, ctx.backend, ctx.x_dtype, ctx.compute
@@ -527,7 +519,8 @@ def _penalty_and_spectrum(x, V, settings: Settings):
         scratch = _spectral_forward_op(x, V, *settings)[0]
         N = x.shape[1]
         return scratch[0], scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N].detach()
-    return _SpecPenalty.apply(x, V, settings)
+    value, lam = _Spectral.apply(x, V, settings)
+    return value, lam.detach()
 
 
 def penalty_and_spectrum(x, V, **kwargs):
@@ -583,4 +576,4 @@ def projected_spectrum(
     N = x.shape[1]
     if torch.compiler.is_compiling():
         return _spectral_forward_op(x, V, *settings)[0][SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
-    return _ProjectedSpectrum.apply(x, V, settings)
+    return _Spectral.apply(x, V, settings)[1]
