@@ -68,7 +68,7 @@ def gpu_tests(session):
 # package and are reported untested): leave them out or --deselect them here.
 MUTANT_TESTS = {
     "ops/status.py": ["tests/ops/test_status.py"],
-    "training/fits.py": ["tests/training/test_spectra.py"],
+    "training/fits.py": ["tests/training/test_spectra.py", "tests/training/test_fits.py"],
 }
 MUTANT_SAMPLE = 150  # mutants per module at most; above that a seeded random sample is run
 MUTANT_RESULTS = Path("benchmarks/results/cpu/mutants")
