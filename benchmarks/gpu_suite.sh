@@ -107,12 +107,16 @@ run_part() {
 
 # The tests that matter on a GPU: the ops (compiled Triton kernels), the CUDA C++ backend, the
 # attacks on CUDA tensors (CUDA graphs included) and the regulariser (grouped Triton path,
-# torch.compile). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes) and
+# torch.compile). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes), the
+# gloo process-group tests (CPU processes, a minute), the hypothesis property tests (every
+# drawn width is a new autotune key: minutes of compiling; CI runs them on the CPU) and
 # this script's own dry-run test. A dry run runs only the GPU-marked tests of the same selection
 # (all skipped on a CPU, so it checks that everything collects and imports).
 TESTS=(tests/ops tests/cuda tests/attacks tests/training/test_regularizer.py
        --ignore=tests/ops/test_triton_sm90_compile.py
-       --ignore=tests/ops/test_triton_sm90_configs.py)
+       --ignore=tests/ops/test_triton_sm90_configs.py
+       --ignore=tests/ops/test_distributed_ops.py
+       --ignore=tests/ops/test_properties.py)
 PYTEST=("$PY" -m pytest -q -p no:cacheprovider --durations=15 -o addopts="")
 if [ "$DRY_RUN" -eq 1 ]; then
   run_part gpu_tests "$BUDGET_TESTS" "${PYTEST[@]}" "${TESTS[@]}" -m gpu -rs

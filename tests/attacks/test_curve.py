@@ -38,7 +38,7 @@ def test_pgd_curve_with_restarts_and_progress_bar(capsys):
     assert curve.success.shape == (2, 9)
     assert curve.accuracy[0] == pytest.approx(1.0 - wrong(model, x, y).double().mean().item())
     # captured stderr is not a terminal: no bar there (drawn on a terminal, with several
-    # batches: tests/test_experiments.py::test_robustness_curve_draws_a_bar_only_on_a_terminal...)
+    # batches: tests/paper/test_experiments.py::test_robustness_curve_draws_a_bar_only_on_a_terminal...)
     assert "pgd" not in capsys.readouterr().err
 
 
