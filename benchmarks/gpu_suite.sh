@@ -16,6 +16,7 @@
 # Files under $OUT (the device tool returns at most 8 files, 2 folders deep):
 #   environment.txt  suite.log (every part's output, one after another)  summary.txt
 #   report.txt  <device>/penalty.json  <device>/training.json  <device>/attacks.json
+#   <device>/basis.json
 # Every benchmark rewrites its JSON after each row ("complete": false until its end), so a part
 # stopped by its budget keeps what it measured.
 #
@@ -24,7 +25,8 @@
 # nvidia-smi; OUT defaults to benchmarks/results/dry-run (git-ignored). About 2 minutes on 2
 # cores; tests/test_gpu_suite.py runs it in CI.
 #
-# Budgets (seconds; GPU run, 480 s in all with the report): they follow from what each part
+# Budgets (seconds; GPU run, 480 s in all with the report; bench_basis: step times at N = 500,
+# 2000 and 8192, the last with one eigh of seconds per exact-mode step, then the quality pass): they follow from what each part
 # compiles. bench_penalty: 5 widths x 3 settings = 15 autotune keys, each 4 configs x 2 GEMM
 # kernels, plus 6 torch.compile calls (N <= 2048) - widths run 1024, 4096, 2048, 8192, 16384 so
 # the targets come first. bench_training: the MLP, then the CNN, then the wide MLP (most
@@ -46,11 +48,13 @@ if [ "$DRY_RUN" -eq 1 ]; then
   export TRITON_INTERPRET=1 CUDA_VISIBLE_DEVICES=""  # behave as a CPU-only machine
   BUDGET_TESTS=${BUDGET_TESTS:-240} BUDGET_PENALTY=${BUDGET_PENALTY:-180}
   BUDGET_TRAINING=${BUDGET_TRAINING:-180} BUDGET_ATTACKS=${BUDGET_ATTACKS:-180}
+  BUDGET_BASIS=${BUDGET_BASIS:-120}
   BENCH_FLAG=(--dry-run)
 else
   OUT=${OUT:-benchmarks/results}
-  BUDGET_TESTS=${BUDGET_TESTS:-120} BUDGET_PENALTY=${BUDGET_PENALTY:-150}
-  BUDGET_TRAINING=${BUDGET_TRAINING:-100} BUDGET_ATTACKS=${BUDGET_ATTACKS:-80}
+  BUDGET_TESTS=${BUDGET_TESTS:-110} BUDGET_PENALTY=${BUDGET_PENALTY:-140}
+  BUDGET_TRAINING=${BUDGET_TRAINING:-90} BUDGET_ATTACKS=${BUDGET_ATTACKS:-70}
+  BUDGET_BASIS=${BUDGET_BASIS:-50}
   BENCH_FLAG=()
 fi
 BUDGET_REPORT=${BUDGET_REPORT:-20}
@@ -107,12 +111,13 @@ run_part() {
 
 # The tests that matter on a GPU: the ops (compiled Triton kernels), the CUDA C++ backend, the
 # attacks on CUDA tensors (CUDA graphs included) and the regulariser (grouped Triton path,
-# torch.compile). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes), the
+# torch.compile, the tracked basis's sweeps on CUDA tensors). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes), the
 # gloo process-group tests (CPU processes, a minute), the hypothesis property tests (every
 # drawn width is a new autotune key: minutes of compiling; CI runs them on the CPU) and
 # this script's own dry-run test. A dry run runs only the GPU-marked tests of the same selection
 # (all skipped on a CPU, so it checks that everything collects and imports).
 TESTS=(tests/ops tests/cuda tests/attacks tests/training/test_regularizer.py
+       "tests/training/test_tracked_basis.py::test_sweeps_on_a_gpu_match_the_cpu_and_synchronise_only_in_the_block_eigh"
        --ignore=tests/ops/test_triton_sm90_compile.py
        --ignore=tests/ops/test_triton_sm90_configs.py
        --ignore=tests/ops/test_distributed_ops.py
@@ -126,6 +131,7 @@ fi
 run_part bench_penalty "$BUDGET_PENALTY" "$PY" benchmarks/bench_penalty.py --out "$OUT" "${BENCH_FLAG[@]}"
 run_part bench_training "$BUDGET_TRAINING" "$PY" benchmarks/bench_training.py --out "$OUT" "${BENCH_FLAG[@]}"
 run_part bench_attacks "$BUDGET_ATTACKS" "$PY" benchmarks/bench_attacks.py --out "$OUT" "${BENCH_FLAG[@]}"
+run_part bench_basis "$BUDGET_BASIS" "$PY" benchmarks/bench_basis.py --out "$OUT" "${BENCH_FLAG[@]}"
 # the targets of each issue, met or not, from what this run wrote
 run_part report "$BUDGET_REPORT" "$PY" benchmarks/report.py --results "$OUT" --no-plot
 awk '/^==== report \(budget/{on=1; next} /^==== report:/{on=0} on' "$LOG" > "$OUT/report.txt"
@@ -136,7 +142,7 @@ awk '/^==== report \(budget/{on=1; next} /^==== report:/{on=0} on' "$LOG" > "$OU
   echo "total: $((SECONDS - SUITE_START)) s"
   echo "tests: $(grep -E '^[0-9]+ (passed|failed|skipped|deselected|error)|^=+ .*(passed|failed|skipped|error).* =+$|no tests ran' "$LOG" | tail -n 1)"
   echo "results files:"
-  for name in penalty training attacks; do
+  for name in penalty training attacks basis; do
     found=$(find "$OUT" -mindepth 2 -maxdepth 2 -name "$name.json" | head -n 1)
     if [ -n "$found" ]; then
       complete=$(grep -o '"complete": [a-z]*' "$found" | head -n 1)

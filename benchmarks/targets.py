@@ -95,6 +95,12 @@ TRAINING_TARGETS = (
     "paper's MLP: specreg step <= 1.3x vanilla eager, <= 1.25x graphed with the penalty in bf16",
     "eigenbasis refresh < 1 s",
 )
+BASIS_TARGETS = (  # issue 26: tracked step / per-epoch step, same run
+    ("tracked basis step <= 1.3x the per-epoch basis step at N = 500 and 2000",
+     lambda n: n in (500, 2000), 1.3),
+    ("tracked basis step <= 1.5x the per-epoch basis step at N = 8192 (GPU)",
+     lambda n: n == 8192, 1.5),
+)
 ATTACK_TARGET = (f">= 3x torchattacks with robust accuracy at most {ACCURACY_TOLERANCE_PP} pp "
                  f"above torchattacks' at every eps")
 
@@ -199,7 +205,30 @@ def attack_verdicts(files: list[ResultFile]) -> list[Verdict]:
     return verdicts or [Verdict("attacks", "no GPU", ATTACK_TARGET, [], "no attacks.json")]
 
 
+def basis_verdicts(files: list[ResultFile]) -> list[Verdict]:
+    """Issue 26 from ``basis.json`` (bench_basis.py): the tracked mode's step over the
+    per-epoch mode's, at each width the target names."""
+    verdicts = []
+    for f in files:
+        steps = {(r.get("N"), r.get("mode")): r for r in f.rows
+                 if r.get("kind") == "step" and isinstance(r.get("median_ms"), (int, float))}
+        for text, applies, bound in BASIS_TARGETS:
+            checks = []
+            for (n, mode), r in sorted(steps.items(), key=lambda kv: kv[0][0]):
+                epoch = steps.get((n, "epoch"))
+                if mode != "tracked" or not applies(n) or epoch is None:
+                    continue
+                ratio = r["median_ms"] / epoch["median_ms"]
+                checks.append(Check(f"N = {n}", ratio <= bound,
+                                    f"{ratio:.2f}x the per-epoch step, target <= {bound}x"))
+            verdicts.append(Verdict("basis", f"{f.device}, basis_update='tracked'", text, checks,
+                                    "no tracked and epoch rows at these widths"))
+    return verdicts or [Verdict("basis", "no run", t[0], [], "no basis.json")
+                        for t in BASIS_TARGETS]
+
+
 def all_verdicts(files: list[ResultFile]) -> list[Verdict]:
     by_name = {name: [f for f in files if f.benchmark == name] for name in BENCHMARKS}
     return (penalty_verdicts(by_name["penalty"]) + training_verdicts(by_name["training"])
-            + attack_verdicts(by_name["attacks"]))
+            + attack_verdicts(by_name["attacks"])
+            + basis_verdicts([f for f in files if f.benchmark == "basis"]))

@@ -2,13 +2,13 @@
 
 - ``demo``: a vanilla shallow net vs two spectrally regularised ones (the paper's per-epoch
   basis and a basis updated every step) on the MNIST subset shipped with the package, 3 seeds
-  (about a minute on 2 CPU cores); prints the robustness tables and what the runs say about the
+  (a few minutes on a CPU); prints the robustness tables and what the runs say about the
   paper's claims, writes the run JSONs, the figures and the summary. ``--quick``: a smoke test
   of the installation in seconds.
 - ``reproduce {shallow,whitening,all-layers}``: the sweeps of sec. 4.1 - 4.3 with the paper's
   hyperparameters, one JSON per run, resumable. ``--preset`` picks a documented setting
   (:data:`~powerlaw_fast.paper.experiments.config.PRESETS`): ``paper`` (the paper as written, the
-  default), ``authors`` (the authors' code's values) or ``fresh-basis`` (the per-step running
+  default), ``authors`` (the authors' code's values) or ``fresh-basis`` (the per-step tracked
   basis under which the regularised spectrum follows 1/n, though not the robustness gain);
   explicit options override it. It says what it is doing: before any run, on a CPU, a rough
   duration (a warning above 15 minutes), and a warning when PGD's steps x step size cannot
@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="powerlaw-fast",
         description="1/n spectral regularisation (Nassar et al., NeurIPS 2020): a demo, the "
         "experiments of sec. 4 and their figures.",
-        epilog="Start with 'powerlaw-fast demo' (about a minute on 2 CPU cores) or "
+        epilog="Start with 'powerlaw-fast demo' (a few minutes on a CPU) or "
         "'powerlaw-fast demo --quick' (seconds; checks the installation).",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -223,14 +223,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hide the progress bars (they are shown only on a terminal)")
 
     demo = sub.add_parser(
-        "demo", help="vanilla vs SpecReg shallow net on the shipped MNIST subset (~1 CPU min)",
+        "demo",
+        help="vanilla vs SpecReg shallow net on the shipped MNIST subset (minutes on a CPU)",
         description="Train a vanilla 784-500-10 sigmoid + batch norm network and two "
         "spectrally regularised ones (V refreshed at each epoch start, the paper's scheme; V "
         "updated every step from a running covariance), 3 seeds each, on the 6000 training "
         "images shipped with the package, attack them with FGSM, PGD-40 and white noise on the "
         "1000 test images, print the tables and what the runs say about the paper's claims "
         "(more robust, a 1/n spectrum, a higher dimension), and write the run JSONs, figures "
-        "and summary.json. About a minute on 2 CPU cores; nothing is downloaded.")
+        "and summary.json. A few minutes on a CPU (the README gives measured times); nothing "
+        "is downloaded.")
     common(demo, "powerlaw_fast_demo")
     demo.add_argument("--quick", action="store_true",
                       help="a smoke test of the installation (seconds); its numbers mean nothing")
@@ -265,8 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "what runs without --preset), authors (their code: tanh, batch norm after "
                      "it and regularised, lr 1e-3, batch 3500, per-epoch eval-mode refresh, "
                      "authors' tau convention) or fresh-basis (tanh, batch norm before it, lr "
-                     "1e-3, batch 1.5 N, V from a running average of the training batches' "
-                     "covariances re-diagonalised every step: the spectrum follows 1/n, the "
+                     "1e-3, batch 1.5 N, V the eigenbasis of a running average of the training "
+                     "batches' covariances, tracked every step: the spectrum follows 1/n, the "
                      "robustness gain does not). --lr, --batch-size, --epochs, --basis-update "
                      "override it")
     rep.add_argument("--lr", type=_learning_rate, default=None,
@@ -291,8 +293,10 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--basis-update", choices=list(BASIS_UPDATES), default=None,
                      help="where the eigenbasis V comes from (default: the preset's): epoch "
                      "(refreshed at each epoch start, the paper's), running (a running average "
-                     "of the batches' covariances, re-diagonalised every step) or random (a "
-                     "control: a fixed random orthogonal V per layer, never refreshed)")
+                     "of the batches' covariances, re-diagonalised every step), tracked (the same "
+                     "basis followed by small rotations each step, no N x N eigendecomposition "
+                     "on a GPU) or random (a control: a fixed random orthogonal V per layer, "
+                     "never refreshed)")
     rep.add_argument("--scheme", type=_scheme, default=None, metavar="NAME",
                      help="a name for this sweep's training scheme (letters, digits, '-'): it "
                      "joins the regularised runs' file names and curve labels, so that sweeps "
@@ -312,7 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
         "plot", help="redraw the figures and the summary from a results folder",
         description="Redraw every figure, write summary.json beside them (each curve's "
         "numbers per seed and mean +- std over seeds, and the best beta per seed) and print "
-        "the tables, from the run JSONs under RESULTS_DIR (as written by demo or reproduce).")
+        "the tables, from the run JSONs under RESULTS_DIR (as written by demo or reproduce). "
+        "A folder kept with only its summary.json (no run JSONs) gets the robustness and "
+        "best-beta figures redrawn from it; the spectra and sensitivity maps need the runs.")
     plot.add_argument("results_dir", type=Path, metavar="RESULTS_DIR",
                       help="folder holding the run JSONs (searched recursively)")
     plot.add_argument("--out", type=Path, default=None, metavar="DIR",
@@ -446,6 +452,8 @@ def cmd_plot(args) -> int:
 
     try:
         results = load_results(args.results_dir)
+        if not results and (args.results_dir / "summary.json").is_file():
+            return _plot_summary(args.results_dir / "summary.json", out)
         figures = plot_results(args.results_dir, args.out, results=results)
     except ValueError as err:
         raise CommandError(str(err)) from None
@@ -453,6 +461,24 @@ def cmd_plot(args) -> int:
     print_tables(results)
     for path in [*figures, summary]:
         print(path)
+    return 0
+
+
+def _plot_summary(path: Path, out: Path) -> int:
+    """``plot`` of a folder that holds a summary.json and no run JSONs."""
+    import json
+
+    from .paper.plots import plot_summary
+
+    try:
+        summary = json.loads(path.read_text())
+        figures = plot_summary(summary, out)
+    except (ValueError, KeyError, TypeError) as err:
+        raise CommandError(f"{path}: not a summary.json of this version ({err!r})") from None
+    print(f"{path.parent}: no run JSONs, so the figures come from {path.name}: the robustness "
+          "(and best-beta) figures; the spectra and sensitivity maps need the run JSONs")
+    for figure in figures:
+        print(figure)
     return 0
 
 

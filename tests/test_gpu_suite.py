@@ -39,7 +39,8 @@ def test_gpu_suite_dry_run_writes_every_file_and_exits_0(tmp_path):
     # the summary comes last, names every part with its exit code and every results file
     summary = (out / "summary.txt").read_text()
     assert result.stdout.rstrip().endswith(summary.rstrip().splitlines()[-1])
-    for part in ("gpu_tests", "bench_penalty", "bench_training", "bench_attacks", "report"):
+    for part in ("gpu_tests", "bench_penalty", "bench_training", "bench_attacks", "bench_basis",
+                 "report"):
         assert f"{part:<15} exit   0" in summary, summary
     assert "status: ok" in summary and "missing" not in summary
 
@@ -48,7 +49,7 @@ def test_gpu_suite_dry_run_writes_every_file_and_exits_0(tmp_path):
     assert len(files) <= 8, files
     assert all(len(p.relative_to(out).parts) <= 3 for p in files)
 
-    for name in ("penalty", "training", "attacks"):
+    for name in ("penalty", "training", "attacks", "basis"):
         (path,) = out.glob(f"*/{name}.json")
         payload = json.loads(path.read_text())
         assert payload["commit"] == "0123456789abcdef-test"
@@ -64,6 +65,11 @@ def test_gpu_suite_dry_run_writes_every_file_and_exits_0(tmp_path):
     assert {(r["op"], r["mode"]) for r in training["rows"]} >= {
         ("train_step", "vanilla"), ("train_step", "specreg"), ("train_step", "authors"),
         ("refresh", "mlp")}
+    basis = json.loads(next(out.glob("*/basis.json")).read_text())
+    assert {(r["kind"], r["mode"]) for r in basis["rows"]} == {
+        ("step", "vanilla"), ("step", "epoch"), ("step", "running"), ("step", "tracked"),
+        ("step", "tracked_sweeps"), ("quality", "tracked_sweeps"), ("quality", "tracked_eigh"),
+        ("quality", "stale")}  # a CPU dry run: tracked_sweeps timed too
     assert "Targets" in (out / "report.txt").read_text()
 
 

@@ -19,6 +19,9 @@ average's eigenvectors as ``V`` in place. A stale ``V`` lets the network satisfy
 rotating its spectrum instead of flattening it; a basis at most a step old is what moves the
 tail of the spectrum onto 1/n (issue 15's measurements). Cost per layer: one ``[B, N]``
 float64 GEMM per step and one ``N x N`` float64 ``eigh`` every ``basis_every`` steps.
+``basis_update="tracked"`` follows the same running average's eigenbasis with small rotations
+each step (about ten GEMMs and small block eigendecompositions on a GPU, no ``N x N``
+eigendecomposition); see :mod:`powerlaw_fast.training._tracked_basis`.
 
 When the hooks keep activations: only in a forward pass that runs with gradients enabled while
 the layer is in training mode, i.e. the training forward. Evaluation passes (``model.eval()``,
@@ -70,10 +73,11 @@ from powerlaw_fast.training._basis_store import BasisStore, read_layers
 from powerlaw_fast.training._hooks import LayerHooks
 from powerlaw_fast.training._refresh import accumulate_layers, eigenbases
 from powerlaw_fast.training._running_basis import RunningBasis
+from powerlaw_fast.training._tracked_basis import TrackedBasis
 from powerlaw_fast.training.capture import model_device
 
 STATE_FORMAT = 2  # the layout of state_dict() (2 adds the running basis); 1 is still read
-BASIS_UPDATES = ("epoch", "running")
+BASIS_UPDATES = ("epoch", "running", "tracked")
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -132,13 +136,26 @@ class SpectralRegularizer:
             one ``N x N`` float64 ``eigh`` per layer every ``basis_every`` steps. The update is
             not CUDA-graph capturable (``eigh`` synchronises): capture the rest of the step, or
             use ``"epoch"``. With a ``process_group`` the batch moments are all-reduced and
-            rank 0's eigenvectors broadcast.
+            rank 0's eigenvectors broadcast. ``"tracked"``: the same running average's
+            eigenbasis, followed by small rotations each step instead of an
+            eigendecomposition (see :mod:`powerlaw_fast.training._tracked_basis`): the
+            batch's covariance in the current basis (two ``[B, N]`` GEMMs), a
+            batched eigendecomposition of 64-column blocks, two sweeps of damped first-order
+            rotations (about eight ``N x N`` GEMMs) and a Newton-Schulz re-orthonormalisation
+            every 4 steps; on a CPU, where LAPACK's ``eigh`` is cheap, M's exact
+            eigendecomposition instead. The first step, when :meth:`refresh` has not set
+            ``V``, eigendecomposes the first batch's covariance. Prefer it to ``"running"``
+            on a GPU with wide layers, where an ``N x N`` eigendecomposition per step costs
+            far more than the step; keep ``"running"`` as the exact reference. On a GPU each
+            step synchronises twice with the host (``torch.linalg.eigh``'s error check on the
+            blocks), so it cannot be captured in a CUDA graph.
         basis_every: with ``basis_update="running"``, penalty calls between two
             eigendecompositions (default 1: every step; issue 15 found that a basis more than a
             few steps old leaves the spectrum's tail where vanilla training puts it).
-        basis_momentum: with ``basis_update="running"``, the weight of the newest batch's
-            covariance in the running average, in (0, 1] (default 0.1: about the last 10
-            batches; 1 = the current batch only, which over-shoots at ``B`` near ``N``).
+        basis_momentum: with ``basis_update="running"`` or ``"tracked"``, the weight of the
+            newest batch's covariance in the running average, in (0, 1] (default 0.1: about
+            the last 10 batches; 1 = the current batch only, which over-shoots at ``B`` near
+            ``N``).
 
     Attributes:
         layer_names: the names of the regularised layers, in the order given.
@@ -191,6 +208,7 @@ class SpectralRegularizer:
         if self.basis_momentum > 1.0:
             raise ValueError(f"basis_momentum: expected a number in (0, 1], got {basis_momentum}")
         self._running = RunningBasis(self.basis_momentum, self.basis_every)
+        self._tracked = TrackedBasis(self.basis_momentum)
 
         self._modules: dict[str, nn.Module] = {}
         for entry in self._as_layer_list(layers):
@@ -309,9 +327,11 @@ class SpectralRegularizer:
         """The basis state for a checkpoint: eigenbases and eigenvalues per layer and, with
         ``basis_update="running"``, the running covariances and the number of penalty calls
         (so that a resumed run installs the same basis on the same step as an uninterrupted
-        one)."""
+        one); with ``"tracked"``, the number of tracking steps (the basis and eigenvalues are
+        the tracked state itself)."""
         self._require_refreshed()
-        return {"format": STATE_FORMAT, "layers": self._store.state(), **self._running.state()}
+        return {"format": STATE_FORMAT, "layers": self._store.state(), **self._running.state(),
+                **self._tracked.state()}
 
     def load_state_dict(self, state: Mapping) -> None:
         """Restore the eigenbases of :meth:`state_dict` exactly (bitwise), each moved to its
@@ -333,8 +353,10 @@ class SpectralRegularizer:
         running = RunningBasis(self.basis_momentum, self.basis_every)
         running.load(state, {n: (V.shape[0], V.device) for n, V in basis.items()},
                      expected=self.basis_update == "running")  # fmt: skip
+        tracked = TrackedBasis(self.basis_momentum)
+        tracked.load(state)
         self._install(basis, values)
-        self._running = running
+        self._running, self._tracked = running, tracked
 
     def _known_width(self, name: str) -> int | None:
         """The layer's number of output features when it can be known without a forward: its
@@ -453,11 +475,13 @@ class SpectralRegularizer:
             )
         self._steps += 1
         xs = [self._activations(name, captured[name]) for name in self.layer_names]
-        if self.basis_update == "running":
+        if self.basis_update != "epoch":
+            update = (self._update_running_basis if self.basis_update == "running"
+                      else self._update_tracked_basis)  # fmt: skip
             if torch.compiler.is_compiling():  # eigh and its host logic run eagerly
-                torch.compiler.disable(self._update_running_basis)(xs)
+                torch.compiler.disable(update)(xs)
             else:
-                self._update_running_basis(xs)
+                update(xs)
         names = self.layer_names
         backend = resolve_backend(self.backend, xs[0].device, dtype=xs[0].dtype)
         compute = self.penalty_dtype
@@ -523,6 +547,22 @@ class SpectralRegularizer:
         for name, cov in self._running.covariance.items():
             self._check_tau(name, cov.shape[0])
         self._install(*eigenbases(self._running.covariance, self.process_group))
+
+    def _update_tracked_basis(self, xs: list[torch.Tensor]) -> None:
+        """Rotate every layer's basis towards the eigenbasis of the running covariance with
+        the current batch folded in (an exact eigendecomposition of the first batch when no
+        basis is installed yet), and install it in place."""
+        first = not self._store
+        with torch.autocast(xs[0].device.type, enabled=False):
+            basis, values = self._tracked.step(
+                dict(zip(self.layer_names, xs, strict=True)), self._store.basis,
+                self._store.eigenvalues, self.process_group,
+                operand_dtype=torch.bfloat16 if self.penalty_dtype == torch.bfloat16 else None,
+            )  # fmt: skip
+        if first:
+            for name, V in basis.items():
+                self._check_tau(name, V.shape[0])
+        self._install(basis, values)
 
     def __repr__(self) -> str:
         layers = ", ".join(

@@ -351,7 +351,7 @@ def test_presets_hold_the_documented_settings():
         "tanh", "post", 1e-3, 3500, "epoch", "authors")
     assert (fresh["activation"], fresh["batch_norm_position"], fresh["lr"], fresh["batch_size"],
             fresh["basis_update"], fresh["basis_every"], fresh["basis_momentum"]) == (
-        "tanh", "pre", 1e-3, None, "running", 1, 0.1)
+        "tanh", "pre", 1e-3, None, "tracked", 1, 0.1)
     assert fresh["epochs"] >= 10
     # the paper preset is what a RunConfig without it means (so old sweeps resume)
     default = RunConfig("shallow", "shallow", "specreg", beta=1.0)
@@ -411,9 +411,9 @@ def test_running_basis_run_records_the_summary(data, monkeypatch):
                 **ex.preset_fields("fresh-basis"), "epochs": 2, "batch_size": 40}
     cfg = RunConfig("shallow", "shallow", "specreg", beta=2.0, **settings)
     result = ex.run_experiment(cfg, data, device="cpu", progress=False)
-    assert calls["refresh"] == 0  # the running basis needs no pass over the data
+    assert calls["refresh"] == 0  # the tracked basis needs no pass over the data
     s = result["summary"]
-    assert s["basis_update"] == "running" and s["layer"] == "hidden1"
+    assert s["basis_update"] == "tracked" and s["layer"] == "hidden1"
     spec = result["spectra"]["hidden1"]
     assert s["alpha_tau_to_n"] == spec["alpha_fit"] and s["alpha_tau_to_n_window"] == [10, 16]
     assert s["alpha_decade"] == spec["alpha_fit_decade"]
@@ -635,3 +635,21 @@ def test_robustness_curve_draws_a_bar_only_on_a_terminal_over_several_batches(
     stream.text = ""
     robustness_curve(model, (x, y), [0.0, 0.1], attack="fgsm", batch_size=16, progress=False)
     assert stream.text == ""
+
+
+def test_the_cpu_estimate_ranks_the_basis_updates_by_their_work():
+    """Per step on a CPU: the per-epoch basis does the least, the tracked one (float32 moments
+    in the basis and a float32 eigh) less than the exact running one (float64 moments and a
+    float64 eigh), and the difference grows with N^3."""
+    from powerlaw_fast.paper.experiments.estimate import run_flops
+
+    def flops(update, width):
+        cfg = RunConfig("shallow", "shallow", "specreg", beta=5.0, width=width, epochs=2,
+                        basis_update=update)  # fmt: skip
+        return run_flops(cfg, n_train=6000, n_test=1000)
+
+    for width in (500, 2000):
+        epoch, running, tracked = (flops(u, width) for u in ("epoch", "running", "tracked"))
+        assert epoch < tracked < running, (width, epoch, tracked, running)
+    assert flops("running", 2000) - flops("tracked", 2000) > 8 * (
+        flops("running", 500) - flops("tracked", 500))

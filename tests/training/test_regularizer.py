@@ -629,7 +629,7 @@ def test_triton_backend_takes_the_grouped_path_with_the_same_result(device):
         torch.testing.assert_close(s_g[name], s_t[name], rtol=1e-4, atol=1e-8)
 
 
-@pytest.mark.parametrize("basis_update", ["epoch", "running"])
+@pytest.mark.parametrize("basis_update", ["epoch", "running", "tracked"])
 def test_whole_training_step_under_torch_compile_matches_eager(basis_update):
     """forward, penalty, backward and Adam step compiled together (graph breaks allowed; the
     penalty runs as its custom ops), against the same steps run eagerly."""
@@ -783,18 +783,19 @@ def test_running_basis_arguments_and_epoch_mode_unchanged():
     running.remove()
 
 
-def test_running_basis_on_the_grouped_triton_path(device):
+@pytest.mark.parametrize("basis_update", ["running", "tracked"])
+def test_running_basis_on_the_grouped_triton_path(device, basis_update):
     pytest.importorskip("triton")
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(20, 32), nn.Tanh(), nn.Linear(32, 24), nn.Tanh(),
                          nn.Linear(24, 3)).to(device)  # CUDA when present (see above)
-    x = torch.randn(96, 20).to(device)
+    x = torch.randn(144, 20).to(device)
     values = {}
     for backend in ("torch", "triton"):
         reg = SpectralRegularizer(base, ["1", "3"], tau=4, backend=backend, progress=False,
-                                  basis_update="running", basis_momentum=0.5)
+                                  basis_update=basis_update, basis_momentum=0.5)
         out = []
-        for i in range(2):
+        for i in range(3):
             base.zero_grad()
             base(x[i * 48 : (i + 1) * 48] * (1 + i))
             value = reg.penalty()

@@ -72,6 +72,11 @@ def run_flops(cfg: RunConfig, n_train: int, n_test: int) -> float:
             # float64 batch moments every step (~4x float32's cost), eigh every basis_every
             flops += steps * 4 * batch * n * n + (steps // cfg.basis_every + 1) * 90.0 * n**3
             continue
+        if cfg.basis_update == "tracked":
+            # on a CPU: Z and Z^T Z (2 B N^2 each), a float32 eigh of M (~half the float64
+            # one's ~90 N^3-equivalent) and V Q (2 N^3); one float64 eigh first
+            flops += steps * (4.0 * batch * n * n + 47.0 * n**3) + 90.0 * n**3
+            continue
         if cfg.basis_update == "random":  # one QR, never refreshed
             flops += 90.0 * n**3
             continue
