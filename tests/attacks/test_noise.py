@@ -47,3 +47,39 @@ def test_seeded_and_global_rng_untouched():
 def test_bad_input(x, sigma, kw, exc, match):
     with pytest.raises(exc, match=match):
         white_noise(x, sigma, **kw)
+
+
+# --- found by `nox -s mutants -- attacks/noise.py` (issue 28): each test below fails for a
+# one-line change of noise.py that the tests above let through
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_one_normal_draw_in_the_inputs_dtype_scaled_by_each_sigma(dtype):
+    x = torch.zeros(3, 5, dtype=dtype)
+    out = white_noise(x, [0.0, 0.5, 2.0], bounds=None, generator=9)
+    z = torch.randn((3, 5), generator=torch.Generator().manual_seed(9), dtype=dtype)
+    assert out.dtype == dtype and out.shape == (3, 3, 5)
+    assert torch.equal(out[0], x) and torch.equal(out[1], 0.5 * z)
+    assert torch.equal(out[2], 2.0 * z)
+    one = white_noise(x, torch.tensor(0.5), bounds=None, generator=9)
+    assert one.shape == x.shape and torch.equal(one, 0.5 * z)
+
+
+def test_custom_bounds_clamp_and_check():
+    x = torch.linspace(-1.0, 1.0, 40, dtype=torch.float64).view(4, 10)
+    out = white_noise(x, [0.0, 1.0], bounds=(-1.0, 1.0), generator=2)
+    z = torch.randn((4, 10), generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    assert torch.equal(out[1], (x + z).clamp(-1.0, 1.0))
+    assert (out[1] == -1.0).any() and (out[1] == 1.0).any() and (out[1] < 0).sum() > 5
+    with pytest.raises(ValueError, match=r"x: expected every value within bounds \[-0.5, 1.0\] "
+                                         r"\(and no NaN\), got 10 values outside"):
+        white_noise(x, 0.1, bounds=(-0.5, 1.0))
+    with pytest.raises(ValueError, match=r"got 10 values outside"):
+        white_noise(x, 0.1, bounds=(-1.0, 0.5))
+    assert torch.equal(white_noise(x, 0.0, bounds=(-1.0, 1.0)), x)  # edges are inside
+
+
+def test_unbounded_noise_is_not_clamped():
+    x = torch.full((50, 4), 0.5, dtype=torch.float64)
+    out = white_noise(x, 3.0, bounds=None, generator=1)
+    assert out.min() < 0 and out.max() > 1

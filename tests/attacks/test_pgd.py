@@ -316,3 +316,276 @@ def test_gpu_memory_budget_splits_into_chunks_with_same_result():
     whole = pgd(model, x, y, EPS, steps=5, max_batch=len(EPS) * 256, cuda_graph=False,
                 final_iterate=True)
     assert ((small - whole).abs() <= 2 * 0.01 + 1e-6).all()
+
+
+# --- found by `nox -s mutants -- attacks/_pgd_final.py` (issue 28): each test below fails for a
+# one-line change of the final-iterate runner that the tests above let through
+
+
+class Recording(torch.nn.Module):
+    """Records every forward: (rows, whether the input requires grad, autocast on)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.calls = inner, []
+
+    def forward(self, x):
+        self.calls.append((x.shape[0], x.requires_grad, torch.is_autocast_enabled(x.device.type)))
+        return self.inner(x)
+
+    def rows(self, grad):
+        return sum(r for r, g, _ in self.calls if g == grad)
+
+
+def labelled(n=10, seed=0, wrong_every=4, dtype=torch.float64):
+    """An MLP and data it gets right except every ``wrong_every``-th sample."""
+    model, (x, _) = make_mlp(dtype, seed=seed), make_data(n=n, dtype=dtype, seed=seed + 1)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    y[::wrong_every] = (y[::wrong_every] + 1) % 10
+    return model, x, y
+
+
+def test_final_iterate_work_counts_equal_the_rows_the_model_sees():
+    model, x, y = labelled(n=10)
+    rec = Recording(model)
+    r = pgd(rec, x, y, [0.0, 0.05, 0.2], steps=3, step_size=0.02, random_start=True,
+            restarts=2, generator=1, final_iterate=True, details=True)
+    # eps = 0 is one clean forward of n rows; each of the 2 radii x 2 restarts runs 3 steps of
+    # n rows and one verdict forward of n rows
+    assert r.row_steps == 2 * 2 * 10 * 3 == rec.rows(grad=True)
+    assert r.row_forwards == 10 + 2 * 2 * 10 == rec.rows(grad=False) - 1  # - the label check
+    assert r.unverified == 0
+
+
+def test_final_iterate_without_verdicts_runs_no_verdict_forward():
+    model, x, y = labelled(n=10)
+    rec = Recording(model)
+    # details=False: no verdicts needed, not even the clean one at eps = 0
+    pgd(rec, x, y, [0.0, 0.1, 0.2], steps=3, final_iterate=True)
+    assert rec.rows(grad=False) == 1  # the one-row label check, nothing else
+    assert rec.rows(grad=True) == 2 * 10 * 3
+
+
+def test_final_iterate_step_and_found_at_follow_the_verdicts():
+    model, x, y = labelled(n=12)
+    eps = [0.0, 0.02, 0.3]
+    r = pgd(model, x, y, eps, steps=4, step_size=0.01, final_iterate=True, details=True)
+    clean_wrong = wrong(model, x, y)
+    assert torch.equal(r.success[0], clean_wrong)
+    assert 0 < int(r.success[1].sum()) < 12  # both verdicts occur at a radius > 0
+    assert torch.equal(r.step[0], torch.where(clean_wrong, 0, -1))
+    assert torch.equal(r.step[1:], torch.where(r.success[1:], 4, -1))
+    rows = torch.arange(len(eps))[:, None].expand(-1, 12)
+    assert torch.equal(r.found_at, torch.where(r.success, rows, -1))
+
+
+def test_final_iterate_forward_passes_hold_at_most_max_batch_rows():
+    model, x, y = labelled(n=10)
+    rec = Recording(model)
+    r = pgd(rec, x, y, [0.0, 0.05, 0.1], steps=2, random_start=True, restarts=2, generator=0,
+            max_batch=4, final_iterate=True, details=True)
+    assert max(rows for rows, _, _ in rec.calls) <= 4
+    whole = pgd(model, x, y, [0.0, 0.05, 0.1], steps=2, random_start=True, restarts=2,
+                generator=0, final_iterate=True, details=True)
+    # the chunks draw their starts in another order: only the eps = 0 verdicts must agree
+    assert torch.equal(r.success[0], whole.success[0])
+
+
+def test_final_iterate_restarts_match_the_loop_from_each_start_with_custom_bounds():
+    """Restart r starts from the generator's r-th draw; a sample keeps its first fooling
+    restart, else the last one, and is fooled when any restart fools it. Inputs in [-1, 1]."""
+    model, (x, _) = make_mlp(seed=4), make_data(n=30)
+    x = 2 * x - 1
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    eps, steps, step, bounds = 0.05, 1, 0.01, (-1.0, 1.0)
+    g = torch.Generator().manual_seed(11)
+    finals, fooled = [], []
+    for _ in range(3):
+        u = torch.rand((30, 64), generator=g, dtype=torch.float64).view_as(x)
+        start = (x + (2 * u - 1) * eps).clamp(*bounds)
+        finals.append(reference_pgd(model, x, y, eps, steps, step, bounds, x_start=start))
+        fooled.append(wrong(model, finals[-1], y))
+    first = torch.stack(fooled).int().argmax(0)  # 0 where none fooled
+    any_fooled = torch.stack(fooled).any(0)
+    pick = torch.where(any_fooled, first, 2)
+    expect = torch.stack(finals)[pick, torch.arange(30)]
+    # the data must tell the rules apart: a sample fooled only by a later restart, one fooled
+    # by restart 0 but not by the last
+    assert (any_fooled & ~fooled[0]).any() and (fooled[0] & ~fooled[2]).any()
+    kw = dict(steps=steps, step_size=step, random_start=True, restarts=3, generator=11,
+              bounds=bounds, final_iterate=True)
+    r = pgd(model, x, y, eps, details=True, **kw)
+    torch.testing.assert_close(r.adv, expect, rtol=0, atol=1e-12)
+    assert torch.equal(r.success, any_fooled)
+    torch.testing.assert_close(pgd(model, x, y, eps, **kw), expect, rtol=0, atol=1e-12)
+
+
+def test_final_iterate_custom_bounds_match_the_loop():
+    model, (x, y) = make_mlp(), make_data(n=8)
+    x = 2 * x - 1  # in [-1, 1]: a step may leave [0, 1] and must be kept
+    adv = pgd(model, x, y, [0.1, 0.5], steps=5, step_size=0.1, bounds=(-1.0, 1.0),
+              final_iterate=True)
+    for e, a in zip([0.1, 0.5], adv, strict=True):
+        ref = reference_pgd(model, x, y, e, 5, 0.1, bounds=(-1.0, 1.0))
+        torch.testing.assert_close(a, ref, rtol=0, atol=1e-12)
+    assert (adv < 0).any()
+
+
+def test_final_iterate_conv_model_gets_its_sample_shape():
+    torch.manual_seed(0)
+    conv = torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                               torch.nn.Linear(3 * 6 * 6, 10)).double()
+    x, y = make_data(n=6)
+    adv = pgd(conv, x, y, [0.1], steps=3, step_size=0.03, final_iterate=True)
+    ref = reference_pgd(conv, x, y, 0.1, 3, 0.03)
+    torch.testing.assert_close(adv[0], ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("final_iterate", [True, False])
+def test_bf16_precision_runs_gradient_passes_under_autocast_only(final_iterate):
+    model, x, y = labelled(n=8, dtype=torch.float32)
+    rec = Recording(model)
+    pgd(rec, x, y, [0.0, 0.1], steps=2, precision="bf16", final_iterate=final_iterate,
+        details=True)
+    grads = [autocast for _, g, autocast in rec.calls if g]
+    assert grads and all(grads)
+    # the verdicts are fp32 forwards (the search's own last forward of a row is not a verdict)
+    verdicts = [autocast for _, g, autocast in rec.calls if not g]
+    assert not any(verdicts) if final_iterate else not all(verdicts)
+
+
+@pytest.mark.skipif(not triton_available(), reason="triton not installed")
+@pytest.mark.parametrize("final_iterate", [True, False])
+def test_the_chosen_backend_runs_every_step(monkeypatch, final_iterate):
+    from powerlaw_fast.ops import backends
+
+    calls = []
+    triton_row = backends._TABLE[("pgd_update", "triton")]
+
+    def spy(*args):
+        calls.append(args[0].shape[0])
+        return triton_row(*args)
+
+    monkeypatch.setitem(backends._TABLE, ("pgd_update", "triton"), spy)
+    model, x, _ = labelled(n=6, dtype=torch.float32)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # all clean-correct, and a weak attack: every step runs
+    pgd(model, x, y, [0.05], steps=3, step_size=0.001, backend="triton",
+        final_iterate=final_iterate)
+    assert len(calls) == 3
+
+
+def test_final_iterate_progress_bar_only_when_asked_and_chunked(capsys):
+    import re
+
+    model, (x, y) = make_mlp(), make_data(n=6)
+    two_chunks = dict(steps=1, final_iterate=True, max_batch=6)  # one chunk per eps
+    pgd(model, x, y, [0.1, 0.2], progress=True, **two_chunks)
+    assert re.search(r"(^|\r)pgd: ", capsys.readouterr().err)
+    pgd(model, x, y, [0.1, 0.2], progress=False, **two_chunks)
+    pgd(model, x, y, [0.1, 0.2], progress=True, steps=1, final_iterate=True)  # one chunk
+    assert "pgd" not in capsys.readouterr().err
+
+
+def test_pgd_sweep_defaults_to_no_bar_and_keeps_runners_in_the_callers_dict(capsys):
+    from powerlaw_fast.attacks.pgd import pgd_sweep
+
+    model, (x, y) = make_mlp(), make_data(n=6)
+    runners = {}
+    kw = dict(steps=2, step_size=0.01, random_start=False, restarts=1, bounds=(0.0, 1.0),
+              generator=None, backend="torch", cuda_graph=False, rows_per_chunk=6,
+              need_success=True, runners=runners)
+    adv, success = pgd_sweep(model.eval(), x, y, [0.1, 0.2], **kw)
+    assert "pgd" not in capsys.readouterr().err
+    assert len(runners) == 1  # both chunks have one shape: one runner, kept for the caller
+    (runner,) = runners.values()
+    again, success_again = pgd_sweep(model, x, y, [0.1, 0.2], **kw)
+    assert list(runners.values()) == [runner]
+    assert torch.equal(adv, again) and torch.equal(success, success_again)
+    for e, a in zip([0.1, 0.2], adv, strict=True):
+        torch.testing.assert_close(a, reference_pgd(model, x, y, e, 2, 0.01), rtol=0, atol=1e-12)
+
+
+def test_final_iterate_skips_examples_when_none_are_needed():
+    from powerlaw_fast.attacks.pgd import run_pgd
+
+    model, x, y = labelled(n=6)
+    result, single = run_pgd(
+        model, x, y, [0.0, 0.1], steps=2, step_size=0.01, random_start=False, restarts=1,
+        bounds=(0.0, 1.0), generator=None, backend="auto", cuda_graph=False, max_batch=None,
+        memory_budget=None, need_adv=False, progress=False, final_iterate=True)
+    assert result.adv is None and not single
+    assert torch.equal(result.success[0], wrong(model, x, y))
+
+
+# --- found by `nox -s mutants -- attacks/pgd.py` (issue 28)
+
+
+def test_single_eps_details_are_squeezed_and_match_the_grid_entry():
+    model, x, y = labelled(n=8)
+    one = pgd(model, x, y, 0.05, steps=3, details=True)
+    grid = pgd(model, x, y, [0.05], steps=3, details=True)
+    for key in ("adv", "success", "step", "found_at"):
+        assert torch.equal(getattr(one, key), getattr(grid, key)[0]), key
+    assert one.found_at.shape == (8,) and (one.row_steps, one.row_forwards) == (
+        grid.row_steps, grid.row_forwards)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(restarts=3), ValueError, r"restarts: expected 1 without random_start \(restarts "
+                                       r"from x itself are identical\), got 3; pass "
+                                       r"random_start=True"),
+        (dict(final_iterate=None), TypeError, "final_iterate: expected a bool, got NoneType"),
+        (dict(compact_every=2.0), TypeError, "compact_every"),
+        (dict(compact_every=2**31), ValueError, "compact_every"),
+        (dict(memory_budget=0), ValueError, r"memory_budget: expected an integer in 1\.\.\d+ "
+                                            r"\(bytes\), got 0"),
+        (dict(memory_budget=1.5), TypeError, "memory_budget"),
+        (dict(steps=2**31), ValueError, "steps"),
+        (dict(restarts=2**31, random_start=True), ValueError, "restarts"),
+        (dict(step_size=-0.1), ValueError, "step_size"),
+        (dict(step_size=math.inf), ValueError, "step_size"),
+    ],
+)
+def test_bad_arguments_named(kw, exc, match):
+    model, (x, y) = make_mlp(), make_data(n=4)
+    with pytest.raises(exc, match=match):
+        pgd(model, x, y, 0.1, **kw)
+
+
+def test_memory_budget_and_compact_every_accepted_on_the_cpu():
+    model, x, y = labelled(n=8)
+    a = pgd(model, x, y, [0.0, 0.1], steps=4, memory_budget=1, compact_every=2**31 - 1,
+            details=True)
+    b = pgd(model, x, y, [0.0, 0.1], steps=4, compact_every=1, details=True)
+    for key in ("adv", "success", "step", "found_at"):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+    assert a.row_steps >= b.row_steps  # rows retire at the next compaction only
+
+
+def test_labels_checked_skips_the_label_forward():
+    from powerlaw_fast.attacks.pgd import run_pgd
+
+    model, x, y = labelled(n=6)
+    counts = []
+    for checked in (False, True):
+        rec = Recording(model)
+        run_pgd(rec, x, y, [0.1], steps=1, step_size=0.01, random_start=False, restarts=1,
+                bounds=(0.0, 1.0), generator=None, backend="torch", cuda_graph=False,
+                max_batch=None, memory_budget=None, need_adv=True, progress=False,
+                final_iterate=True, need_success=False, labels_checked=checked)
+        counts.append([c[0] for c in rec.calls if not c[1]])
+    assert counts == [[1], []]
+
+
+def test_random_start_off_ignores_the_generator_and_on_uses_it():
+    model, x, y = labelled(n=6)
+    a = pgd(model, x, y, [0.1], steps=2, generator=1, final_iterate=True)
+    b = pgd(model, x, y, [0.1], steps=2, generator=2, final_iterate=True)
+    assert torch.equal(a, b)
+    torch.testing.assert_close(a[0], reference_pgd(model, x, y, 0.1, 2, 0.01), rtol=0,
+                               atol=1e-12)

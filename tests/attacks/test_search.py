@@ -2,6 +2,8 @@
 independent plain per-eps loops: never weaker, every success verified, work saved."""
 
 import importlib
+import re
+import warnings
 
 import pytest
 import torch
@@ -289,3 +291,165 @@ def test_gpu_default_mode_never_weaker_than_the_loop():
     g = pgd(model, x, y, EPS, steps=STEPS, step_size=STEP, final_iterate=True, cuda_graph=True)
     e_ = pgd(model, x, y, EPS, steps=STEPS, step_size=STEP, final_iterate=True, cuda_graph=False)
     assert ((g - e_).abs() <= 2 * STEP + 1e-6).all()
+
+
+# --- found by `nox -s mutants -- attacks/_pgd_search.py` (issue 28): each test below fails for
+# a one-line change of the search that the tests above let through
+
+
+def test_random_start_with_custom_bounds_equals_the_loop_from_the_same_start():
+    """Inputs in [-1, 1]: the start is clamped to the bounds, every step too, and the search's
+    verdicts, steps and examples are the any-iterate loop's from that start."""
+    model, x, _ = setup(n=16)
+    x = 2 * x - 1
+    y = mostly_correct_labels(model, x)
+    eps, bounds = 0.1, (-1.0, 1.0)
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand((16, 64), generator=g, dtype=torch.float64).view_as(x)
+    start = (x + (2 * u - 1) * eps).clamp(*bounds)
+    r = pgd(model, x, y, eps, steps=STEPS, step_size=0.02, random_start=True, generator=5,
+            bounds=bounds, details=True)
+    f, k, ex = reference_pgd_any(model, x, y, eps, STEPS, 0.02, bounds, x_start=start)
+    clean = wrong(model, x, y)
+    assert torch.equal(r.success, f | clean) and (f & ~clean).any() and (~f).any()
+    attacked = ~clean
+    assert torch.equal(r.step[attacked], k[attacked])
+    torch.testing.assert_close(r.adv[attacked], ex[attacked], rtol=0, atol=1e-12)
+    assert (r.adv < 0).any() and r.unverified == 0
+
+
+class GradLiar(torch.nn.Module):
+    """Claims every input that requires grad (the attack's step forwards) is of another class;
+    honest on every other forward (the clean pass and the final check)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out.roll(1, dims=1) if x.requires_grad else out
+
+
+def test_successes_the_final_check_refuses_are_counted_and_reset():
+    model, x, y = setup(n=10)
+    clean = wrong(model, x, y)
+    liar = GradLiar(model)
+    with pytest.warns(RuntimeWarning, match=r"pgd: (\d+) adversarial examples failed the final "
+                                            r"fp32 check") as record:
+        r = pgd(liar, x, y, [0.0, 0.1, 0.2], steps=3, details=True)
+    lies = int((~clean).sum())  # every attacked sample "fooled" at step 0 of the first radius
+    assert r.unverified == lies > 0 and f"pgd: {lies} adversarial" in str(record[0].message)
+    assert torch.equal(r.success, clean[None, :].expand(3, -1))
+    assert torch.equal(r.step, torch.where(r.success, 0, -1))
+    assert torch.equal(r.found_at, torch.where(r.success, 0, -1))
+    # work: one step of every attacked row at the two radii at once; the clean pass and the
+    # final check of every claimed success (the clean misclassifications as well)
+    assert r.row_steps == 2 * lies
+    assert r.row_forwards == 10 + 10
+
+
+def test_verified_search_work_counts_equal_the_rows_the_model_sees():
+    model, x, y = setup(dtype=torch.float32)
+    counted = Counting(model)
+    r = pgd(counted, x, y, EPS, steps=STEPS, step_size=STEP, precision="bf16", details=True)
+    assert r.row_steps == counted.grad_rows > 0
+    assert r.row_forwards + 1 == counted.forward_rows  # + the one-row label check
+    assert r.unverified == 0
+
+
+class Rows(torch.nn.Module):
+    """Rows of every gradient pass, in order."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.grad_passes = inner, []
+
+    def forward(self, x):
+        if x.requires_grad:
+            self.grad_passes.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("n,max_batch,first", [(256, None, 512), (171, None, 342),
+                                               (171, 300, 171), (100, None, 300)])
+def test_radii_join_while_their_rows_stay_within_the_cpu_group_limit(n, max_batch, first):
+    """On the CPU the next radii join one attack while (samples alive) x (radii) <= 512 (and
+    <= max_batch): the first gradient pass holds exactly that many rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3).double()
+    x = torch.rand(n, 4, dtype=torch.float64)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every sample starts correctly classified
+    rows = Rows(model)
+    r = pgd(rows, x, y, [1e-6, 2e-6, 3e-6], steps=1, step_size=1e-6, max_batch=max_batch,
+            details=True)
+    assert rows.grad_passes[0] == first
+    assert not r.success.any() and r.unverified == 0  # nothing found, nothing refused
+
+
+def test_reduced_precision_lies_are_refused_before_the_final_check():
+    """The step's own (autocast) verdicts are re-checked by an fp32 forward before a row
+    retires: the liar's claims never reach the final check."""
+    model, x, y = setup(dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "failed the final fp32 check" warning
+        r = pgd(Liar(model), x, y, EPS, steps=STEPS, step_size=STEP, precision="bf16",
+                details=True)
+    honest = pgd(model, x, y, EPS, steps=STEPS, step_size=STEP, precision="bf16", details=True)
+    assert r.unverified == 0 and honest.unverified == 0
+    assert torch.equal(r.success[0], wrong(model, x, y))
+
+
+@pytest.mark.parametrize("every", [2, 3])
+def test_rows_are_compacted_every_compact_every_steps(every):
+    model, x, y = setup()
+    rows = Rows(model)
+    pgd(rows, x, y, [0.03], steps=STEPS, step_size=STEP, compact_every=every)
+    sizes = rows.grad_passes
+    assert len(sizes) == STEPS
+    # the batch shrinks only at a compaction, after every `every` steps
+    assert all(sizes[i] == sizes[i - i % every] for i in range(STEPS))
+    assert sizes[-1] < sizes[0]
+
+
+class AllRows(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.sizes = inner, []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return self.inner(x)
+
+
+@pytest.mark.parametrize("precision", [None, "bf16"])
+def test_every_forward_of_the_search_holds_at_most_max_batch_rows(precision):
+    model, x, y = setup(n=40, dtype=torch.float32)
+    rec = AllRows(model)
+    r = pgd(rec, x, y, EPS, steps=STEPS, step_size=STEP, max_batch=7, precision=precision,
+            details=True)
+    assert max(rec.sizes) <= 7 and r.success.any()
+    assert sum(rec.sizes) == r.row_steps + r.row_forwards + 1  # + the label check
+
+
+def test_pgd_search_defaults_to_fp32_without_verification_forwards():
+    from powerlaw_fast.attacks.pgd import pgd_search
+
+    model, x, y = setup(n=20)
+    kw = dict(steps=STEPS, step_size=STEP, random_start=False, restarts=1, bounds=(0.0, 1.0),
+              generator=None, backend="torch", rows_per_chunk=4096)
+    default = pgd_search(model.eval(), x, y, EPS, **kw)
+    fp32 = pgd_search(model, x, y, EPS, precision="fp32", **kw)
+    assert (default.row_steps, default.row_forwards) == (fp32.row_steps, fp32.row_forwards)
+    assert torch.equal(default.success, fp32.success) and default.adv is not None
+
+
+def test_search_progress_bar_counts_chunks_times_radii_only_when_asked(capsys):
+    model, x, y = setup(n=10)
+    pgd(model, x, y, [0.0, 0.01, 0.03], steps=2, max_batch=5, progress=True)
+    err = capsys.readouterr().err
+    assert re.search(r"(^|\r)pgd: .*\b6/6\b", err)  # 2 chunks x 3 radii
+    pgd(model, x, y, [0.0, 0.01, 0.03], steps=2, max_batch=5)
+    assert capsys.readouterr().err == ""
+
