@@ -215,7 +215,8 @@ def test_attack_target_met_when_fast_and_accurate(files):
 
 def test_every_target_listed_as_not_measured_without_results():
     lines = [v.line() for v in targets.all_verdicts([])]
-    assert len(lines) == len(targets.PENALTY_TARGETS) + len(targets.TRAINING_TARGETS) + 1
+    assert len(lines) == (len(targets.PENALTY_TARGETS) + len(targets.TRAINING_TARGETS) + 1
+                          + len(targets.BASIS_TARGETS))
     assert all(line.split(": ")[-1].startswith("not measured") for line in lines)
 
 
@@ -283,3 +284,20 @@ def test_main_without_results_writes_nothing(tmp_path, capsys):
     assert "nothing to report" in capsys.readouterr().out
     assert readme.read_text() == README_TEXT.format(block=MARKED)
     assert list((tmp_path / "results").iterdir()) == []
+
+
+def test_basis_verdicts_compare_tracked_with_the_per_epoch_step(tmp_path):
+    """Issue 26's targets from a basis.json: each width's tracked step over its epoch step."""
+    rows = [{"kind": "step", "N": n, "mode": mode, "median_ms": ms}
+            for n, times in {500: (10.0, 12.5), 2000: (10.0, 14.0), 8192: (10.0, 14.0)}.items()
+            for mode, ms in zip(("epoch", "tracked"), times, strict=True)]
+    rows.append({"kind": "quality", "N": 500, "mode": "tracked_sweeps", "spectrum_error": 0.0})
+    folder = tmp_path / "FakeGPU"
+    folder.mkdir()
+    (folder / "basis.json").write_text(json.dumps({**ENV, "rows": rows}))
+    verdicts = targets.basis_verdicts(report.load_results(tmp_path))
+    small, wide = verdicts
+    assert small.status == "NOT met" and "N = 2000: 1.40x" in small.line()
+    assert "N = 500:" not in small.line()  # 1.25x meets it; only the misses are listed
+    assert wide.status == "met" and "N = 8192: 1.40x" in wide.line()
+    assert [v.status for v in targets.basis_verdicts([])] == ["not measured"] * 2

@@ -135,10 +135,11 @@ class RunConfig:
             ``refresh_every`` steps), ``"running"`` (every ``basis_every`` steps the
             eigenbasis of a running average of the training batches' covariances, weight
             ``basis_momentum`` on the newest; see :class:`~powerlaw_fast.SpectralRegularizer`),
-            ``"tracked"`` (the same running average's eigenbasis followed by one small rotation
-            per step instead of an eigendecomposition) or ``"random"`` (a control, issue 15: a fixed random orthogonal V per layer, drawn
-            from the run's seed and never refreshed, so the penalty shapes the variances along
-            directions unrelated to the representation's eigenvectors). Variants without the
+            ``"tracked"`` (the same running average's eigenbasis followed by small rotations
+            each step instead of an eigendecomposition) or ``"random"`` (a control, issue 15:
+            a fixed random orthogonal V per layer, drawn from the run's seed and never
+            refreshed, so the penalty shapes the variances along directions unrelated to the
+            representation's eigenvectors). Variants without the
             spectral penalty store the defaults of the basis fields and no ``scheme``.
         limit_train, limit_test: use the first images of each split (``None`` = all).
         fgsm_eps, pgd_eps, noise_sigma: attack grids (an empty grid skips that attack).
