@@ -35,7 +35,9 @@ def test_a_sweep_writes_runs_figures_and_summary_then_resumes(tmp_path):
     assert json.loads((sweep / runs[0]).read_text())["config"]["notes"]["preset"] == "paper"
     summary = json.loads((sweep / "figures" / "summary.json").read_text())
     assert summary["runs"] == 4 and summary["figures"][0]["best_beta"]
-    assert (sweep / "figures" / "shallow-best-beta.png").is_file()
+    assert (sweep / "figures" / "shallow-robustness.png").is_file()
+    # one seed chose one beta: its best-beta curve is the robustness panel's, so not drawn
+    assert not (sweep / "figures" / "shallow-best-beta.png").exists()
     assert "shallow-paper: exit 0" in (tmp_path / "reproduce" / "summary.txt").read_text()
     again = _run(tmp_path, "shallow-paper", REPRODUCE_ARGS=TINY, BUDGET="300")
     assert "0 run(s) done, 4 already complete" in again.stdout

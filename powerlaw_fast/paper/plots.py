@@ -1,17 +1,24 @@
 """The paper's figures from run JSONs (see :mod:`powerlaw_fast.paper.experiments`).
 
 - Eigenspectra on log-log axes (mean over seeds, a +-1 standard deviation band), the 1/n target
-  anchored at rank tau, a star where the cumulative variance passes 90% and the ranks n < tau,
-  which the penalty leaves free, shaded grey (Fig. 2A); the data set in the title. Beside it,
-  when runs are regularised, the penalty per epoch per unit beta (mean +- 1 std over seeds):
-  whether training drives it down.
+  anchored at rank tau, a star where the cumulative variance passes 90%, the ranks n < tau,
+  which the penalty leaves free, shaded grey, and the ranks the power-law fit uses marked by a
+  bar along the bottom; each curve's legend entry gives its fitted exponent and 90% rank (Fig.
+  2A); the data set in the title. Beside it, when runs are regularised, the penalty per epoch
+  per unit beta (mean +- 1 std over seeds): whether training drives it down.
 - Test accuracy against the L-inf radius epsilon for FGSM and PGD (and the noise sigma for
-  white noise), mean with a +-1 standard deviation band over seeds (Fig. 2B, C; 4; 5).
+  white noise), mean with a +-1 standard deviation band and error bars over seeds (Fig. 2B, C;
+  4; 5).
 - Sensitivity maps d lambda_n / d x (eq. 9), one row per variant: the input digit, then one
-  column per rank, on one shared colour scale with a colour bar (Fig. 2D, 3).
+  column per rank, each map on its own symmetric colour scale (a colour bar shows it as a
+  fraction of the map's largest magnitude, printed under the map) (Fig. 2D, 3).
+- With several betas per regularised variant and seeds that chose different ones, robustness
+  with each seed's best beta (the paper shows "the results of the best one"), the chosen
+  betas in the legend. When every seed chose the same beta, the robustness figure marks that
+  curve instead.
 
-- With several betas per regularised variant, robustness with the best beta per seed (the
-  paper shows "the results of the best one"), the chosen betas in the legend.
+Readability: one colour per family of curves (a variant and its scheme) and one line style
+per beta, and every legend outside the panels, below or beside them.
 
 Files: ``<experiment>[-<arch>]-{spectra,robustness,best-beta,sensitivity}.png``
 (``shallow-spectra.png``, ``whitening-mlp-robustness.png``); the command line writes
@@ -33,9 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from .experiments import load_results
-from .experiments.summary import best_beta_per_seed, group_runs
+from .experiments.summary import best_beta_per_seed, curve_label, group_runs
 
 ATTACK_TITLES = {"fgsm": "FGSM", "pgd": "PGD", "noise": "white noise"}
+# Line styles of the betas within one family of curves (see curve_styles).
+LINESTYLES = ("-", "--", ":", "-.")
+# The opacity of the +-1 std bands.
+BAND_ALPHA = 0.25
 
 
 def _pyplot():
@@ -59,6 +70,24 @@ def curve_colour(index: int, count: int):
     import matplotlib
 
     return matplotlib.colormaps["tab20"](index % 20)
+
+
+def curve_styles(groups: OrderedDict) -> dict[str, dict]:
+    """Label -> ``{"color", "linestyle"}``: one colour per family of curves (a variant and its
+    scheme: vanilla, specreg, specreg refresh-5, ...) and, within a family, one line style per
+    beta (solid, dashed, dotted, dash-dot), so that 13 curves read as 5 families x 3 betas.
+    ``groups``: label -> runs, or label -> a curve of ``summary.json``."""
+    families: OrderedDict = OrderedDict()
+    for label, value in groups.items():
+        # a list of runs, or one curve of a summary.json (which has the same two keys)
+        cfg = value if isinstance(value, dict) else value[0]["config"]
+        families.setdefault((cfg["variant"], cfg.get("scheme")), []).append(label)
+    styles = {}
+    for index, labels in enumerate(families.values()):
+        colour = curve_colour(index, len(families))
+        for j, label in enumerate(labels):
+            styles[label] = {"color": colour, "linestyle": LINESTYLES[j % len(LINESTYLES)]}
+    return styles
 
 
 def _spectrum_layer(runs: list[dict]) -> str:
@@ -88,6 +117,18 @@ def _mean_spectrum(runs: list[dict], layer: str) -> np.ndarray | None:
     return None if spectra is None else np.nanmean(spectra, axis=0)
 
 
+def _power_law_fit(runs: list[dict], layer: str, fit: str = "fit"
+                   ) -> tuple[float | None, tuple[int, int] | None]:
+    """The fitted exponent of ``layer`` over ranks tau..N (``fit="fit"``; over the first decade
+    tau..10 tau: ``"fit_decade"``), mean over the seeds that have it (as the tables print it),
+    and the fit's rank window when the seeds share one."""
+    entries = [r.get("spectra", {}).get(layer) or {} for r in runs]
+    alphas = [e[f"alpha_{fit}"] for e in entries if e.get(f"alpha_{fit}") is not None]
+    windows = {tuple(e[f"window_{fit}"]) for e in entries if e.get(f"window_{fit}")}
+    return (float(np.mean(alphas)) if alphas else None,
+            windows.pop() if len(windows) == 1 else None)
+
+
 def _effective_dimension(lam: np.ndarray, threshold: float = 0.9) -> int:
     lam = np.clip(np.nan_to_num(lam), 0.0, None)
     total = lam.sum()
@@ -104,37 +145,78 @@ def _data_title(runs: list[dict]) -> str:
     return f"{where}, {n} training images" if n else where
 
 
-def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
-    """Eigenspectra (log-log) of each group's regularised / last hidden layer."""
+def _seeds(k: int) -> str:
+    return f"{k} seed" if k == 1 else f"{k} seeds"
+
+
+def _seed_count(groups: OrderedDict) -> str:
+    """``"3 seeds"``, or ``"2-3 seeds"`` when the curves differ."""
+    counts = sorted({len(runs) for runs in groups.values()})
+    if len(counts) == 1:
+        return _seeds(counts[0])
+    return f"{counts[0]}-{counts[-1]} seeds"
+
+
+def _spread(groups: OrderedDict, what: str = "band") -> str:
+    """``"mean over 3 seeds, band: +-1 std"``, or ``"one seed"``."""
+    if max(len(runs) for runs in groups.values()) == 1:
+        return "one seed"
+    return f"mean over {_seed_count(groups)}, {what}: +-1 std"
+
+
+def _legend(ax, legend: bool) -> None:
+    """The axes' own legend, outside the data (to the right), when asked for."""
+    if legend:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), frameon=False)
+
+
+def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None,
+                 styles: dict | None = None, legend: bool = True) -> None:
+    """Eigenspectra (log-log) of each group's regularised / last hidden layer.
+
+    Each curve is the mean over seeds with a +-1 std band; its legend entry gives the fitted
+    exponent alpha (mean over seeds, as the tables; and over the first decade of ranks, tau to
+    10 tau, when that is a different window) and the 90%-variance rank (the star). The
+    ranks the power-law fit uses are marked by a bar along the bottom of the axes, the ranks
+    below tau (which the penalty leaves free) are shaded grey, and the 1/n target is drawn
+    anchored at rank tau. ``legend=False`` leaves the legend to the caller (``plot_group``
+    draws one below the figure)."""
+    styles = styles or curve_styles(groups)
     # The 1/n target is anchored at rank tau on the first regularised group's spectrum (the
     # first group's when none is regularised), as the penalty anchors gamma_tau = lambda_tau.
     anchor = None
     tau = None
+    window = None
     layers = []
-    for index, (label, runs) in enumerate(groups.items()):
+    for label, runs in groups.items():
         name = layer or _spectrum_layer(runs)
-        lam = _mean_spectrum(runs, name)
-        if lam is None:
+        all_seeds = _spectra(runs, name)
+        if all_seeds is None:
             continue
+        lam = np.nanmean(all_seeds, axis=0)
         layers.append(name)
         ranks = np.arange(1, lam.size + 1)
         positive = lam > 0
-        seeds = f", {len(runs)} seeds" if len(runs) > 1 else ""
-        all_seeds = _spectra(runs, name)
-        band = ", mean +- 1 std" if all_seeds.shape[0] > 1 else ""
-        (line,) = ax.loglog(ranks[positive], lam[positive],
-                            label=f"{label} [{name}{seeds}{band}]",
-                            color=curve_colour(index, len(groups)), lw=1.5)
+        alpha_fit, fit_window = _power_law_fit(runs, name)
+        alpha_decade, decade = _power_law_fit(runs, name, "fit_decade")
+        window = window or fit_window
+        d = _effective_dimension(lam)
+        details = [rf"$\alpha$ = {alpha_fit:.2f}"] if alpha_fit is not None else []
+        if alpha_decade is not None and decade is not None and decade != fit_window:
+            details.append(f"{alpha_decade:.2f} over ranks {decade[0]}-{decade[1]}")
+        details.append(f"90% at rank {d}")
+        style = styles[label]
+        (line,) = ax.loglog(ranks[positive], lam[positive], lw=1.5,
+                            label=f"{label}: {', '.join(details)}", **style)
         if all_seeds.shape[0] > 1:
             std = np.nanstd(all_seeds, axis=0)
             low = np.where(lam - std > 0, lam - std, lam[positive].min() * 0.5
                            if positive.any() else 1e-12)
             ax.fill_between(ranks[positive], low[positive], (lam + std)[positive],
-                            color=curve_colour(index, len(groups)), alpha=0.2, lw=0)
-        d = _effective_dimension(lam)
+                            color=style["color"], alpha=BAND_ALPHA, lw=0)
         if 1 <= d <= lam.size and lam[d - 1] > 0:
-            ax.plot([d], [lam[d - 1]], marker="*", ms=14, color=line.get_color(),
-                    markeredgecolor="k", zorder=5)
+            ax.plot([d], [lam[d - 1]], marker="*", ms=13, color=line.get_color(),
+                    markeredgecolor="k", ls="none", zorder=5)
         cfg = runs[0]["config"]
         regularised = bool(runs[0]["model"]["regularised_layers"])
         t, alpha = int(cfg.get("tau", 10)), float(cfg.get("alpha", 1.0))
@@ -147,21 +229,31 @@ def plot_spectra(groups: OrderedDict, ax, *, layer: str | None = None) -> None:
         ax.loglog(ranks, kappa * ranks**-alpha, "k--", lw=1,
                   label=rf"{target} target, anchored at rank $\tau$ = {tau}")
         # the penalty's sum starts at n = tau: ranks before it are free (eq. 2)
-        ax.axvspan(1, tau, color="0.88", zorder=0, label=r"ranks $n < \tau$: not penalised")
-    ax.set_xlabel("rank n")
-    ax.set_ylabel(r"eigenvalue $\lambda_n$")
+        ax.axvspan(1, tau, color="0.9", zorder=0, label=r"ranks $n < \tau$: not penalised")
+    if window is not None:
+        # the fit's ranks, as a bar along the bottom (axes fraction), so that a spectrum that
+        # follows 1/n over part of them only reads as what the fitted alpha summarises
+        ax.axvspan(window[0], window[1], ymin=0.0, ymax=0.025, color="0.25", lw=0, zorder=4,
+                   label=rf"ranks of the power-law fit ($\alpha$, as the tables): "
+                   f"{window[0]}-{window[1]}")
+    ax.plot([], [], marker="*", ms=10, color="0.6", markeredgecolor="k", ls="none",
+            label="star: the rank where 90% of the variance is reached")
+    ax.set_xlabel("rank n (largest eigenvalue first)")
+    ax.set_ylabel(r"eigenvalue $\lambda_n$ (variance along direction n)")
     runs0 = next(iter(groups.values()))
-    where = f"{layers[0]}, " if layers and len(set(layers)) == 1 else ""
-    ax.set_title(f"eigenspectrum ({where}{_data_title(runs0)})\n"
-                 "star: 90% of the variance", fontsize=9)
-    ax.legend(fontsize=7)
+    where = f" of {layers[0]}" if layers and len(set(layers)) == 1 else ""
+    ax.set_title(f"Eigenvalue spectrum{where} ({_data_title(runs0)})\n{_spread(groups)}",
+                 fontsize=9)
+    _legend(ax, legend)
 
 
-def plot_penalty(groups: OrderedDict, ax) -> bool:
+def plot_penalty(groups: OrderedDict, ax, *, styles: dict | None = None,
+                 legend: bool = True) -> bool:
     """The training penalty per epoch per unit beta (mean over its steps), mean +- 1 std over
     seeds, for each regularised group; False when no run has a penalty history."""
+    styles = styles or curve_styles(groups)
     drawn = False
-    for index, (label, runs) in enumerate(groups.items()):
+    for label, runs in groups.items():
         curves = []
         for r in runs:
             beta = r["config"].get("beta")
@@ -175,12 +267,13 @@ def plot_penalty(groups: OrderedDict, ax) -> bool:
         values = np.array(curves, float)
         epochs = np.arange(1, values.shape[1] + 1)
         mean = np.nanmean(values, axis=0)
-        colour = curve_colour(index, len(groups))
-        ax.plot(epochs, mean, marker="o", ms=3, color=colour,
-                label=f"{label}, {_seeds(len(values))}")
+        style = styles[label]
+        ax.plot(epochs, mean, marker="o", ms=3, lw=1.5, label=label if legend else None,
+                **style)
         if len(values) > 1:
             std = np.nanstd(values, axis=0)
-            ax.fill_between(epochs, mean - std, mean + std, color=colour, alpha=0.2, lw=0)
+            ax.fill_between(epochs, mean - std, mean + std, color=style["color"],
+                            alpha=BAND_ALPHA, lw=0)
         drawn = True
     if drawn:
         lines = [line.get_ydata() for line in ax.get_lines()]
@@ -189,58 +282,87 @@ def plot_penalty(groups: OrderedDict, ax) -> bool:
         if positive.size and positive.max() > 30 * positive.min():
             ax.set_yscale("log")  # penalties of very different sizes stay readable
         ax.set_xlabel("epoch")
-        ax.set_ylabel(r"penalty / $\beta$ (mean over the epoch's steps)")
-        ax.set_title("training penalty in the basis in use\n(mean +- 1 std over seeds)",
-                     fontsize=9)
-        ax.legend(fontsize=7)
+        ax.set_ylabel(r"penalty / $\beta$ (0: the spectrum is on 1/n)")
+        ax.set_title("Spectral penalty during training, divided by " r"$\beta$" "\n"
+                     "mean over each epoch's steps, band: +-1 std over seeds", fontsize=9)
+        _legend(ax, legend)
     return drawn
 
 
-def _seeds(k: int) -> str:
-    return f"{k} seed" if k == 1 else f"{k} seeds"
+def robustness_stats(runs: list[dict], attack: str) -> dict | None:
+    """``{"eps", "mean", "std", "n", "attack_kwargs"}`` of ``attack`` over the runs (the seeds;
+    their grids are checked to be one), as ``summary.json`` keeps a curve's robustness; None
+    when no run has this attack."""
+    curves = [r["robustness"][attack] for r in runs if attack in r.get("robustness", {})]
+    if not curves:
+        return None
+    acc = np.array([c["accuracy"] for c in curves], float)
+    return {"eps": list(curves[0]["eps"]), "mean": acc.mean(axis=0), "std": acc.std(axis=0),
+            "n": len(curves), "attack_kwargs": curves[0].get("attack_kwargs", {})}
 
 
-def plot_robustness(groups: OrderedDict, ax, attack: str) -> bool:
-    """Accuracy against eps, mean +- 1 std over seeds; False when no run has this attack."""
+def plot_robustness(groups: OrderedDict, ax, attack: str, *, styles: dict | None = None,
+                    legend: bool = True, notes: dict | None = None) -> bool:
+    """Accuracy against eps, mean +- 1 std over seeds (a band and error bars, so that a
+    small spread stays visible); False when no run has this attack. ``notes``: label -> text
+    appended to that curve's legend entry."""
+    stats = OrderedDict((label, robustness_stats(runs, attack)) for label, runs in groups.items())
+    return draw_robustness(stats, ax, attack, styles=styles or curve_styles(groups),
+                           legend=legend, notes=notes)
+
+
+def _values(values) -> np.ndarray:
+    return np.array([np.nan if v is None else v for v in values], float)
+
+
+def draw_robustness(stats: OrderedDict, ax, attack: str, *, styles: dict, legend: bool = True,
+                    notes: dict | None = None) -> bool:
+    """:func:`plot_robustness` from statistics: label -> :func:`robustness_stats` (or a
+    ``summary.json`` curve's ``robustness[attack]``; None: no curve)."""
+    notes = notes or {}
     drawn = False
-    curves = []
-    for index, (label, runs) in enumerate(groups.items()):
-        curves = [r["robustness"][attack] for r in runs if attack in r.get("robustness", {})]
-        if not curves:
+    kwargs = {}
+    for label, st in stats.items():
+        if st is None:
             continue
-        eps = np.array(curves[0]["eps"], float)
-        acc = np.array([c["accuracy"] for c in curves], float)  # grids checked: one per label
-        mean, std = acc.mean(axis=0), acc.std(axis=0)
-        color = curve_colour(index, len(groups))
-        band = ", mean +- 1 std" if len(acc) > 1 else ""
-        ax.plot(eps, mean, marker="o", ms=3, color=color,
-                label=f"{label}, {_seeds(len(acc))}{band}")
-        if len(acc) > 1:
-            ax.fill_between(eps, mean - std, mean + std, color=color, alpha=0.2, lw=0)
+        eps, mean, std = _values(st["eps"]), _values(st["mean"]), _values(st["std"])
+        style = styles[label]
+        ax.plot(eps, mean, marker="o", ms=3.5, lw=1.5, label=label + notes.get(label, ""),
+                **style)
+        if st["n"] > 1:
+            ax.fill_between(eps, mean - std, mean + std, color=style["color"],
+                            alpha=BAND_ALPHA, lw=0)
+            ax.errorbar(eps, mean, yerr=std, fmt="none", ecolor=style["color"], elinewidth=1,
+                        capsize=3)
+        kwargs = kwargs or st.get("attack_kwargs") or {}
         drawn = True
     if drawn:
         if attack == "noise":
             ax.set_xlabel(r"noise standard deviation $\sigma$ (Gaussian, per pixel)")
         else:
-            ax.set_xlabel(r"$\epsilon$ ($L_\infty$ radius, pixels in [0, 1])")
+            ax.set_xlabel(r"attack radius $\epsilon$ ($L_\infty$, pixels in [0, 1])")
         ax.set_ylabel("test accuracy")
         ax.set_ylim(0.0, 1.0)
         title = ATTACK_TITLES.get(attack, attack)
-        if attack == "pgd":
-            kw = next((c.get("attack_kwargs", {}) for c in curves if c.get("attack_kwargs")), {})
-            if kw.get("steps"):
-                size = f" of {kw['step_size']:g}" if kw.get("step_size") else ""
-                title += f" ({kw['steps']} steps{size})"
-        ax.set_title(title)
-        ax.legend(fontsize=7)
+        if attack == "pgd" and kwargs.get("steps"):
+            size = f" of {kwargs['step_size']:g}" if kwargs.get("step_size") else ""
+            title += f" ({kwargs['steps']} steps{size})"
+        ax.set_title(title, fontsize=9)
+        _legend(ax, legend)
     return drawn
 
 
 def plot_sensitivity(groups: OrderedDict, plt):
     """One row of maps per group (its first seed with maps); None when no run saved maps.
 
-    All maps share one symmetric colour scale (so that ranks and variants compare), shown by
-    one colour bar; the input digit the eigenvalues are differentiated by leads each row.
+    Each map has its own symmetric colour scale, from minus to plus its largest magnitude,
+    which is printed under it; one colour bar shows the scale as that fraction. Why not one
+    scale for all maps: along a row the magnitudes fall with the rank as the eigenvalues do
+    (by four to five decades from n = 1 to n = 500), so on any shared or per-row linear scale
+    most maps are blank, zero and small alike; a logarithmic scale keeps them visible but
+    saturates the large maps into their sign pattern. The magnitudes compare through the
+    printed numbers. The input digit the eigenvalues are differentiated by leads each row,
+    the variant's name beside it.
     """
     rows = []
     for label, runs in groups.items():
@@ -255,41 +377,47 @@ def plot_sensitivity(groups: OrderedDict, plt):
     cols = max(len(s["ranks"]) for _, s in rows) + first
     maps = [[np.array([[v if v is not None else 0.0 for v in row] for row in m], float)
              for m in s["maps"]] for _, s in rows]
-    scale = max((float(np.abs(m).max()) for ms in maps for m in ms), default=0.0) or 1.0
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.4 * cols + 1.6, 1.5 * len(rows) + 0.7),
-                             squeeze=False)
+    label_width = 0.075 * max(len(label) for label, _ in rows) + 0.3
+    fig, axes = plt.subplots(len(rows), cols, squeeze=False, layout="constrained",
+                             figsize=(1.25 * cols + label_width + 1.2, 1.45 * len(rows) + 1.0))
     image = None
     for i, (label, sens) in enumerate(rows):
         for j in range(cols):
             ax = axes[i][j]
             ax.set_xticks([])
             ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7, rotation=0, ha="right", va="center")
             if with_image and j == 0:
                 if sens.get("image"):
                     digit = np.array([[v or 0.0 for v in row] for row in sens["image"]], float)
                     ax.imshow(digit, cmap="gray_r", vmin=0.0, vmax=1.0)
                     if i == 0:
-                        ax.set_title(f"input x (image {sens.get('sample', 0)})", fontsize=8)
+                        ax.set_title(f"input: test image {sens.get('sample', 0)}", fontsize=8)
                 else:
-                    ax.axis("off")
-                ax.set_ylabel(label, fontsize=7)
+                    for spine in ax.spines.values():
+                        spine.set_visible(False)
                 continue
             k = j - first
             if k >= len(sens["ranks"]):
                 ax.axis("off")
                 continue
-            image = ax.imshow(maps[i][k], cmap="seismic", vmin=-scale, vmax=scale)
+            largest = float(np.abs(maps[i][k]).max())
+            image = ax.imshow(maps[i][k] / (largest or 1.0), cmap="seismic", vmin=-1.0,
+                              vmax=1.0)
             if i == 0:
                 ax.set_title(f"n = {sens['ranks'][k]}", fontsize=8)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=7)
-    fig.suptitle(rf"sensitivity maps $\partial\lambda_n / \partial x$ (eq. 9) of "
-                 f"{rows[0][1]['layer']}'s eigenvalues", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 0.9, 1))
-    cax = fig.add_axes((0.91, 0.15, 0.015, 0.7))
-    bar = fig.colorbar(image, cax=cax)
-    bar.ax.tick_params(labelsize=7)
-    bar.set_label(r"$\partial\lambda_n / \partial x$ (one scale for all maps)", fontsize=7)
+            ax.set_xlabel(f"largest {largest:.1e}", fontsize=6, labelpad=1)
+    fig.suptitle(rf"Sensitivity of {rows[0][1]['layer']}'s eigenvalues $\lambda_n$ to each "
+                 r"input pixel, $\partial\lambda_n / \partial x$ (eq. 9), for one test digit"
+                 "\nred: the eigenvalue grows with the pixel, blue: it shrinks; each map on "
+                 "its own scale, its largest magnitude printed under it", fontsize=9)
+    if image is not None:
+        bar = fig.colorbar(image, ax=axes, shrink=min(0.6, 6.0 / len(rows)), aspect=30,
+                           pad=0.01)
+        bar.ax.tick_params(labelsize=7)
+        bar.set_label(r"$\partial\lambda_n / \partial x$ / the map's largest magnitude",
+                      fontsize=7)
     return fig
 
 
@@ -299,39 +427,77 @@ def figure_stem(key: tuple[str, str]) -> str:
     return experiment if experiment == arch else f"{experiment}-{arch}"
 
 
+def _figure_legend(fig, axes, ncol: int, where: str = "lower center") -> None:
+    """One legend outside the panels (below them, or ``where="right center"`` beside them) for
+    every labelled artist of ``axes``, each label once, in the order drawn."""
+    entries: OrderedDict = OrderedDict()
+    for ax in axes:
+        handles, labels = ax.get_legend_handles_labels()
+        for handle, label in zip(handles, labels, strict=True):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(list(entries.values()), list(entries), loc=f"outside {where}",
+                   ncol=max(1, min(ncol, len(entries))), fontsize=7, frameon=False)
+
+
+def _uniform_best_betas(groups: OrderedDict) -> dict[str, str]:
+    """Label -> legend note for each per-beta curve that is every seed's best beta (then the
+    best-beta curve would repeat it: :func:`plot_best_beta` leaves such a variant out)."""
+    notes = {}
+    for pick in best_beta_per_seed(groups):
+        if len(set(pick["betas_by_seed"].values())) == 1:
+            label = curve_label(pick["runs"][0])
+            notes[label] = " (the best beta of every seed)"
+    return notes
+
+
+def _legend_width(labels: list[str]) -> float:
+    """Inches a one-column legend of ``labels`` at font size 7 takes beside the panels."""
+    return 0.05 * max(len(label) for label in labels) + 0.6
+
+
 def plot_group(key: tuple[str, str], groups: OrderedDict, out_dir: Path) -> list[Path]:
-    """The figures of one (experiment, arch): spectra, robustness, sensitivity maps."""
+    """The figures of one (experiment, arch): spectra, robustness, best beta, sensitivity maps.
+
+    The legends sit outside the panels (below the spectra, beside the robustness curves), one
+    entry per curve (colour: the variant and its scheme; line style: the beta). A
+    ``<stem>-best-beta.png`` left from an older version is removed when this version draws no
+    best-beta figure (every seed chose the same beta)."""
     plt = _pyplot()
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = figure_stem(key)
+    styles = curve_styles(groups)
     written = []
+    ncol = 2
 
     has_penalty = any(r["model"]["regularised_layers"] and r.get("history")
                       for runs in groups.values() for r in runs)
+    height = 4.4 + 0.16 * (len(groups) + 4) / ncol
     if has_penalty:
-        fig, (ax, pax) = plt.subplots(1, 2, figsize=(10.4, 4.4),
+        fig, (ax, pax) = plt.subplots(1, 2, figsize=(11.0, height), layout="constrained",
                                       gridspec_kw={"width_ratios": (1.35, 1.0)})
-        if not plot_penalty(groups, pax):
+        if not plot_penalty(groups, pax, styles=styles, legend=False):
             pax.axis("off")
+        axes = [ax, pax]
     else:
-        fig, ax = plt.subplots(figsize=(5.8, 4.4))
-    plot_spectra(groups, ax)
-    fig.tight_layout()
+        fig, ax = plt.subplots(figsize=(6.4, height), layout="constrained")
+        axes = [ax]
+    plot_spectra(groups, ax, styles=styles, legend=False)
+    _figure_legend(fig, axes, ncol)
     written.append(_save(fig, out_dir / f"{stem}-spectra.png", plt))
 
-    attacks = [a for a in ATTACK_TITLES if any(
-        a in r.get("robustness", {}) for runs in groups.values() for r in runs)]
-    if attacks:
-        fig, axes = plt.subplots(1, len(attacks), figsize=(4.8 * len(attacks), 4.0),
-                                 squeeze=False)
-        for ax, attack in zip(axes[0], attacks, strict=True):
-            plot_robustness(groups, ax, attack)
-        fig.tight_layout()
+    stats = {attack: OrderedDict((label, robustness_stats(runs, attack))
+                                 for label, runs in groups.items()) for attack in ATTACK_TITLES}
+    fig = robustness_figure(stats, styles, plt, "Test accuracy under attack",
+                            notes=_uniform_best_betas(groups))
+    if fig is not None:
         written.append(_save(fig, out_dir / f"{stem}-robustness.png", plt))
 
     fig = plot_best_beta(groups, plt)
     if fig is not None:
         written.append(_save(fig, out_dir / f"{stem}-best-beta.png", plt))
+    else:
+        (out_dir / f"{stem}-best-beta.png").unlink(missing_ok=True)
 
     fig = plot_sensitivity(groups, plt)
     if fig is not None:
@@ -339,34 +505,109 @@ def plot_group(key: tuple[str, str], groups: OrderedDict, out_dir: Path) -> list
     return written
 
 
+def robustness_figure(stats: dict, styles: dict, plt, title: str, *,
+                      notes: dict | None = None):
+    """One panel per attack that has a curve (``stats``: attack -> label -> statistics, see
+    :func:`draw_robustness`), the legend beside the panels, ``title`` with the seeds and what
+    the bands mean; None when no curve has an attack."""
+    notes = notes or {}
+    attacks = [a for a in ATTACK_TITLES if any(st for st in stats.get(a, {}).values())]
+    if not attacks:
+        return None
+    labels = [label + notes.get(label, "") for label in stats[attacks[0]]]
+    fig, axes = plt.subplots(1, len(attacks), squeeze=False, layout="constrained",
+                             figsize=(4.4 * len(attacks) + _legend_width(labels),
+                                      4.2 + 0.2 * title.count("\n")))
+    for ax, attack in zip(axes[0], attacks, strict=True):
+        draw_robustness(stats[attack], ax, attack, styles=styles, legend=False, notes=notes)
+    seeds = sorted({st["n"] for a in attacks for st in stats[a].values() if st})
+    spread = ("one seed" if seeds == [1] else
+              f"mean over {seeds[0] if len(seeds) == 1 else f'{seeds[0]}-{seeds[-1]}'} seeds, "
+              "band and bars: +-1 std")
+    fig.suptitle(f"{title}; {spread}", fontsize=9)
+    _figure_legend(fig, axes[0], 1, "right center")
+    return fig
+
+
+BEST_BETA_TITLE = ("Test accuracy with each seed's best beta: the beta whose PGD accuracy, "
+                   "averaged over eps > 0, is highest\n(picked on the test set, as in the paper: "
+                   "an optimistic curve; every beta's own curve is in the robustness figure)")
+
+
+def _best_beta_label(variant: str, betas_by_seed: dict) -> str:
+    chosen = ", ".join(f"seed {s}: {b:g}" for s, b in sorted(betas_by_seed.items(),
+                                                              key=lambda kv: int(kv[0])))
+    return f"{variant}, each seed's best beta ({chosen})"
+
+
 def plot_best_beta(groups: OrderedDict, plt):
-    """Robustness with the best beta per seed, as the paper's main text shows it (sec. 4: "the
-    results of the best one"); None when no regularised variant was run with several betas.
+    """Robustness with each seed's best beta, as the paper's main text shows it (sec. 4: "the
+    results of the best one"); None when no regularised variant was run with several betas
+    or every seed of every variant chose the same beta (that curve is then one of the
+    robustness figure's, marked there).
 
     The curves without beta (vanilla, whitened, Jacobian) and, for each regularised variant,
     the run of each seed's best beta (:func:`~.experiments.summary.best_beta_per_seed`: the
-    highest PGD accuracy averaged over eps > 0), mean +- 1 std over seeds; the chosen betas,
-    seed by seed, are in the legend.
+    highest PGD accuracy averaged over eps > 0), mean +- 1 std over seeds; the legend names
+    the beta each seed chose.
     """
     picks = best_beta_per_seed(groups)
-    if not picks:
+    if not any(len(set(p["betas_by_seed"].values())) > 1 for p in picks):
         return None
     curves = OrderedDict((label, runs) for label, runs in groups.items()
                          if runs[0]["config"].get("beta") is None)
     for pick in picks:
-        betas = ", ".join(f"{b:g}" for _, b in sorted(pick["betas_by_seed"].items()))
-        curves[f"{pick['variant']}, best beta per seed ({betas})"] = pick["runs"]
-    attacks = [a for a in ATTACK_TITLES if any(
-        a in r.get("robustness", {}) for runs in curves.values() for r in runs)]
-    if not attacks:
-        return None
-    fig, axes = plt.subplots(1, len(attacks), figsize=(4.8 * len(attacks), 4.3), squeeze=False)
-    for ax, attack in zip(axes[0], attacks, strict=True):
-        plot_robustness(curves, ax, attack)
-    fig.suptitle("best beta per seed: highest PGD accuracy averaged over eps > 0 "
-                 "(chosen on the test set, as in the paper)", fontsize=9)
-    fig.tight_layout()
-    return fig
+        curves[_best_beta_label(pick["variant"], pick["betas_by_seed"])] = pick["runs"]
+    stats = {attack: OrderedDict((label, robustness_stats(runs, attack))
+                                 for label, runs in curves.items()) for attack in ATTACK_TITLES}
+    return robustness_figure(stats, _one_colour_each(curves), plt, BEST_BETA_TITLE)
+
+
+def _one_colour_each(curves) -> dict:
+    return {label: {"color": curve_colour(i, len(curves)), "linestyle": "-"}
+            for i, label in enumerate(curves)}
+
+
+def plot_summary(summary: dict, out_dir) -> list[Path]:
+    """Redraw what a ``summary.json`` alone holds (:mod:`~.experiments.summary`), for a folder
+    kept without its run JSONs: per figure, the robustness figure and, when seeds chose
+    different betas, the best-beta figure, as :func:`plot_group` draws them. The spectra and
+    the sensitivity maps need the run JSONs (the summary keeps neither the eigenvalues nor
+    the maps). Returns the written paths."""
+    plt = _pyplot()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for figure in summary["figures"]:
+        stem = figure_stem((figure["experiment"], figure["arch"]))
+        curves = OrderedDict((c["label"], c) for c in figure["curves"])
+        notes, best = {}, OrderedDict()
+        for entry in figure.get("best_beta") or []:
+            variant = entry["variant"] + (f" {entry['scheme']}" if entry.get("scheme") else "")
+            betas = entry["selection"]["betas_by_seed"]
+            if len(set(betas.values())) == 1:
+                notes[f"{variant} (beta={next(iter(betas.values())):g})"] = (
+                    " (the best beta of every seed)")
+            best[_best_beta_label(variant, betas)] = entry
+        stats = {attack: OrderedDict((label, c["robustness"].get(attack))
+                                     for label, c in curves.items()) for attack in ATTACK_TITLES}
+        fig = robustness_figure(stats, curve_styles(curves), plt, "Test accuracy under attack",
+                                notes=notes)
+        if fig is not None:
+            written.append(_save(fig, out_dir / f"{stem}-robustness.png", plt))
+        if best and len(notes) < len(best):
+            chosen = OrderedDict((label, c) for label, c in curves.items()
+                                 if c.get("beta") is None)
+            chosen.update(best)
+            stats = {attack: OrderedDict((label, c["robustness"].get(attack))
+                                         for label, c in chosen.items())
+                     for attack in ATTACK_TITLES}
+            fig = robustness_figure(stats, _one_colour_each(chosen), plt, BEST_BETA_TITLE)
+            if fig is not None:
+                written.append(_save(fig, out_dir / f"{stem}-best-beta.png", plt))
+        else:
+            (out_dir / f"{stem}-best-beta.png").unlink(missing_ok=True)
+    return written
 
 
 def _save(fig, path: Path, plt) -> Path:

@@ -149,13 +149,31 @@ def test_best_beta_figure_names_the_chosen_betas():
     (groups,) = group_runs(_sweep()).values()
     fig = plots.plot_best_beta(groups, plots._pyplot())
     (ax,) = fig.axes
-    labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert labels[0].startswith("vanilla, 3 seeds")
-    assert labels[1].startswith("specreg, best beta per seed (2, 5, 1), 3 seeds")
+    (legend,) = fig.legends  # one legend, below the panels
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["vanilla",
+                      "specreg, each seed's best beta (seed 0: 2, seed 1: 5, seed 2: 1)"]
+    title = fig.get_suptitle()
+    assert "best beta per seed (" not in title  # says what "best" means instead
+    assert "averaged over eps > 0" in title and "mean over 3 seeds" in title
     plots._pyplot().close(fig)
     one_beta = [r for r in _sweep() if r["config"]["beta"] in (None, 5.0)]
     (groups,) = group_runs(one_beta).values()
     assert plots.plot_best_beta(groups, plots._pyplot()) is None
+
+
+def test_a_best_beta_every_seed_chose_is_marked_in_the_robustness_figure_not_repeated():
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    # every seed is most robust at beta 2: the best-beta curve would be the beta 2 curve
+    runs = [_run(s, "vanilla", pgd=(0.95, 0.3, 0.05)) for s in range(2)]
+    runs += [_run(s, beta=b, pgd=(0.9, 0.6, 0.3) if b == 2.0 else (0.9, 0.5, 0.1))
+             for s in range(2) for b in (1.0, 2.0)]
+    (groups,) = group_runs(runs).values()
+    assert plots.plot_best_beta(groups, plots._pyplot()) is None
+    assert plots._uniform_best_betas(groups) == {
+        "specreg (beta=2)": " (the best beta of every seed)"}
 
 
 def test_more_than_ten_curves_get_distinct_colours():
@@ -164,3 +182,144 @@ def test_more_than_ten_curves_get_distinct_colours():
 
     assert [plots.curve_colour(i, 10) for i in range(10)] == [f"C{i}" for i in range(10)]
     assert len({plots.curve_colour(i, 13) for i in range(13)}) == 13
+
+
+def _thirteen_curves():
+    """vanilla and four schemes x three betas, as benchmarks/results/cpu/reproduce/shallow-basis/"""
+    runs = [_run(0, "vanilla")]
+    for scheme in (None, "random-basis", "refresh-5", "running-basis"):
+        runs += [_run(0, beta=b, scheme=scheme) for b in (1.0, 2.0, 5.0)]
+    (groups,) = group_runs(runs).values()
+    return groups
+
+
+def test_thirteen_curves_read_as_families_one_colour_each_one_line_style_per_beta():
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    groups = _thirteen_curves()
+    styles = plots.curve_styles(groups)
+    assert len(styles) == 13
+    assert len({(s["color"], s["linestyle"]) for s in styles.values()}) == 13
+    assert len({s["color"] for s in styles.values()}) == 5  # vanilla + four schemes
+    family = [styles[f"specreg refresh-5 (beta={b})"] for b in (1, 2, 5)]
+    assert len({s["color"] for s in family}) == 1
+    assert [s["linestyle"] for s in family] == ["-", "--", ":"]
+
+
+def _overlap(a, b) -> bool:
+    return not (a.x1 <= b.x0 or b.x1 <= a.x0 or a.y1 <= b.y0 or b.y1 <= a.y0)
+
+
+def test_legends_lie_outside_the_data_with_thirteen_curves(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    drawn = {}
+
+    def keep(fig, path, plt):  # the figures as written, kept open to inspect
+        fig.savefig(path)
+        drawn[path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    plots.plot_group(("shallow", "shallow"), _thirteen_curves(), tmp_path)
+    assert {"shallow-spectra.png", "shallow-robustness.png"} <= set(drawn)
+    for name in ("shallow-spectra.png", "shallow-robustness.png"):
+        fig = drawn[name]
+        renderer = fig.canvas.get_renderer()
+        (legend,) = fig.legends
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert sum(label.startswith(("vanilla", "specreg")) for label in labels) == 13, name
+        assert len(labels) == len(set(labels)), name  # each curve once
+        box = legend.get_window_extent(renderer)
+        for ax in fig.axes:
+            assert not ax.get_legend(), name
+            assert not _overlap(box, ax.get_window_extent(renderer)), name
+    plots._pyplot().close("all")
+
+
+def test_spectrum_marks_the_ranks_of_the_power_law_fit_and_gives_each_alpha():
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    runs = [_run(s, "vanilla") for s in range(2)] + [_run(s, beta=5.0) for s in range(2)]
+    for i, r in enumerate(runs):
+        r["spectra"]["hidden1"].update(alpha_fit=1.25 + 0.5 * (i % 2), window_fit=[10, 40],
+                                       alpha_fit_decade=1.0, window_fit_decade=[10, 30])
+    (groups,) = group_runs(runs).values()
+    plt = plots._pyplot()
+    fig, ax = plt.subplots()
+    plots.plot_spectra(groups, ax, legend=False)
+    _, labels = ax.get_legend_handles_labels()
+    # mean over the seeds, and the first decade's exponent when its window differs
+    assert r"vanilla: $\alpha$ = 1.50, 1.00 over ranks 10-30, 90% at rank" in labels[0]
+    assert r"ranks of the power-law fit ($\alpha$, as the tables): 10-40" in labels
+    (bar,) = [p for p in ax.patches if p.get_label().startswith("ranks of the power-law fit")]
+    x0, x1 = bar.get_x(), bar.get_x() + bar.get_width()
+    assert (x0, x1) == (10, 40)
+    assert "basis in use" not in ax.get_title()
+    plt.close(fig)
+
+
+def test_sensitivity_maps_each_on_its_own_scale_with_a_colour_bar():
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    big = [[1e-4 * (i - j) for j in range(4)] for i in range(4)]
+    small = [[1e-9 * (i + j - 3) for j in range(4)] for i in range(4)]
+    runs = [_run(0, "vanilla"), _run(0, beta=5.0)]
+    for r, maps in zip(runs, ([big, small], [small, [[0.0] * 4] * 4]), strict=True):
+        r["sensitivity"] = {"layer": "hidden1", "sample": 0, "ranks": [1, 40], "maps": maps,
+                            "image": [[0.5] * 4] * 4}
+    (groups,) = group_runs(runs).values()
+    fig = plots.plot_sensitivity(groups, plots._pyplot())
+    images = [im for ax in fig.axes for im in ax.get_images() if im.get_cmap().name == "seismic"]
+    assert len(images) == 4
+    for im in images[:3]:  # a map 1e5 times smaller than another still spans the scale
+        assert np.abs(im.get_array()).max() == pytest.approx(1.0)
+        assert im.get_clim() == (-1.0, 1.0)
+    assert np.abs(images[3].get_array()).max() == 0.0  # an all-zero map stays white
+    labels = [ax.get_xlabel() for ax in fig.axes]
+    assert "largest 3.0e-04" in labels and "largest 3.0e-09" in labels
+    (bar,) = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert "largest magnitude" in bar.get_ylabel()
+    plots._pyplot().close(fig)
+
+
+def test_a_summary_alone_redraws_the_robustness_figures_as_the_runs_do(tmp_path, monkeypatch,
+                                                                        capsys):
+    pytest.importorskip("matplotlib")
+    from powerlaw_fast.paper import plots
+
+    drawn = {}
+
+    def keep(fig, path, plt):
+        fig.savefig(path)
+        drawn[path.parent.name, path.name] = fig
+        return path
+
+    monkeypatch.setattr(plots, "_save", keep)
+    runs = _sweep()
+    (groups,) = group_runs(runs).values()
+    plots.plot_group(("shallow", "shallow"), groups, tmp_path / "runs")
+    # a folder kept with only its summary.json, as benchmarks/results/cpu/reproduce/*/
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / "summary.json").write_text(json.dumps(sweep_summary(runs)))
+    stale = kept / "shallow-spectra.png"
+    stale.write_bytes(b"old")
+    assert main(["plot", str(kept), "--out", str(kept)]) == 0
+    printed = capsys.readouterr().out
+    assert "no run JSONs" in printed and "the spectra and sensitivity maps need" in printed
+    assert json.loads((kept / "summary.json").read_text())["runs"] == 12  # left as it was
+    assert stale.read_bytes() == b"old"  # what it cannot redraw stays
+    for name in ("shallow-robustness.png", "shallow-best-beta.png"):
+        from_runs, from_summary = drawn["runs", name], drawn["kept", name]
+        assert from_runs.get_suptitle() == from_summary.get_suptitle(), name
+        (a,), (b,) = from_runs.legends, from_summary.legends
+        assert [t.get_text() for t in a.get_texts()] == [t.get_text() for t in b.get_texts()]
+        for ax_a, ax_b in zip(from_runs.axes, from_summary.axes, strict=True):
+            for line_a, line_b in zip(ax_a.get_lines(), ax_b.get_lines(), strict=True):
+                assert np.allclose(line_a.get_xydata(), line_b.get_xydata(), equal_nan=True)
+    plots._pyplot().close("all")
