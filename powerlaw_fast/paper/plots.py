@@ -281,6 +281,9 @@ def plot_penalty(groups: OrderedDict, ax, *, styles: dict | None = None,
         positive = positive[np.isfinite(positive) & (positive > 0)]
         if positive.size and positive.max() > 30 * positive.min():
             ax.set_yscale("log")  # penalties of very different sizes stay readable
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
         ax.set_xlabel("epoch")
         ax.set_ylabel(r"penalty / $\beta$ (0: the spectrum is on 1/n)")
         ax.set_title("Spectral penalty during training, divided by " r"$\beta$" "\n"
