@@ -117,7 +117,7 @@ run_part() {
 # this script's own dry-run test. A dry run runs only the GPU-marked tests of the same selection
 # (all skipped on a CPU, so it checks that everything collects and imports).
 TESTS=(tests/ops tests/cuda tests/attacks tests/training/test_regularizer.py
-       "tests/training/test_tracked_basis.py::test_sweeps_on_a_gpu_match_the_cpu_and_synchronise_only_in_the_block_eigh"
+       "tests/training/test_tracked_basis.py::test_sweeps_on_a_gpu_match_the_cpu_without_a_synchronisation_and_capture_in_a_graph"
        --ignore=tests/ops/test_triton_sm90_compile.py
        --ignore=tests/ops/test_triton_sm90_configs.py
        --ignore=tests/ops/test_distributed_ops.py

@@ -18,6 +18,7 @@ from typing import NamedTuple
 import torch
 
 from powerlaw_fast._validation import check_int_range, check_real
+from powerlaw_fast.ops import status
 
 CONVENTIONS = ("paper", "authors")
 
@@ -106,3 +107,21 @@ def _nonfinite_message(source: str, count: int) -> str:
             f"values (x contains NaN or inf, or its products overflow)"
         )
     return f"{source}: expected finite values, got {count} non-finite values"
+
+
+def check_half_gradient(grad_x: torch.Tensor, validate: str, op: str) -> None:
+    """A float16 gradient beyond 65504 would come back as inf: an error (deferred like every
+    status check), not a silent inf. One reduction, for float16 activations only (bfloat16
+    and float32 share float32's range, where the penalty's own overflow check applies)."""
+    if grad_x.dtype != torch.float16 or validate == "off":
+        return
+    bad = (~torch.isfinite(grad_x)).sum().reshape(1).float()
+    status.check(bad, validate, _raise_half_overflow, op=op)
+
+
+def _raise_half_overflow(values):
+    if values[0]:
+        raise ValueError(
+            f"x: the penalty's gradient overflows float16 in {int(values[0])} entries (|dR/dx| > "
+            f"65504); use bfloat16 or float32 activations, a smaller beta, or scale the loss down"
+        )

@@ -22,6 +22,8 @@ Stages (shapes for a batch ``x [B, N]``):
                        (:mod:`powerlaw_fast.ops.grouped_penalty`)
 ``pgd_update``         ``(x_adv, x_nat, grad, eps_rows, step, lo, hi, out) -> out``: one fused
                        PGD/FGSM step (:mod:`powerlaw_fast.ops.attack_step`)
+``block_eigh``         ``A [K, b, b] -> (values [K, b], vectors [K, b, b])``, b <= 64: small
+                       symmetric eigendecompositions (:mod:`powerlaw_fast.ops.block_eigh`)
 =====================  ==========================================================================
 
 Example::

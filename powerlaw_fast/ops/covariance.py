@@ -21,6 +21,7 @@ Example::
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -28,6 +29,7 @@ from powerlaw_fast._backend import resolve_backend
 from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import as_batch_matrix
 from powerlaw_fast.ops import _alloc, status
+from powerlaw_fast.ops._autograd import FusedOp
 from powerlaw_fast.ops._distributed import global_mean, group_name_of, resolve_group
 from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, dot_precision
 from powerlaw_fast.ops.backends import implementation, register
@@ -85,52 +87,53 @@ def centred_gram_torch(x: torch.Tensor, mean: torch.Tensor, scale: float) -> tor
     return centred.T @ centred * scale
 
 
-@torch.library.custom_op("powerlaw_fast::batch_covariance", mutates_args=())
-def _batch_covariance_op(
-    x: torch.Tensor, backend: str, group_name: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+class CovarianceSettings(NamedTuple):
+    backend: str  # a resolved name
+    group_name: str  # "" for one process
+
+
+def _forward(inputs, settings: CovarianceSettings):
+    """-> [sigma [N, N], the (global) column means [N], the (global) row count]."""
+    x = inputs[0]
     B = x.shape[0]
-    mean = implementation("column_mean", backend)(x)
-    centred_gram = implementation("centred_gram", backend)
-    group = resolve_group(group_name)
+    mean = implementation("column_mean", settings.backend)(x)
+    centred_gram = implementation("centred_gram", settings.backend)
+    group = resolve_group(settings.group_name)
     if group is None:
-        sigma = centred_gram(x, mean, 1.0 / (B - 1))
-        return sigma, mean, torch.tensor(float(B), dtype=torch.float64, device=x.device)
+        return [centred_gram(x, mean, 1.0 / (B - 1)), mean, B]
     mean, count = global_mean(mean, B, group)
     sigma = centred_gram(x, mean, 1.0)
     torch.distributed.all_reduce(sigma, group=group)
-    return sigma / (count - 1).to(sigma.dtype), mean, count
+    return [sigma / (count - 1).to(sigma.dtype), mean, count]
 
 
-@_batch_covariance_op.register_fake
-def _(x, backend, group_name):
+def _fake(inputs, settings: CovarianceSettings):
+    x = inputs[0]
     N = x.shape[1]
     acc = accumulation_dtype(x.dtype)
-    return (
-        x.new_empty((N, N), dtype=acc),
-        x.new_empty((N,), dtype=acc),
-        x.new_empty((), dtype=torch.float64),
-    )
+    return [x.new_empty((N, N), dtype=acc), x.new_empty((N,), dtype=acc),
+            x.new_empty((), dtype=torch.float64)]  # fmt: skip
 
 
-def _covariance_setup(ctx, inputs, output):
-    x = inputs[0]
-    _, mean, count = output
-    ctx.save_for_backward(x, mean, count)
-    ctx.mark_non_differentiable(mean, count)
-
-
-def _covariance_backward(ctx, grad_sigma, grad_mean, grad_count):
+def _backward(grads, saved, inputs, settings: CovarianceSettings):
     # The global mean's own contribution vanishes (the global centred columns sum to zero),
     # so each rank's gradient needs only its rows: no communication.
-    x, mean, count = ctx.saved_tensors
+    (grad_sigma,) = grads
+    x, mean, count = saved
     acc = grad_sigma.dtype
     centred = x.to(acc) - mean.to(acc)
-    grad_x = centred @ ((grad_sigma + grad_sigma.T) / (count - 1).to(acc))
-    return grad_x.to(x.dtype), None, None
+    if isinstance(count, torch.Tensor):
+        count = count.to(acc)
+    return [(centred @ ((grad_sigma + grad_sigma.T) / (count - 1))).to(x.dtype)]
 
 
-_batch_covariance_op.register_autograd(_covariance_backward, setup_context=_covariance_setup)
+# x -> (sigma,): one autograd node eagerly, powerlaw_fast::batch_covariance(_backward) compiled
+BATCH_COVARIANCE = FusedOp(
+    "batch_covariance", CovarianceSettings, forward=_forward, fake=_fake,
+    outputs=lambda results: (results[0],),
+    save=lambda inputs, results: [inputs[0], results[1], results[2]],
+    backward=_backward, label=lambda settings: "batch_covariance",
+)  # fmt: skip
 
 
 def batch_covariance(
@@ -167,7 +170,7 @@ def batch_covariance(
     x = as_batch_matrix(x, "x", min_batch=1 if group_name else 2)
     mode = status.validation_mode(validate)
     name = resolve_backend(backend, x.device, dtype=x.dtype)
-    sigma = _batch_covariance_op(x, name, group_name)[0]
+    (sigma,) = BATCH_COVARIANCE([x], CovarianceSettings(backend=name, group_name=group_name))
     if mode != "off":
         bad = (~torch.isfinite(sigma)).sum().reshape(1).float()
         status.check(bad, mode, _raise_nonfinite, op="batch_covariance",

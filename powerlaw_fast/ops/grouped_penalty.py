@@ -36,17 +36,24 @@ Example::
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
 from powerlaw_fast.ops import _alloc, status
-from powerlaw_fast.ops._autograd import refuse_second_order
+from powerlaw_fast.ops._autograd import FusedOp
 from powerlaw_fast.ops._layout import BLOCK_M, MAX_FUSED_N, SCRATCH_HEAD
-from powerlaw_fast.ops._plan import anchor_tolerance, kink_tolerance, mean_tolerance, plan_for
-from powerlaw_fast.ops._settings import Settings, status_raiser
+from powerlaw_fast.ops._plan import (
+    anchor_tolerance,
+    kink_tolerance,
+    mean_tolerance,
+    operand_dtype,
+    plan_for,
+)
+from powerlaw_fast.ops._settings import Settings, check_half_gradient, status_raiser
 from powerlaw_fast.ops._triton_gemm import cdiv, dot_in_fp32, next_power_of_2, size_bucket
 from powerlaw_fast.ops.backends import register
-from powerlaw_fast.ops.spectral_penalty import check_half_gradient, penalty_and_spectrum
+from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
 
 
 @functools.cache
@@ -84,6 +91,7 @@ def _tables(device: torch.device, widths: tuple, anchors: tuple, alphas: tuple, 
             dtype=torch.float32, device=device,
         ),
         total=c,
+        widths_host=widths,
         v_offsets=tuple(v_off),
     )
 
@@ -110,11 +118,10 @@ def flat_bases(Vs) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------
 # Forward / backward (Triton) and the plain-torch twin
 # --------------------------------------------------------------------------------------------
-def _launch_forward(xs, Vs, anchors, alphas, betas, skip, plan):
+def _launch_forward(xs, Vs, tables, settings, plan):
     B = xs[0].shape[0]
     widths = tuple(x.shape[1] for x in xs)
     device = xs[0].device
-    tables = _tables(device, widths, tuple(anchors), tuple(alphas), tuple(betas), plan)
     total, L = tables["total"], len(xs)
     x_flat = torch.cat([x.reshape(-1) for x in xs])
     v_flat = flat_bases(Vs)
@@ -145,13 +152,14 @@ def _launch_forward(xs, Vs, anchors, alphas, betas, skip, plan):
         moments, parts, heads, tables["widths"], tables["col_off"], tables["anchors"],
         tables["alphas"], tables["betas"], tables["tinies"], tables["kinks"], num_m, total,
         float(B), mean_tolerance(B, torch.float32),
-        SKIP_NONPOSITIVE=skip, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+        SKIP_NONPOSITIVE=settings.skip_nonpositive, BLOCK=block,
+        num_warps=4 if block <= 1024 else 8,
     )  # fmt: skip
-    return heads, parts, z, v_flat, tables
+    return heads, parts, z, v_flat
 
 
 def _launch_backward(grad_out, z, parts, v_flat, tables, B, x_dtype, plan):
-    widths = tuple(int(n) for n in tables["widths_host"])
+    widths = tables["widths_host"]
     total, L = tables["total"], len(widths)
     out = _alloc.empty((B * total,), device=z.device, dtype=x_dtype)
     num_m = cdiv(B, BLOCK_M)
@@ -168,55 +176,92 @@ def _launch_backward(grad_out, z, parts, v_flat, tables, B, x_dtype, plan):
     return out
 
 
-class _GroupedPenalty(torch.autograd.Function):
-    """One autograd node for all layers: (total R, lam of every layer, flat and detached)."""
+class GroupedSettings(NamedTuple):
+    """Per-layer settings of the grouped op (one entry per layer); primitives only."""
 
-    @staticmethod
-    def forward(ctx, config, *xs):
-        Vs, anchors, alphas, betas, skip, plan, validate, names, taus = config
-        heads, parts, z, v_flat, tables = _launch_forward(xs, Vs, anchors, alphas, betas, skip,
-                                                          plan)  # fmt: skip
-        status.check(heads[:, 1:].reshape(-1), validate, _group_raiser(names, config),
-                     op="grouped penalty")  # fmt: skip
-        ctx.save_for_backward(z, parts, v_flat)
-        widths = tuple(x.shape[1] for x in xs)
-        ctx.tables = dict(tables, widths_host=widths)
-        ctx.shapes = [x.shape for x in xs]
-        ctx.xs = xs  # inputs as attributes: no cycle, not version-checked (refuse_second_order)
-        ctx.plan, ctx.x_dtype, ctx.validate = plan, xs[0].dtype, validate
-        ctx.set_materialize_grads(False)
-        total = tables["total"]
-        lams = parts[total : 2 * total]
-        ctx.mark_non_differentiable(lams)
-        return heads[:, 0].sum(), lams
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_lams):
-        if grad_out is None:
-            return (None,) * (1 + len(ctx.shapes))
-        z, parts, v_flat = ctx.saved_tensors
-        B = ctx.shapes[0][0]
-        flat = _launch_backward(grad_out, z, parts, v_flat, ctx.tables, B, ctx.x_dtype, ctx.plan)
-        check_half_gradient(flat, ctx.validate, "grouped penalty (backward)")
-        grads, offset = [], 0
-        for shape, x in zip(ctx.shapes, ctx.xs, strict=True):
-            n = B * (shape.numel() // B)
-            grads.append(refuse_second_order(flat[offset : offset + n].view(shape), x,
-                                             "SpectralRegularizer.penalty"))  # fmt: skip
-            offset += n
-        return (None, *grads)
+    anchors: tuple[int, ...]  # 0-based
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+    skip_nonpositive: bool
+    validate: str
+    names: tuple[str, ...]  # the layers' names, for errors
+    taus: tuple[int, ...]
+    compute: str = ""  # "" (x's dtype) or "bfloat16" / "float32"
 
 
-def _group_raiser(names, config):
-    _, anchors, alphas, betas, skip, _, validate, _, taus = config
+def _plan(xs, settings: GroupedSettings):
+    compute = getattr(torch, settings.compute) if settings.compute else None
+    return plan_for(xs[0].dtype, max(x.shape[1] for x in xs), compute)
 
+
+def _layer_tables(xs, settings: GroupedSettings, plan):
+    widths = tuple(x.shape[1] for x in xs)
+    return _tables(xs[0].device, widths, settings.anchors, settings.alphas, settings.betas, plan)
+
+
+def _forward(inputs, settings: GroupedSettings):
+    """inputs ``[x_1 .. x_L, V_1 .. V_L]`` -> [total R, parts, Z, the flat bases]."""
+    L = len(settings.anchors)
+    xs, Vs = inputs[:L], inputs[L:]
+    plan = _plan(xs, settings)
+    heads, parts, z, v_flat = _launch_forward(xs, Vs, _layer_tables(xs, settings, plan),
+                                              settings, plan)  # fmt: skip
+    status.check(heads[:, 1:].reshape(-1), settings.validate, _group_raiser(settings),
+                 op="grouped penalty")  # fmt: skip
+    return [heads[:, 0].sum(), parts, z, v_flat]
+
+
+def _fake(inputs, settings: GroupedSettings):
+    L = len(settings.anchors)
+    xs, Vs = inputs[:L], inputs[L:]
+    total = sum(x.shape[1] for x in xs)
+    compute = getattr(torch, settings.compute) if settings.compute else None
+    return [xs[0].new_empty((), dtype=torch.float32),
+            xs[0].new_empty((3 * total,), dtype=torch.float32),
+            xs[0].new_empty((xs[0].shape[0] * total,), dtype=operand_dtype(xs[0].dtype, compute)),
+            Vs[0].new_empty((sum(V.numel() for V in Vs),))]  # fmt: skip
+
+
+def _outputs(results):
+    """(total R, every layer's lam, flat [sum N_l])."""
+    total_R, parts = results[0], results[1]
+    total = parts.shape[0] // 3
+    return total_R, parts[total : 2 * total]
+
+
+def _backward(grads, saved, inputs, settings: GroupedSettings):
+    z, parts, v_flat = saved
+    plan = _plan(inputs, settings)
+    B = inputs[0].shape[0]
+    flat = _launch_backward(grads[0], z, parts, v_flat, _layer_tables(inputs, settings, plan),
+                            B, inputs[0].dtype, plan)  # fmt: skip
+    check_half_gradient(flat, settings.validate, "grouped penalty (backward)")
+    grads, offset = [], 0
+    for x in inputs:
+        grads.append(flat[offset : offset + x.numel()].view(x.shape))
+        offset += x.numel()
+    return grads
+
+
+# [x_l..., V_l...] -> (total R, lam of every layer, flat and detached): one node for all layers
+GROUPED_PENALTY = FusedOp(
+    "grouped_penalty", GroupedSettings, forward=_forward, fake=_fake, outputs=_outputs,
+    save=lambda inputs, results: [results[2], results[1], results[3]], backward=_backward,
+    label=lambda settings: "SpectralRegularizer.penalty",
+    differentiable=lambda settings: range(len(settings.anchors)), nondifferentiable=(1,),
+)  # fmt: skip
+
+
+def _group_raiser(settings: GroupedSettings):
     def raise_for(values):
-        for i, name in enumerate(names):
-            settings = Settings(backend="triton", anchor=anchors[i], alpha=alphas[i],
-                                beta=betas[i], skip_nonpositive=skip, validate=validate,
-                                source="x", tau=taus[i])  # fmt: skip
+        for i, name in enumerate(settings.names):
+            layer = Settings(
+                backend="triton", anchor=settings.anchors[i], alpha=settings.alphas[i],
+                beta=settings.betas[i], skip_nonpositive=settings.skip_nonpositive,
+                validate=settings.validate, source="x", tau=settings.taus[i],
+            )
             try:
-                status_raiser(settings)(values[3 * i : 3 * i + 3])
+                status_raiser(layer)(values[3 * i : 3 * i + 3])
             except ValueError as err:
                 raise ValueError(f"layer {name!r}: {err}") from None
 
@@ -232,15 +277,18 @@ def grouped_penalty_triton(xs, Vs, *, alphas, anchors, betas, convention, valida
     (0-based), ``betas``. Differentiable in every x.
     """
     status.poll()
-    plan = plan_for(xs[0].dtype, max(x.shape[1] for x in xs), compute_dtype)
+    compute = str(compute_dtype).removeprefix("torch.") if compute_dtype is not None else ""
     if compute_dtype is not None:  # the bases in the compute dtype (no copy when they are)
-        Vs = [V if V.dtype == plan.operand else V.to(plan.operand) for V in Vs]
+        operand = plan_for(xs[0].dtype, max(x.shape[1] for x in xs), compute_dtype).operand
+        Vs = [V if V.dtype == operand else V.to(operand) for V in Vs]
     names = names or [str(i) for i in range(len(xs))]
-    taus = taus or [a + 1 for a in anchors]
-    config = (Vs, tuple(anchors), tuple(float(a) for a in alphas),
-              tuple(float(b) for b in betas), convention == "authors", plan,
-              status.validation_mode(validate), tuple(names), tuple(taus))  # fmt: skip
-    total, lams = _GroupedPenalty.apply(config, *[x.contiguous() for x in xs])
+    settings = GroupedSettings(
+        anchors=tuple(anchors), alphas=tuple(float(a) for a in alphas),
+        betas=tuple(float(b) for b in betas), skip_nonpositive=convention == "authors",
+        validate=status.validation_mode(validate), names=tuple(names),
+        taus=tuple(taus or [a + 1 for a in anchors]), compute=compute,
+    )  # fmt: skip
+    total, lams = GROUPED_PENALTY([*(x.contiguous() for x in xs), *Vs], settings)
     out, offset = [], 0
     for x in xs:
         out.append(lams[offset : offset + x.shape[1]])

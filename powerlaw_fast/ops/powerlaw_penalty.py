@@ -25,8 +25,14 @@ import torch
 from powerlaw_fast._backend import resolve_backend
 from powerlaw_fast._validation import check_float_dtype, check_real, check_tensor
 from powerlaw_fast.ops import _alloc, status
-from powerlaw_fast.ops._autograd import refuse_second_order
-from powerlaw_fast.ops._layout import MAX_FUSED_N, SCRATCH_HEAD
+from powerlaw_fast.ops._autograd import FusedOp
+from powerlaw_fast.ops._layout import (
+    MAX_FUSED_N,
+    scratch_dR_dlam,
+    scratch_size,
+    scratch_status,
+    scratch_width,
+)
 from powerlaw_fast.ops._plan import kink_tolerance
 from powerlaw_fast.ops._settings import Settings, anchor_index, check_beta, status_raiser
 from powerlaw_fast.ops._triton_gemm import next_power_of_2
@@ -56,7 +62,7 @@ def spectrum_penalty_triton(src, count, anchor, alpha, beta, skip, mean_tol, tin
             src, count, anchor, alpha, beta, skip, mean_tol, tiny, kink_tol
         )
     parts = 2 if mean_tol is None else 3
-    out = _alloc.empty((SCRATCH_HEAD + parts * N,), device=src.device, dtype=torch.float32)
+    out = _alloc.empty((scratch_size(N, parts),), device=src.device, dtype=torch.float32)
     block = max(16, next_power_of_2(N))
     from_ptr = isinstance(count, torch.Tensor)
     _kernels()._spectrum_penalty_kernel[(1,)](
@@ -141,7 +147,7 @@ def spectrum_penalty_cuda(src, count, anchor, alpha, beta, skip, mean_tol, tiny,
 
 
 # --------------------------------------------------------------------------------------------
-# The op on a given spectrum: eager autograd.Function and the custom op for torch.compile
+# The op on a given spectrum, eager and compiled (FusedOp)
 # --------------------------------------------------------------------------------------------
 def _sorted_penalty(lam: torch.Tensor, settings: Settings) -> torch.Tensor:
     scratch = implementation("spectrum_penalty", settings.backend)(
@@ -149,58 +155,31 @@ def _sorted_penalty(lam: torch.Tensor, settings: Settings) -> torch.Tensor:
         settings.skip_nonpositive, None, 0.0,
         kink_tolerance(lam.shape[0], settings.alpha, lam.dtype),
     )  # fmt: skip
-    status.check(scratch[1:SCRATCH_HEAD], settings.validate, status_raiser(settings),
+    status.check(scratch_status(scratch), settings.validate, status_raiser(settings),
                  op="powerlaw_penalty")  # fmt: skip
     return scratch
 
 
-class _PowerlawPenalty(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, lam, settings):
-        scratch = _sorted_penalty(lam, settings)
-        ctx.save_for_backward(scratch)
-        ctx.lam = lam
-        ctx.set_materialize_grads(False)
-        return scratch[0]
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if grad_out is None:
-            return None, None
-        (scratch,) = ctx.saved_tensors
-        N = (scratch.shape[0] - SCRATCH_HEAD) // 2
-        grad = grad_out * scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
-        return refuse_second_order(grad, ctx.lam, "powerlaw_penalty"), None
+def _forward(inputs, settings: Settings):
+    return [_sorted_penalty(inputs[0], settings)]
 
 
-@torch.library.custom_op("powerlaw_fast::powerlaw_penalty", mutates_args=())
-def _powerlaw_penalty_op(
-    lam: torch.Tensor, backend: str, anchor: int, alpha: float, beta: float,
-    skip_nonpositive: bool, validate: str, tau: int,
-) -> torch.Tensor:  # fmt: skip
-    settings = Settings(backend=backend, anchor=anchor, alpha=alpha, beta=beta,
-                        skip_nonpositive=skip_nonpositive, validate=validate, source="lam",
-                        tau=tau)  # fmt: skip
-    return _sorted_penalty(lam, settings)
+def _fake(inputs, settings: Settings):
+    lam = inputs[0]
+    return [lam.new_empty((scratch_size(lam.shape[0], 2),))]
 
 
-@_powerlaw_penalty_op.register_fake
-def _(lam, backend, anchor, alpha, beta, skip_nonpositive, validate, tau):
-    return lam.new_empty((SCRATCH_HEAD + 2 * lam.shape[0],))
+def _backward(grads, saved, inputs, settings: Settings):
+    (scratch,) = saved
+    return [grads[0] * scratch_dR_dlam(scratch, scratch_width(scratch, 2))]
 
 
-def _penalty_setup(ctx, inputs, output):
-    ctx.save_for_backward(output)
-
-
-def _penalty_backward(ctx, grad_scratch):
-    (scratch,) = ctx.saved_tensors
-    N = (scratch.shape[0] - SCRATCH_HEAD) // 2
-    grad = grad_scratch[0] * scratch[SCRATCH_HEAD : SCRATCH_HEAD + N] + grad_scratch[-N:]
-    return (grad,) + (None,) * 7
-
-
-_powerlaw_penalty_op.register_autograd(_penalty_backward, setup_context=_penalty_setup)
+# lam -> (R,): one autograd node eagerly, powerlaw_fast::powerlaw_penalty(_backward) compiled
+POWERLAW_PENALTY = FusedOp(
+    "powerlaw_penalty", Settings, forward=_forward, fake=_fake,
+    outputs=lambda results: (results[0][0],), save=lambda inputs, results: [results[0]],
+    backward=_backward, label=lambda settings: "powerlaw_penalty",
+)  # fmt: skip
 
 
 def powerlaw_penalty(
@@ -239,7 +218,4 @@ def powerlaw_penalty(
     settings = Settings(backend=name, anchor=anchor, alpha=alpha, beta=beta,
                         skip_nonpositive=convention == "authors", validate=mode, source="lam",
                         tau=tau)  # fmt: skip
-    if torch.compiler.is_compiling():
-        return _powerlaw_penalty_op(lam, name, anchor, alpha, beta, convention == "authors",
-                                    mode, tau)[0]  # fmt: skip
-    return _PowerlawPenalty.apply(lam, settings)
+    return POWERLAW_PENALTY([lam], settings)[0]

@@ -48,9 +48,11 @@ with Z kept in float32: a float16 Z overflows for activations of a few thousand.
 float32 (float64 for float64 input, torch backend). Z is kept for the backward instead of
 recomputed (a third GEMM): one ``[B, N]`` buffer.
 
-Host path: in eager mode one ``torch.autograd.Function`` node per call calls the launchers
-directly (no custom-op dispatch); under ``torch.compile`` the same launchers run inside the
-``powerlaw_fast::spectral_forward`` / ``spectral_backward`` custom ops. No zero-filled buffers,
+Host path: one forward and one backward made into an op by
+:class:`~powerlaw_fast.ops._autograd.FusedOp` (as every op family is): in eager mode one
+autograd node per call calls the launchers directly (no custom-op dispatch); under
+``torch.compile`` the same functions run inside the ``powerlaw_fast::spectral_penalty`` /
+``spectral_penalty_backward`` custom ops. No zero-filled buffers,
 no host-to-device copies, no host synchronisation unless ``validate="immediate"``.
 
 Example::
@@ -76,9 +78,17 @@ from powerlaw_fast._torch_helpers import accumulation_dtype
 from powerlaw_fast._validation import as_batch_matrix, check_basis, check_orthonormal, check_real
 from powerlaw_fast.ops import _alloc, status
 from powerlaw_fast.ops import powerlaw_penalty as _stage  # noqa: F401  (registers spectrum_penalty)
-from powerlaw_fast.ops._autograd import refuse_second_order
+from powerlaw_fast.ops._autograd import FusedOp
 from powerlaw_fast.ops._distributed import global_mean, group_name_of, resolve_group
-from powerlaw_fast.ops._layout import BLOCK_M, SCRATCH_HEAD
+from powerlaw_fast.ops._layout import (
+    BLOCK_M,
+    scratch_column_means,
+    scratch_dR_dlam,
+    scratch_lam,
+    scratch_size,
+    scratch_status,
+    scratch_width,
+)
 from powerlaw_fast.ops._plan import (
     Plan,
     anchor_tolerance,
@@ -92,6 +102,7 @@ from powerlaw_fast.ops._settings import (
     Settings,
     anchor_index,
     check_beta,
+    check_half_gradient,
     compute_dtype_of,
     status_raiser,
 )
@@ -213,7 +224,7 @@ def backprojection_cuda(z, zbar, coef, grad_out, V, scale, out_dtype, plan: Plan
 
 
 # --------------------------------------------------------------------------------------------
-# Forward and backward, shared by the eager autograd.Function and the custom ops
+# Forward and backward, made into one op (SPECTRAL_PENALTY below) for eager and compiled use
 # --------------------------------------------------------------------------------------------
 def spectral_forward(x: torch.Tensor, V: torch.Tensor, settings: Settings):
     """-> (scratch [4 + 2N] float32 (float64 for float64 x), Z [B, N], count).
@@ -242,7 +253,7 @@ def spectral_forward(x: torch.Tensor, V: torch.Tensor, settings: Settings):
         kink_tolerance(N, settings.alpha, accumulation_dtype(plan.operand)),
     )  # fmt: skip
     status.check(
-        scratch[1:SCRATCH_HEAD], settings.validate, status_raiser(settings),
+        scratch_status(scratch), settings.validate, status_raiser(settings),
         op="projected_spectrum" if settings.source == "spectrum" else "spec_penalty",
         collective=group is not None,
     )  # fmt: skip
@@ -263,139 +274,71 @@ def spectral_backward(coef, grad_out, z, zbar, V, count, x_dtype, backend: str, 
     )
 
 
-def check_half_gradient(grad_x: torch.Tensor, validate: str, op: str) -> None:
-    """A float16 gradient beyond 65504 would come back as inf: an error (deferred like every
-    status check), not a silent inf. One reduction, for float16 activations only (bfloat16
-    and float32 share float32's range, where the penalty's own overflow check applies)."""
-    if grad_x.dtype != torch.float16 or validate == "off":
-        return
-    bad = (~torch.isfinite(grad_x)).sum().reshape(1).float()
-    status.check(bad, validate, _raise_half_overflow, op=op)
-
-
-def _raise_half_overflow(values):
-    if values[0]:
-        raise ValueError(
-            f"x: the penalty's gradient overflows float16 in {int(values[0])} entries (|dR/dx| > "
-            f"65504); use bfloat16 or float32 activations, a smaller beta, or scale the loss down"
-        )
-
-
-def vjp_coefficients(scratch, N: int, grad_R, grad_lam, *, fold: bool):
+def vjp_coefficients(scratch, N: int, grad_R, grad_lam):
     """dLoss/dlam ``[N]`` from dLoss/dR (0-dim or None) and dLoss/dlam (``[N]`` or None) ->
-    ``(coef, grad_out)`` for :func:`spectral_backward`. The one backward of this family: the
-    eager Function and the custom op's autograd both use it. Eagerly, a penalty alone keeps
-    dR/dlam as is and lets the backprojection kernel scale by dLoss/dR (no extra launch);
-    ``fold=True`` (the compiled graph, where the arithmetic fuses) folds it into coef."""
-    dR_dlam = scratch[SCRATCH_HEAD : SCRATCH_HEAD + N]
-    if grad_lam is None and not fold:
+    ``(coef, grad_out)`` for :func:`spectral_backward`. A penalty alone (no dLoss/dlam, the
+    eager training step) keeps dR/dlam as is and lets the backprojection kernel scale by
+    dLoss/dR (no extra launch); otherwise dLoss/dR is folded into coef (in the compiled graph,
+    where every gradient arrives, the arithmetic fuses)."""
+    dR_dlam = scratch_dR_dlam(scratch, N)
+    if grad_lam is None:
         return dR_dlam, grad_R
-    coef = grad_lam.to(scratch.dtype) if grad_lam is not None else None
+    coef = grad_lam.to(scratch.dtype)
     if grad_R is not None:
-        coef = grad_R * dR_dlam if coef is None else coef + grad_R * dR_dlam
+        coef = coef + grad_R * dR_dlam
     return coef.contiguous(), None
 
 
-class _Spectral(torch.autograd.Function):
-    """The eager path of :func:`spec_penalty`, :func:`penalty_and_spectrum` and
-    :func:`projected_spectrum`: one autograd node returning ``(R, lam)``, the launchers called
-    directly (no custom-op dispatch); under torch.compile the custom ops below run the same
-    forward (:func:`spectral_forward`) and backward (:func:`vjp_coefficients`,
-    :func:`spectral_backward`)."""
-
-    @staticmethod
-    def forward(ctx, x, V, settings):
-        scratch, z, count = spectral_forward(x, V, settings)
-        ctx.save_for_backward(z, V, scratch)
-        ctx.count, ctx.settings, ctx.x_dtype = count, settings, x.dtype
-        # an input held as an attribute makes no reference cycle, and unlike a saved tensor
-        # it is not version-checked: the backward never reads it (see refuse_second_order)
-        ctx.x = x
-        ctx.set_materialize_grads(False)
-        N = x.shape[1]
-        return scratch[0], scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
-
-    @staticmethod
-    def backward(ctx, grad_R, grad_lam):
-        if grad_R is None and grad_lam is None:
-            return None, None, None
-        z, V, scratch = ctx.saved_tensors
-        N = z.shape[1]
-        coef, grad_out = vjp_coefficients(scratch, N, grad_R, grad_lam, fold=False)
-        zbar = scratch[SCRATCH_HEAD + 2 * N :]
-        settings = ctx.settings
-        grad_x = spectral_backward(coef, grad_out, z, zbar, V, ctx.count, ctx.x_dtype,
-                                   settings.backend, settings.compute)  # fmt: skip
-        op = "projected_spectrum" if settings.source == "spectrum" else "spec_penalty"
-        check_half_gradient(grad_x, settings.validate, f"{op} (backward)")
-        return refuse_second_order(grad_x, ctx.x, op), None, None
+def _op_label(settings: Settings) -> str:
+    return "projected_spectrum" if settings.source == "spectrum" else "spec_penalty"
 
 
-# --------------------------------------------------------------------------------------------
-# torch.library custom ops: the same forward and backward, opaque to torch.compile
-# --------------------------------------------------------------------------------------------
-@torch.library.custom_op("powerlaw_fast::spectral_forward", mutates_args=())
-def _spectral_forward_op(
-    x: torch.Tensor, V: torch.Tensor, backend: str, anchor: int, alpha: float, beta: float,
-    skip_nonpositive: bool, validate: str, source: str, tau: int, group_name: str, compute: str,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    settings = Settings(backend=backend, anchor=anchor, alpha=alpha, beta=beta,
-                        skip_nonpositive=skip_nonpositive, validate=validate, source=source,
-                        tau=tau, group_name=group_name, compute=compute)  # fmt: skip
-    scratch, z, count = spectral_forward(x, V, settings)
-    if not isinstance(count, torch.Tensor):
-        count = torch.full((), float(count), dtype=torch.float64, device=x.device)
-    return scratch, z, count.to(torch.float64)
+def _forward(inputs, settings: Settings):
+    """-> [scratch, Z, count] (count an int in one process)."""
+    x, V = inputs
+    return list(spectral_forward(x, V, settings))
 
 
-@_spectral_forward_op.register_fake
-def _(x, V, backend, anchor, alpha, beta, skip_nonpositive, validate, source, tau, group_name,
-      compute):  # fmt: skip
+def _fake(inputs, settings: Settings):
+    x, _ = inputs
     B, N = x.shape
-    z_dtype = operand_dtype(x.dtype, getattr(torch, compute) if compute else None)
-    return (
-        x.new_empty((SCRATCH_HEAD + 3 * N,), dtype=accumulation_dtype(x.dtype)),
+    z_dtype = operand_dtype(x.dtype, compute_dtype_of(settings))
+    return [
+        x.new_empty((scratch_size(N, 3),), dtype=accumulation_dtype(x.dtype)),
         x.new_empty((B, N), dtype=z_dtype),
         x.new_empty((), dtype=torch.float64),
-    )
+    ]
 
 
-@torch.library.custom_op("powerlaw_fast::spectral_backward", mutates_args=())
-def _spectral_backward_op(
-    coef: torch.Tensor, z: torch.Tensor, zbar: torch.Tensor, V: torch.Tensor,
-    count: torch.Tensor, backend: str, x_dtype: torch.dtype, compute: str,
-) -> torch.Tensor:  # fmt: skip
-    return spectral_backward(coef.contiguous(), None, z, zbar, V, count, x_dtype, backend,
-                             compute)  # fmt: skip
+def _outputs(results):
+    """(R, lam [N]): the penalty and the spectrum, both in the scratch."""
+    scratch = results[0]
+    return scratch[0], scratch_lam(scratch, scratch_width(scratch, 3))
 
 
-@_spectral_backward_op.register_fake
-def _(coef, z, zbar, V, count, backend, x_dtype, compute):
-    return z.new_empty(z.shape, dtype=x_dtype)
+def _save(inputs, results):
+    scratch, z, count = results
+    return [z, inputs[1], scratch, count]
 
 
-def _forward_setup(ctx, inputs, output):
-    x, V, backend = inputs[0], inputs[1], inputs[2]
-    scratch, z, count = output
-    ctx.save_for_backward(z, V, scratch, count)
-    ctx.backend, ctx.x_dtype, ctx.compute = backend, x.dtype, inputs[-1]
-    ctx.mark_non_differentiable(z, count)
-
-
-def _forward_backward(ctx, grad_scratch, grad_z, grad_count):
-    z, V, scratch, count = ctx.saved_tensors
+def _backward(grads, saved, inputs, settings: Settings):
+    grad_R, grad_lam = grads
+    z, V, scratch, count = saved
     N = z.shape[1]
-    # dLoss/dR is entry 0 of the scratch's gradient, dLoss/dlam its lam part
-    coef, _ = vjp_coefficients(scratch, N, grad_scratch[0],
-                               grad_scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N], fold=True)
-    zbar = scratch[SCRATCH_HEAD + 2 * N :]
-    grad_x = _spectral_backward_op(
-        coef, z, zbar, V, count, ctx.backend, ctx.x_dtype, ctx.compute
-    )
-    return (grad_x,) + (None,) * 11
+    coef, grad_out = vjp_coefficients(scratch, N, grad_R, grad_lam)
+    zbar = scratch_column_means(scratch, N)
+    grad_x = spectral_backward(coef, grad_out, z, zbar, V, count, inputs[0].dtype,
+                               settings.backend, settings.compute)  # fmt: skip
+    check_half_gradient(grad_x, settings.validate, f"{_op_label(settings)} (backward)")
+    return [grad_x]
 
 
-_spectral_forward_op.register_autograd(_forward_backward, setup_context=_forward_setup)
+# The op behind spec_penalty, penalty_and_spectrum and projected_spectrum: (x, V) -> (R, lam),
+# one autograd node eagerly, the custom ops powerlaw_fast::spectral_penalty(_backward) compiled
+SPECTRAL_PENALTY = FusedOp(
+    "spectral_penalty", Settings, forward=_forward, fake=_fake, outputs=_outputs, save=_save,
+    backward=_backward, label=_op_label,
+)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,11 +458,7 @@ def spec_penalty(
 
 def _penalty_and_spectrum(x, V, settings: Settings):
     """(R, lam [N] without gradient): the regulariser keeps lam for its spectra()."""
-    if torch.compiler.is_compiling():
-        scratch = _spectral_forward_op(x, V, *settings)[0]
-        N = x.shape[1]
-        return scratch[0], scratch[SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N].detach()
-    value, lam = _Spectral.apply(x, V, settings)
+    value, lam = SPECTRAL_PENALTY([x, V], settings)
     return value, lam.detach()
 
 
@@ -573,7 +512,4 @@ def projected_spectrum(
         validate=validate, process_group=process_group, compute_dtype=compute_dtype,
         source="spectrum",
     )  # fmt: skip
-    N = x.shape[1]
-    if torch.compiler.is_compiling():
-        return _spectral_forward_op(x, V, *settings)[0][SCRATCH_HEAD + N : SCRATCH_HEAD + 2 * N]
-    return _Spectral.apply(x, V, settings)[1]
+    return SPECTRAL_PENALTY([x, V], settings)[1]

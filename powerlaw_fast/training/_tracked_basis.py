@@ -51,11 +51,11 @@ Cost per layer and step (sweeps): the projection ``Z`` and ``Z^T Z`` (``2 B N^2`
 for the blocks and ``O(N^2)`` elementwise work. On a GPU that is a few milliseconds at
 N = 8192 where an eigendecomposition takes seconds; on a CPU, whose LAPACK eigendecomposition
 costs only about as much as eight GEMMs, it is not much cheaper than the ``"running"`` mode.
-The tracker's own code reads no value back; on a GPU, ``torch.linalg.eigh`` of the batched
-blocks checks its info flags on the host, one small synchronisation per sweep, so a step is
-not capturable in a CUDA graph (a batched Jacobi kernel for the blocks would remove that; not
-built yet). With a process group, the batch's sum (``N + 1`` floats) and ``Z^T Z`` (``N^2``)
-are all-reduced.
+The tracker reads no value back: on a GPU the blocks are eigendecomposed by a Triton kernel
+(cyclic Jacobi, :mod:`powerlaw_fast.ops.block_eigh`) instead of ``torch.linalg.eigh``, which
+checks its info flags on the host, so a step has no host synchronisation and can be captured
+in a CUDA graph. With a process group, the batch's sum (``N + 1`` floats) and ``Z^T Z``
+(``N^2``) are all-reduced.
 
 Example::
 
@@ -80,6 +80,7 @@ from collections.abc import Mapping
 
 import torch
 
+from powerlaw_fast.ops.block_eigh import block_eigh
 from powerlaw_fast.training.accumulator import CovarianceAccumulator
 
 BLOCK = 64  # columns per exactly diagonalised block
@@ -158,7 +159,7 @@ def _times_block_diagonal(A: torch.Tensor, Q: torch.Tensor, blocks: _Blocks) -> 
     return blocks.unpad(torch.einsum("rkb,kbc->rkc", blocks.pad(A), Q))
 
 
-def _block_sweep(M: torch.Tensor, V: torch.Tensor, blocks: _Blocks):
+def _block_sweep(M: torch.Tensor, V: torch.Tensor, blocks: _Blocks, backend: str):
     """Diagonalise M's diagonal blocks exactly: ``(Q_bd^T M Q_bd, V Q_bd)``."""
     K, b = blocks.K, blocks.b
     padded = blocks.pad(blocks.pad(M).view(M.shape[0], K * b).T).view(K, b, K, b)
@@ -168,7 +169,7 @@ def _block_sweep(M: torch.Tensor, V: torch.Tensor, blocks: _Blocks):
     below = -scale * (1.0 + torch.arange(b, dtype=torch.float64, device=M.device))
     slots = diagonal_blocks.diagonal(dim1=1, dim2=2)
     slots.copy_(torch.where(blocks.padding, below.expand_as(slots), slots))
-    Q = torch.linalg.eigh(diagonal_blocks)[1].flip(-1).to(M.dtype)
+    Q = block_eigh(diagonal_blocks, backend=backend)[1].flip(-1).to(M.dtype)
     rotated = _times_block_diagonal(_times_block_diagonal(M, Q, blocks).T, Q, blocks)
     return rotated, _times_block_diagonal(V, Q, blocks)
 
@@ -200,6 +201,7 @@ def track_eigenbasis(
     group=None,
     operand_dtype: torch.dtype | None = None,
     method: str = "auto",
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One tracking step: the eigenbasis and eigenvalues of ``(1 - m) V diag(lam) V^T +
     m cov(x)``, approximated as the module docstring describes.
@@ -220,6 +222,9 @@ def track_eigenbasis(
             from float32 moments; on a CPU, where LAPACK's ``eigh`` of the ``N x N`` M costs
             less than the sweeps' eight GEMMs) or ``"auto"`` (``"eigh"`` on a CPU, else
             ``"sweeps"``: a GPU's ``eigh`` is latency-bound, its GEMMs are not).
+        backend: the sweeps' block eigendecompositions (:func:`~powerlaw_fast.ops.block_eigh.
+            block_eigh`): "auto" (the Triton Jacobi kernel on a GPU, with no host
+            synchronisation; ``torch.linalg.eigh`` in float64 otherwise), "torch" or "triton".
 
     Returns:
         ``(V_new [N, N]`` in ``V``'s dtype, columns in about descending eigenvalue order,
@@ -249,7 +254,7 @@ def track_eigenbasis(
             values, Q = torch.linalg.eigh(M)
             V, lam_new = V @ Q.flip(1), values.flip(0)
         else:
-            V, lam_new = _sweeps(M, V, N, step)
+            V, lam_new = _sweeps(M, V, N, step, backend)
             if (step + 1) % ORTHONORMALISE_EVERY == 0:
                 V = newton_schulz_step(V)
         if group is not None and (step + 1) % ORTHONORMALISE_EVERY == 0:
@@ -260,12 +265,12 @@ def track_eigenbasis(
         return V, lam_new.to(torch.float64)
 
 
-def _sweeps(M: torch.Tensor, V: torch.Tensor, N: int, step: int):
+def _sweeps(M: torch.Tensor, V: torch.Tensor, N: int, step: int, backend: str = "auto"):
     """The block and first-order sweeps of the module docstring: ``(V_new, lam_new)``."""
     half = BLOCK // 2 if N > BLOCK else 0  # N <= BLOCK: one block, an exact sweep
     for sweep in range(SWEEPS):
         blocks = _Blocks.get(N, half * ((step + sweep) % 2), M.device)
-        M, V = _block_sweep(M, V, blocks)
+        M, V = _block_sweep(M, V, blocks, backend)
         theta = _first_order_angles(M, blocks)
         rotation = torch.addmm(theta, theta, theta, alpha=0.5)
         rotation.diagonal().add_(1.0)

@@ -98,5 +98,11 @@ def test_opcheck():
     from powerlaw_fast.ops import covariance
 
     x = torch.randn(20, 6, device=DEVICE, requires_grad=True)
+    op = covariance.BATCH_COVARIANCE
     for backend in BACKENDS:
-        torch.library.opcheck(covariance._batch_covariance_op, (x, backend, ""))
+        settings = covariance.CovarianceSettings(backend=backend, group_name="")
+        torch.library.opcheck(op.custom_op, ([x], *settings))
+        sigma, mean, count = op.custom_op([x.detach()], *settings)
+        grad = torch.randn(6, 6, device=DEVICE)
+        torch.library.opcheck(op.backward_op, ([grad], [x.detach(), mean, count], [x.detach()],
+                                               *settings))  # fmt: skip

@@ -11,6 +11,7 @@ from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty
 from powerlaw_fast.baselines import literal_penalty, literal_spectrum
 from powerlaw_fast.ops import powerlaw_penalty as powerlaw_penalty_module
 from powerlaw_fast.ops import spectral_penalty as sp_module
+from powerlaw_fast.ops._settings import Settings
 from tests.devices import (
     BACKENDS,
     DEVICE,
@@ -391,23 +392,26 @@ def test_validate_false_skips_the_check():
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
+    """Every op family's custom ops (forward and backward) pass torch.library.opcheck."""
     x, V = make_batch(40, 24, seed=13)
     x.requires_grad_()
-    torch.library.opcheck(
-        sp_module._spectral_forward_op,
-        (x, V, backend, 9, 1.0, 1.0, False, "immediate", "x", 10, "", ""),
-    )
+    settings = Settings(backend=backend, anchor=9, alpha=1.0, beta=1.0, skip_nonpositive=False,
+                        validate="immediate", source="x", tau=10)  # fmt: skip
+    op = sp_module.SPECTRAL_PENALTY
+    torch.library.opcheck(op.custom_op, ([x, V], *settings))
+    scratch, z, count = op.custom_op([x.detach(), V], *settings)
+    grads = [torch.tensor(0.5, device=DEVICE), torch.randn(24, device=DEVICE)]
+    torch.library.opcheck(op.backward_op, (grads, [z, V, scratch, count], [x.detach()],
+                                           *settings))  # fmt: skip
+    torch.library.opcheck(op.backward_op, ([grads[0], None], [z, V, scratch, count],
+                                           [x.detach()], *settings))  # fmt: skip
     lam = projected_spectrum(x.detach(), V).requires_grad_()
-    torch.library.opcheck(
-        powerlaw_penalty_module._powerlaw_penalty_op,
-        (lam, backend, 9, 1.0, 1.0, False, "immediate", 10),
-    )
-    z = torch.randn(40, 24, device=DEVICE)
-    coef, zbar = torch.randn(24, device=DEVICE), torch.randn(24, device=DEVICE)
-    count = torch.tensor(40.0, dtype=torch.float64, device=DEVICE)
-    torch.library.opcheck(
-        sp_module._spectral_backward_op, (coef, z, zbar, V, count, backend, torch.float32, "")
-    )
+    op = powerlaw_penalty_module.POWERLAW_PENALTY
+    settings = settings._replace(source="lam")
+    torch.library.opcheck(op.custom_op, ([lam], *settings))
+    (scratch,) = op.custom_op([lam.detach()], *settings)
+    torch.library.opcheck(op.backward_op, ([torch.tensor(2.0, device=DEVICE)], [scratch],
+                                           [lam.detach()], *settings))  # fmt: skip
 
 
 def test_torch_compile_fullgraph_torch_backend():

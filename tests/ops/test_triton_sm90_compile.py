@@ -117,11 +117,18 @@ SCRIPT = textwrap.dedent(
             if other != name:
                 setattr(gpk, other, Skip())
         try:
-            compile_launch(gpk, name, gp._launch_forward, xs, Vs, [9, 9, 0], [1.0] * 3,
-                           [1.0] * 3, False, plan)
+            settings = gp.GroupedSettings(anchors=(9, 9, 0), alphas=(1.0,) * 3,
+                                          betas=(1.0,) * 3, skip_nonpositive=False,
+                                          validate="off", names=("a", "b", "c"), taus=(10, 10, 1))
+            compile_launch(gpk, name, gp._launch_forward, xs, Vs, gp._tables(None, None),
+                           settings, plan)
         finally:
             for k, v in kernels.items():
                 setattr(gpk, k, v)
+    from powerlaw_fast.ops import block_eigh as be, _block_eigh_kernels as bek
+    for b in (64, 5):  # a full block, and one padded to 16
+        compile_launch(bek, "_block_jacobi_kernel", be.block_eigh_triton,
+                       torch.empty(3, b, b, **meta))
     z = torch.empty(300 * 1041, **meta)
     tables = dict(gp._tables(None, None), widths_host=(40, 1000, 1))
     compile_launch(gpk, "_grouped_backprojection_kernel", gp._launch_backward,
@@ -151,5 +158,5 @@ def test_triton_kernels_compile_for_sm90_with_gpu_argument_specialisation():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = result.stdout.split("\n")
     shared = [int(line.split()[-1]) for line in lines if line.strip()]
-    assert len(shared) == 23  # one line per compiled kernel variant
+    assert len(shared) == 25  # one line per compiled kernel variant
     assert max(shared) <= H100_SHARED_MEMORY

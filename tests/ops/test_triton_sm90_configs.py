@@ -136,8 +136,11 @@ SCRIPT = textwrap.dedent(
         try:
             others = ("_grouped_column_mean_kernel", "_grouped_penalty_kernel")
             compile_all(f"grouped_projection/{precision}", *record(
-                gpk, "_grouped_projection_kernel", gp._launch_forward, xs, Vs, [9, 9, 0],
-                [1.0] * 3, [1.0] * 3, False, gplan, skip=others))
+                gpk, "_grouped_projection_kernel", gp._launch_forward, xs, Vs, dict(tables),
+                gp.GroupedSettings(anchors=(9, 9, 0), alphas=(1.0,) * 3, betas=(1.0,) * 3,
+                                   skip_nonpositive=False, validate="off",
+                                   names=("a", "b", "c"), taus=(10, 10, 1)),
+                gplan, skip=others))
             compile_all(f"grouped_backprojection/{precision}", *record(
                 gpk, "_grouped_backprojection_kernel", gp._launch_backward,
                 torch.empty((), **meta), torch.empty(300 * 1041, **meta),
