@@ -7,7 +7,7 @@ import torch
 
 from powerlaw_fast import batch_covariance
 from powerlaw_fast.ops.backends import implementation
-from tests.devices import BACKENDS, DEVICE, skip_unsupported
+from tests.devices import BACKENDS, DEVICE, raises_validation, skip_unsupported
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
@@ -94,15 +94,70 @@ def test_bad_input():
         batch_covariance(torch.ones(4, 5, dtype=torch.int32))
 
 
-def test_opcheck():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+def test_opcheck(dtype):
+    """The custom ops (forward and backward), with fake results in the accumulation dtype."""
     from powerlaw_fast.ops import covariance
 
-    x = torch.randn(20, 6, device=DEVICE, requires_grad=True)
+    x = torch.randn(20, 6, device=DEVICE).to(dtype).requires_grad_()
     op = covariance.BATCH_COVARIANCE
     for backend in BACKENDS:
+        if backend != "torch" and dtype == torch.float64:
+            continue
         settings = covariance.CovarianceSettings(backend=backend, group_name="")
         torch.library.opcheck(op.custom_op, ([x], *settings))
         sigma, mean, count = op.custom_op([x.detach()], *settings)
-        grad = torch.randn(6, 6, device=DEVICE)
+        grad = torch.randn(6, 6, device=DEVICE, dtype=sigma.dtype)
         torch.library.opcheck(op.backward_op, ([grad], [x.detach(), mean, count], [x.detach()],
                                                *settings))  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_gradient_in_the_inputs_dtype(dtype):
+    """16-bit and float64 activations get their gradient in their own dtype, computed from the
+    float32 (float64) covariance's gradient: within the rounding of the input and the result."""
+    x = (torch.randn(40, 9, device=DEVICE) + 2.0).to(dtype)
+    w = torch.randn(9, 9, dtype=torch.float64, device=DEVICE)
+    leaf = x.clone().requires_grad_()
+    (batch_covariance(leaf, backend="torch").double() * w).sum().backward()
+    ref = x.double().requires_grad_()
+    (reference_covariance(ref) * w).sum().backward()
+    assert leaf.grad.dtype == dtype
+    bound = 4 * torch.finfo(dtype).eps * float(ref.grad.abs().max())
+    assert float((leaf.grad.double() - ref.grad).abs().max()) <= bound
+
+
+def test_non_finite_activations_are_an_error_naming_the_count(deferral):
+    x = torch.randn(30, 13, device=DEVICE)
+    x[3, 4] = float("nan")  # row and column 4 of the covariance: 2 * 13 - 1 entries
+    with raises_validation(r"x: expected finite activations, got a covariance with 25 "
+                           r"non-finite entries"):  # fmt: skip
+        batch_covariance(x)  # the default backend and validation
+
+
+def test_a_deferred_error_names_the_call(monkeypatch):
+    from powerlaw_fast import raise_pending_errors
+    from powerlaw_fast.ops import status
+
+    x = torch.randn(30, 5, device=DEVICE)
+    x[0, 0] = float("inf")
+    with status.simulate_deferral(0):
+        batch_covariance(x)
+        with pytest.raises(status.DeferredValidationError,
+                           match=r"deferred check of call #\d+ \(batch_covariance\)"):
+            raise_pending_errors()
+
+
+def test_validate_off_returns_what_was_computed():
+    x = torch.randn(30, 5, device=DEVICE)
+    x[0, 0] = float("nan")
+    sigma = batch_covariance(x, validate="off")
+    assert int(torch.isnan(sigma).sum()) == 9  # row and column 0
+    assert torch.isfinite(batch_covariance(x[1:], validate=False)).all()
+
+
+def test_float64_on_the_triton_backend_is_refused():
+    if "triton" not in BACKENDS:
+        pytest.skip("no triton backend here")
+    with pytest.raises(TypeError, match="use backend='torch' for float64"):
+        batch_covariance(torch.randn(10, 3, dtype=torch.float64, device=DEVICE), backend="triton")

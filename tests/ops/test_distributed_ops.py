@@ -69,6 +69,9 @@ def _one_row_body(rank, world):
     lo, hi = (0, 1) if rank == 0 else (1, 7)  # a rank with a single row is fine
     got = spec_penalty(x[lo:hi], V, tau=3, backend="torch", process_group=dist.group.WORLD)
     torch.testing.assert_close(got, spec_penalty(x, V, tau=3, backend="torch"))
+    sigma = batch_covariance(x[lo:hi], backend="torch", process_group=dist.group.WORLD)
+    torch.testing.assert_close(sigma, batch_covariance(x, backend="torch"), rtol=1e-5,
+                               atol=1e-6)  # fmt: skip
 
 
 def test_a_rank_may_hold_one_row(tmp_path):
