@@ -66,6 +66,19 @@ def gpu_tests(session):
 # costs minutes per mutant. Tests that go through torch.compile or mp.spawn workers do not see
 # the mutants (the trampolines break compilation; spawned workers import the unmutated
 # package and are reported untested): leave them out or --deselect them here.
+# the regulariser's tests without those that compile (torch.compile) or spawn processes
+_REGULARISER_TESTS = [
+    "tests/training/test_regularizer.py", "tests/training/test_regulariser_guards.py",
+    "--deselect",
+    "tests/training/test_regularizer.py::test_torch_compile_of_the_model_fires_the_hooks",
+    "--deselect",
+    "tests/training/test_regularizer.py::test_whole_training_step_under_torch_compile_matches_eager",
+]
+_TRACKED_TESTS = [
+    "tests/training/test_tracked_basis.py", "--deselect",
+    "tests/training/test_tracked_basis.py::test_over_a_process_group_every_rank_tracks_the_single_"
+    "process_basis",
+]
 MUTANT_TESTS = {
     "ops/status.py": ["tests/ops/test_status.py"],
     "training/fits.py": ["tests/training/test_spectra.py", "tests/training/test_fits.py"],
@@ -84,6 +97,18 @@ MUTANT_TESTS = {
                          "tests/attacks/test_labels_and_noise_checks.py"],
     "attacks/noise.py": ["tests/attacks/test_noise.py", "tests/attacks/test_curve.py",
                          "tests/attacks/test_labels_and_noise_checks.py"],
+    "training/accumulator.py": ["tests/training/test_accumulator.py",
+                                "tests/training/test_spectra.py", "--deselect",
+                                "tests/training/test_spectra.py::test_all_reduce_over_two_processes"],
+    "training/capture.py": ["tests/training/test_capture.py",
+                            "tests/training/test_spectra.py", "--deselect",
+                            "tests/training/test_spectra.py::test_all_reduce_over_two_processes"],
+    "training/_basis_store.py": ["tests/training/test_basis_store.py", *_REGULARISER_TESTS],
+    "training/_hooks.py": ["tests/training/test_hooks.py", *_REGULARISER_TESTS],
+    "training/_refresh.py": ["tests/training/test_refresh.py", *_REGULARISER_TESTS],
+    "training/_running_basis.py": ["tests/training/test_running_basis.py", *_REGULARISER_TESTS],
+    "training/regulariser.py": _REGULARISER_TESTS + _TRACKED_TESTS,
+    "training/_tracked_basis.py": _TRACKED_TESTS + _REGULARISER_TESTS,
 }
 MUTANT_SAMPLE = 150  # mutants per module at most; above that a seeded random sample is run
 MUTANT_RESULTS = Path("benchmarks/results/cpu/mutants")

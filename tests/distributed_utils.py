@@ -58,3 +58,96 @@ def shard_bounds(total: int, world: int, rank: int) -> tuple[int, int]:
         cuts.append(cuts[-1] + max(1, total * w // sum(weights)))
     cuts.append(total)
     return cuts[rank], cuts[rank + 1]
+
+
+class ThreadGroup:
+    """A process group whose ranks are threads of this process: ``patch(monkeypatch)`` replaces
+    torch.distributed's ``all_reduce`` (an exact sum in rank order), ``broadcast`` (a copy from
+    the source rank), ``get_world_size``, ``get_rank`` and ``get_global_rank``, so that a test
+    of the collectives' arithmetic runs in-process (and sees the code under test, which
+    spawned workers would import afresh). ``members``: the global ranks of the group's ranks; every
+    ``group`` argument passed to a collective is recorded in ``groups``."""
+
+    def __init__(self, members):
+        import threading
+
+        self.members = list(members)
+        self.barrier = threading.Barrier(len(self.members))
+        self.slots = {}
+        self.ranks = {}
+        self.groups = []
+        self.collectives = []  # (name, source) of each collective, recorded by the group's rank 0
+
+    def patch(self, monkeypatch):
+        import torch.distributed as dist
+
+        monkeypatch.setattr(dist, "is_available", lambda: True)
+        monkeypatch.setattr(dist, "is_initialized", lambda: True)
+        for name in ("all_reduce", "broadcast", "get_world_size", "get_global_rank", "get_rank"):
+            monkeypatch.setattr(dist, name, getattr(self, name))
+        return self
+
+    def _me(self):
+        import threading
+
+        return self.ranks[threading.get_ident()]
+
+    def get_world_size(self, group=None):
+        self.groups.append(group)
+        return len(self.members)
+
+    def get_rank(self, group=None):
+        """The rank in ``group``; without one, the global rank."""
+        self.groups.append(group)
+        rank = self._me()
+        return rank if group is not None else self.members[rank]
+
+    def get_global_rank(self, group, group_rank):
+        self.groups.append(group)
+        return self.members[group_rank]
+
+    def all_reduce(self, tensor, group=None):
+        self.groups.append(group)
+        rank = self._me()
+        self.slots[rank] = tensor.clone()
+        self.barrier.wait()
+        total = self.slots[0].clone()
+        for r in range(1, len(self.members)):
+            total += self.slots[r]
+        self.barrier.wait()
+        tensor.copy_(total)
+        if rank == 0:
+            self.collectives.append(("all_reduce", None))
+
+    def broadcast(self, tensor, src, group=None):
+        self.groups.append(group)
+        rank = self._me()
+        self.slots[self.members[rank]] = tensor.clone()
+        self.barrier.wait()
+        tensor.copy_(self.slots[src])
+        self.barrier.wait()
+        if rank == 0:
+            self.collectives.append(("broadcast", src))
+
+    def run(self, body):
+        """``body(rank)`` on every rank at once (one thread each); the ranks' results."""
+        import threading
+
+        results, errors = [None] * len(self.members), []
+
+        def main(rank):
+            self.ranks[threading.get_ident()] = rank
+            try:
+                results[rank] = body(rank)
+            except BaseException as err:  # noqa: BLE001 - re-raised below
+                errors.append(err)
+                self.barrier.abort()
+
+        threads = [threading.Thread(target=main, args=(r,)) for r in range(len(self.members))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+        if errors:
+            raise errors[0]
+        return results

@@ -83,3 +83,27 @@ def test_unbounded_noise_is_not_clamped():
     x = torch.full((50, 4), 0.5, dtype=torch.float64)
     out = white_noise(x, 3.0, bounds=None, generator=1)
     assert out.min() < 0 and out.max() > 1
+
+
+@pytest.mark.parametrize(
+    "x,message",
+    [
+        ([[0.1]], r"^x: expected a torch\.Tensor, got list$"),
+        (torch.zeros(2, 3, dtype=torch.long), r"^x: expected a floating dtype .*got torch\.int64$"),
+    ],
+)
+def test_type_errors_name_the_argument_x(x, message):
+    with pytest.raises(TypeError, match=message):
+        white_noise(x, 0.1)
+
+
+def test_sigma_is_applied_in_the_inputs_dtype():
+    # 0.1 is not a float32 number: scaled by float32(0.1) the float64 noise would be off by
+    # |float32(0.1) - 0.1| |z| (about 1.5e-9 |z|), and a float32 sigma would turn half
+    # precision inputs into float32 outputs
+    x = torch.full((4, 6), 0.5, dtype=torch.float64)
+    z = torch.randn((4, 6), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert torch.equal(white_noise(x, [0.0, 0.1], bounds=None, generator=4)[1], x + 0.1 * z)
+    for dtype in (torch.float16, torch.bfloat16):
+        half = white_noise(x.to(dtype), [0.1, 0.3], generator=4)
+        assert half.dtype == dtype and half.shape == (2, 4, 6)

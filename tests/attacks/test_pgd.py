@@ -589,3 +589,76 @@ def test_random_start_off_ignores_the_generator_and_on_uses_it():
     assert torch.equal(a, b)
     torch.testing.assert_close(a[0], reference_pgd(model, x, y, 0.1, 2, 0.01), rtol=0,
                                atol=1e-12)
+
+
+def test_the_default_is_the_papers_40_steps():
+    model, x, y = labelled(n=4)
+    r = pgd(model, x, y, [0.1], final_iterate=True, details=True)
+    assert r.row_steps == 40 * 4  # 40 steps of the 4 rows at the one nonzero radius
+    assert bool((r.step[r.success] == 40).all())
+
+
+def test_the_largest_step_and_restart_counts_are_accepted():
+    # every sample is misclassified at x itself: fooled at eps = 0, so no radius is attacked
+    # and even 2**31 - 1 steps (or restarts) cost nothing
+    model, x, y = labelled(n=5, wrong_every=1)
+    for kw in (dict(steps=2**31 - 1), dict(restarts=2**31 - 1, random_start=True)):
+        r = pgd(model, x, y, [0.0, 0.1], details=True, **kw)
+        assert bool(r.success.all()) and r.row_steps == 0 and bool((r.step == 0).all())
+        assert torch.equal(r.adv[1], x)
+
+
+@pytest.mark.parametrize(
+    "kw,exc,match",
+    [
+        (dict(step_size=0.0), ValueError,
+         r"^step_size: expected a finite number > 0\.0, got 0\.0$"),
+        (dict(memory_budget=2**62 + 1), ValueError,
+         r"^memory_budget: expected an integer in 1\.\.4611686018427387904 \(bytes\), got "
+         r"4611686018427387905$"),
+        (dict(model=lambda t: t), TypeError,
+         r"^model: expected a torch\.nn\.Module, got function$"),
+    ],
+)
+def test_argument_errors_name_the_argument_and_what_was_given(kw, exc, match):
+    args = dict(model=make_mlp())
+    args.update(kw)
+    x, y = make_data(n=4)
+    with pytest.raises(exc, match=match):
+        pgd(args.pop("model"), x, y, 0.1, **args)
+
+
+def test_the_largest_memory_budget_is_accepted():
+    model, x, y = labelled(n=4)
+    a = pgd(model, x, y, [0.1], steps=2, memory_budget=2**62)
+    torch.testing.assert_close(a, pgd(model, x, y, [0.1], steps=2), rtol=0, atol=0)
+
+
+def _run_pgd(model, x, y, eps, **kw):
+    from powerlaw_fast.attacks.pgd import run_pgd
+
+    args = dict(steps=2, step_size=0.01, random_start=False, restarts=1, bounds=(0.0, 1.0),
+                generator=None, backend="torch", cuda_graph=False, max_batch=None,
+                memory_budget=None, need_adv=True, progress=False)
+    args.update(kw)
+    return run_pgd(model, x, y, eps, **args)
+
+
+def test_the_search_skips_examples_when_none_are_needed():
+    model, x, y = labelled(n=6)
+    result, _ = _run_pgd(model, x, y, [0.0, 0.1], need_adv=False)
+    assert result.adv is None
+    full, _ = _run_pgd(model, x, y, [0.0, 0.1])
+    assert full.adv.shape == (2, *x.shape) and torch.equal(result.success, full.success)
+
+
+def test_final_iterate_runners_are_kept_in_the_callers_dict():
+    # robustness_curve passes one dict for every batch: buffers (and on CUDA the captured
+    # graphs) are made once and reused
+    model, x, y = labelled(n=6)
+    runners = {}
+    first, _ = _run_pgd(model, x, y, [0.1, 0.2], final_iterate=True, runners=runners)
+    assert len(runners) == 1
+    (runner,) = runners.values()
+    again, _ = _run_pgd(model, x, y, [0.1, 0.2], final_iterate=True, runners=runners)
+    assert list(runners.values()) == [runner] and torch.equal(first.adv, again.adv)

@@ -805,3 +805,123 @@ def test_running_basis_on_the_grouped_triton_path(device, basis_update):
         reg.remove()
     torch.testing.assert_close(values["triton"][0], values["torch"][0], rtol=2e-4, atol=0)
     torch.testing.assert_close(values["triton"][1], values["torch"][1], rtol=2e-3, atol=1e-7)
+
+
+# --------------------------------------------------------------------------------------------
+# found by `nox -s mutants -- training/regulariser.py` (issue 28): each test below fails for a
+# one-line change of regulariser.py that the tests above let through
+
+
+def _tanh_mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 2))
+
+
+def test_the_defaults_are_alpha_1_tau_10_beta_1():
+    reg = SpectralRegularizer(_tanh_mlp(), ["1"], progress=False)
+    assert reg.settings("1") == {"alpha": 1.0, "tau": 10, "beta": 1.0}
+
+
+def test_a_compiled_model_is_unwrapped_without_compiling_it():
+    from powerlaw_fast.training.regulariser import _unwrap_compiled
+
+    model = _tanh_mlp()
+    wrapper = nn.Module()
+    wrapper._orig_mod = model  # what torch.compile's OptimizedModule holds
+    assert _unwrap_compiled(wrapper) is model and _unwrap_compiled(model) is model
+    reg = SpectralRegularizer(wrapper, ["1"], tau=2, progress=False)
+    assert reg.layer_names == ["1"]  # the original's names, not "_orig_mod.1"
+    x = torch.randn(40, 6)
+    reg.refresh(x)
+    lam_ref, _ = _reference_eigh(_activations(model, {"1": model[1]}, x)["1"])
+    torch.testing.assert_close(reg.eigenvalues("1"), lam_ref, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(basis_momentum=0.0), ValueError,
+         r"^basis_momentum: expected a finite number > 0\.0, got 0\.0$"),
+        (dict(tau=2**30 + 1), ValueError,
+         r"^tau: expected an integer in 0\.\.1073741824, got 1073741825$"),
+        (dict(layers=[]), ValueError,
+         r"^layers: expected at least one layer to regularise, got none$"),
+        (dict(layers=["zz"]), ValueError, r"^layers: no submodule 'zz' in the model"),
+    ],
+)
+def test_constructor_errors_name_the_argument(kwargs, exc, match):
+    kwargs = {"layers": ["1"], "progress": False, **kwargs}
+    with pytest.raises(exc, match=match):
+        SpectralRegularizer(_tanh_mlp(), kwargs.pop("layers"), **kwargs)
+
+
+def test_the_largest_tau_and_refresh_batch_are_accepted_and_larger_ones_refused():
+    reg = SpectralRegularizer(_tanh_mlp(), ["1"], tau=2**30, convention="authors",
+                              progress=False)
+    assert reg.settings("1")["tau"] == 2**30
+    reg = SpectralRegularizer(_tanh_mlp(), ["1"], tau=2, progress=False)
+    reg.refresh(torch.randn(8, 6), batch_size=2**30)
+    assert reg.refreshed
+    with pytest.raises(ValueError,
+                       match=r"^batch_size: expected an integer in 1\.\.1073741824, got "
+                             r"1073741825$"):
+        reg.refresh(torch.randn(8, 6), batch_size=2**30 + 1)
+
+
+def test_misuse_messages_say_what_to_do():
+    reg = SpectralRegularizer(_tanh_mlp(), ["1"], tau=2, progress=False)
+    with pytest.raises(RuntimeError, match=(
+        r"^SpectralRegularizer: no eigenbasis yet; call reg\.refresh\(train_loader\) \(at each "
+        r"epoch start\) or reg\.load_state_dict\(\.\.\.\) before reg\.penalty\(\)$")):
+        reg.basis("1")
+    with pytest.raises(ValueError,
+                       match=r"^layer: unknown layer 'zz'; regularised layers: \['1'\]$"):
+        reg.running_covariance("zz")
+    with pytest.raises(ValueError, match=r"^state: expected format 1 or 2, got 7$"):
+        reg.load_state_dict({"format": 7, "layers": {}})
+
+
+def test_tracked_mode_with_a_bfloat16_penalty_tracks_with_bfloat16_operands():
+    from powerlaw_fast.training._tracked_basis import track_eigenbasis
+
+    model = _tanh_mlp()
+    reg = SpectralRegularizer(model, ["1"], tau=2, progress=False, backend="torch",
+                              basis_update="tracked", basis_momentum=0.5,
+                              penalty_dtype=torch.bfloat16)
+    x = torch.randn(64, 6)
+    reg.refresh(x)
+    V0, lam0 = reg.basis("1").clone(), reg.eigenvalues("1").clone()
+    x2 = torch.randn(64, 6)
+    h = model[1](model[0](x2))
+    reg.penalty()
+    V, lam = track_eigenbasis(V0, lam0, h, momentum=0.5, step=0, operand_dtype=torch.bfloat16)
+    assert torch.equal(reg.basis("1"), V) and torch.equal(reg.eigenvalues("1"), lam)
+    V32, _ = track_eigenbasis(V0, lam0, h, momentum=0.5, step=0)
+    assert not torch.equal(V32, V)  # float32 operands would give another basis
+
+
+def test_over_a_process_group_the_refresh_is_of_all_ranks_rows_and_only_rank_0_draws(
+        monkeypatch, capsys):
+    from tests.distributed_utils import ThreadGroup
+
+    x = torch.randn(30, 6)
+    shards = [x[:13], x[13:]]
+    # the group's ranks are the global ranks 4 and 7: its rank 0 (global 4) draws the bar
+    group = ThreadGroup([4, 7]).patch(monkeypatch)
+    token = object()
+    models = [_tanh_mlp(), _tanh_mlp()]  # one replica per rank, equal weights
+    model = models[0]
+
+    def body(rank):
+        reg = SpectralRegularizer(models[rank], ["1"], tau=2, progress=True,
+                                  process_group=token)
+        reg.refresh(shards[rank], batch_size=8)
+        return reg.eigenvalues("1"), reg.basis("1")
+
+    results = group.run(body)
+    lam_ref, V_ref = _reference_eigh(_activations(model, {"1": model[1]}, x)["1"])
+    for lam, V in results:
+        _assert_same_eigensystem(lam, V, lam_ref, V_ref)
+    assert torch.equal(results[0][1], results[1][1])
+    assert group.groups and all(g is token for g in group.groups)
+    assert capsys.readouterr().err.count("spectral refresh:   0%") == 1

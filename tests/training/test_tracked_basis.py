@@ -462,3 +462,106 @@ def test_an_unknown_method_is_refused_before_any_work(monkeypatch):
                                          r"'eigh'\), got 'qr'"):  # fmt: skip
         track_eigenbasis(torch.eye(3), torch.ones(3, dtype=torch.float64), torch.randn(5, 3),
                          momentum=0.1, method="qr")  # fmt: skip
+
+
+# --- found by `nox -s mutants -- training/_tracked_basis.py` (issue 28): each test below fails
+# for a one-line change of _tracked_basis.py that the tests above let through
+
+
+def _tracking_problem(N=100, B=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    V0 = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))[0].float()
+    lam0 = torch.linspace(5.0, 0.1, N, dtype=torch.float64)
+    x = torch.randn(B, N, generator=g) * torch.linspace(3.0, 0.2, N)
+    return V0, lam0, x
+
+
+def test_on_a_cpu_the_default_method_is_the_exact_eigendecomposition_of_m():
+    V0, lam0, x = _tracking_problem()
+    C = 0.7 * V0.double() @ torch.diag(lam0) @ V0.double().T + 0.3 * torch.cov(x.double().T)
+    ref = torch.linalg.eigvalsh(C).flip(0)
+    V, lam = track_eigenbasis(V0, lam0, x, momentum=0.3)
+    # float32 moments: within 1e-5 of the largest eigenvalue (the sweeps are ~1e-2 off here)
+    assert float((lam - ref).abs().max()) <= 1e-5 * float(ref[0])
+    V_eigh, lam_eigh = track_eigenbasis(V0, lam0, x, momentum=0.3, method="eigh")
+    assert torch.equal(V, V_eigh) and torch.equal(lam, lam_eigh)
+
+
+def test_the_sweeps_return_unit_columns():
+    V0, lam0, x = _tracking_problem()
+    V, _ = track_eigenbasis(V0, lam0, x, momentum=0.3, method="sweeps")
+    # the rows of V are off unit length by ~2e-3 here; its columns are normalised
+    assert float((V.double().norm(dim=0) - 1.0).abs().max()) <= 1e-5
+
+
+def test_bfloat16_operands_round_the_centred_batch_and_the_basis():
+    V0, lam0, x = _tracking_problem(N=40, B=120, seed=1)
+    _, lam = track_eigenbasis(V0, lam0, x, momentum=0.3, method="eigh",
+                              operand_dtype=torch.bfloat16)
+    # the reference: M = 0.7 diag(lam0) + 0.3 Z^T Z / (B - 1), Z from bfloat16 operands
+    centred = (x - x.sum(0) / x.shape[0]).to(torch.bfloat16)
+    Z = centred @ V0.to(torch.bfloat16)
+    M = (Z.T @ Z).float() * (0.3 / (x.shape[0] - 1)) + torch.diag(0.7 * lam0.float())
+    ref = torch.linalg.eigvalsh(M).flip(0).double()
+    torch.testing.assert_close(lam, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_without_a_step_count_starts_at_step_0():
+    tracked = _tracked_basis.TrackedBasis(0.1)
+    tracked.load({})
+    assert tracked.steps == 0
+    tracked.load({"tracked_steps": 7})
+    assert tracked.steps == 7
+
+
+def test_the_basis_is_re_orthonormalised_every_4_steps(monkeypatch):
+    calls = []
+    original = _tracked_basis.newton_schulz_step
+    monkeypatch.setattr(_tracked_basis, "newton_schulz_step",
+                        lambda V: calls.append(V.shape) or original(V))
+    V0, lam0, x = _tracking_problem(N=70, B=100)
+    per_step = []
+    for step in range(8):
+        calls.clear()
+        track_eigenbasis(V0, lam0, x, momentum=0.3, step=step, method="sweeps")
+        per_step.append(len(calls))
+    # one step on the first sweep's rotation each step, one on V after steps 3 and 7
+    assert per_step == [1, 1, 1, 2, 1, 1, 1, 2]
+
+
+def test_over_a_thread_group_each_rank_tracks_the_whole_batch(monkeypatch):
+    from tests.distributed_utils import ThreadGroup
+
+    V0, lam0, x = _tracking_problem(N=70, B=100)
+    shards = [x[:37], x[37:]]
+    token = object()
+    for step, broadcasts in ((0, 0), (3, 2)):
+        group = ThreadGroup([0, 1]).patch(monkeypatch)
+        results = group.run(lambda rank, step=step: track_eigenbasis(
+            V0, lam0, shards[rank], momentum=0.3, step=step, group=token, method="sweeps"))
+        whole = track_eigenbasis(V0, lam0, x, momentum=0.3, step=step, method="sweeps")
+        for V, lam in results:
+            torch.testing.assert_close(V, whole[0], rtol=0, atol=1e-4)
+            torch.testing.assert_close(lam, whole[1], rtol=1e-5, atol=1e-6)
+        # the batch's sum and count, M; after a Newton-Schulz step rank 0's V and lam
+        assert group.collectives == ([("all_reduce", None)] * 2
+                                     + [("broadcast", 0)] * broadcasts)
+        assert all(g is token for g in group.groups)
+    # the first step (no basis yet): the covariance of the whole batch, over the group
+    group = ThreadGroup([0, 1]).patch(monkeypatch)
+    tracked = [_tracked_basis.TrackedBasis(0.3), _tracked_basis.TrackedBasis(0.3)]
+    results = group.run(lambda rank: tracked[rank].step({"a": shards[rank]}, {}, {}, token))
+    lam_ref = torch.linalg.eigvalsh(torch.cov(x.double().T)).flip(0)
+    for _, values in results:
+        torch.testing.assert_close(values["a"], lam_ref, rtol=1e-9, atol=1e-12)
+    assert all(g is token for g in group.groups)
+
+
+@pytest.mark.parametrize("N", [40, 64])
+def test_below_one_block_the_sweeps_are_the_exact_eigendecomposition_of_m(N):
+    V0, lam0, x = _tracking_problem(N=N, B=200, seed=2)
+    C = 0.7 * V0.double() @ torch.diag(lam0) @ V0.double().T + 0.3 * torch.cov(x.double().T)
+    ref = torch.linalg.eigvalsh(C).flip(0)
+    for step in range(2):  # both block offsets' steps: one block of N columns either way
+        _, lam = track_eigenbasis(V0, lam0, x, momentum=0.3, step=step, method="sweeps")
+        assert float((lam - ref).abs().max()) <= 1e-5 * float(ref[0])
