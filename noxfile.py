@@ -87,6 +87,7 @@ MUTANT_TESTS = {
     "ops/_autograd.py": ["tests/ops/test_fused_op.py", "tests/ops/test_covariance.py",
                          "tests/ops/test_spec_penalty_host.py", "--deselect",
                          "tests/ops/test_fused_op.py::test_under_torch_compile_too"],
+    "ops/block_eigh.py": ["tests/ops/test_block_eigh.py"],
     "ops/covariance.py": ["tests/ops/test_covariance.py", "tests/ops/test_fused_op.py",
                           "--deselect", "tests/ops/test_fused_op.py::test_under_torch_compile_too"],
     "training/fits.py": ["tests/training/test_spectra.py", "tests/training/test_fits.py"],

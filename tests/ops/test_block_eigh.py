@@ -81,6 +81,8 @@ def test_float64_blocks_keep_their_dtype():
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match=r"A: expected \[K, b, b\] with 1 <= b <= 64, got shape"):
         block_eigh(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"got shape \(1, 3, 4\)"):
+        block_eigh(torch.zeros(1, 3, 4))
     with pytest.raises(ValueError, match=r"got shape \(1, 65, 65\)"):
         block_eigh(torch.zeros(1, 65, 65))
     with pytest.raises(ValueError, match="backend: expected 'auto', 'torch' or 'triton'"):
