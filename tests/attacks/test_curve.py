@@ -3,7 +3,7 @@
 import matplotlib
 import pytest
 import torch
-from attack_helpers import make_data, make_mlp, reference_pgd
+from attack_helpers import Recording, make_data, make_mlp, reference_pgd
 from torch.utils.data import DataLoader, TensorDataset
 
 from powerlaw_fast.attacks import RobustnessCurve, fgsm, robustness_curve, white_noise
@@ -106,16 +106,6 @@ def test_bad_input(data, kw, exc, match):
 
 # --- found by `nox -s mutants -- attacks/curve.py` (issue 28): each test below fails for a
 # one-line change of curve.py that the tests above let through
-
-
-class Recording(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, x):
-        self.calls.append((x.shape[0], x.requires_grad))
-        return self.inner(x)
 
 
 def test_json_safe_values_and_repr():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from attack_helpers import make_data, make_mlp
+from attack_helpers import Recording, make_data, make_mlp
 
 from powerlaw_fast._backend import triton_available
 from powerlaw_fast.attacks import fgsm
@@ -150,16 +150,6 @@ def test_curve_with_custom_bounds_judges_the_one_line_points(final_iterate):
     assert not torch.equal(per_eps, torch.stack(
         [wrong(model, one_line_fgsm_in(model, x, y, e, (0.0, 1.0)).clamp(-1, 1), y)
          for e in eps]))
-
-
-class Recording(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner, self.calls = inner, []
-
-    def forward(self, x):
-        self.calls.append((x.shape[0], x.requires_grad))
-        return self.inner(x)
 
 
 def test_final_iterate_verdicts_steps_and_work():
