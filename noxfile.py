@@ -88,6 +88,8 @@ MUTANT_TESTS = {
                          "tests/ops/test_spec_penalty_host.py", "--deselect",
                          "tests/ops/test_fused_op.py::test_under_torch_compile_too"],
     "ops/block_eigh.py": ["tests/ops/test_block_eigh.py"],
+    "ops/centring.py": ["tests/ops/test_centring.py"],
+    "ops/attack_step.py": ["tests/attacks/test_attack_step.py"],
     "ops/covariance.py": ["tests/ops/test_covariance.py", "tests/ops/test_fused_op.py",
                           "--deselect", "tests/ops/test_fused_op.py::test_under_torch_compile_too"],
     "training/fits.py": ["tests/training/test_spectra.py", "tests/training/test_fits.py"],

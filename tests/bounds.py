@@ -277,3 +277,49 @@ def subnormal_spacing(dtype: torch.dtype) -> float:
     """The smallest subnormal of ``dtype`` (``tiny * eps``): below the normal range a value is
     rounded to a multiple of it, an absolute error of at most half of it."""
     return torch.finfo(dtype).tiny * torch.finfo(dtype).eps
+
+
+def mean_bound(x, *, u_acc: float) -> torch.Tensor:
+    """``|mu_hat - mu|`` per column of ``x [B, N]`` (float64): a B-term sum and one division,
+    ``gamma_{B+1} mean_b |x_b|``."""
+    x = x.reshape(x.shape[0], -1).double()
+    return gamma(x.shape[0] + 1, u_acc) * x.abs().mean(0)
+
+
+def covariance_bound(x, *, u_op: float, u_acc: float):
+    """``(Sigma, dSigma)`` for ``Sigma = (x - mu)^T (x - mu) / (B - 1)`` computed with the mean
+    and the centring in ``u_acc``, the centred values rounded to the GEMM operands (``u_op``,
+    and once more for a TF32 dot's own rounding), a B-term dot in ``u_acc``, then the scale.
+
+    The rounded mean shifts every row by the same ``e``: since the exact centred columns sum to
+    zero, ``sum_b (c_b + e)(c_b + e)^T = C + B e e^T`` (no first-order term). Each centred
+    element ``c'`` is within ``(u_acc + 2 u_op) a`` of ``c + e``, ``a = |c| + |e|``; the
+    products and the dot add ``gamma_B(u_acc) a^T a``. The oracle's own float64 rounding (the
+    same formula) is added, so float64 implementations can be compared too."""
+    x = x.reshape(x.shape[0], -1).double()
+    B = x.shape[0]
+    c = x - x.mean(0)
+    e = mean_bound(x, u_acc=u_acc)
+    a = c.abs() + e
+    d = (u_acc + 2 * u_op) * a
+    sigma = c.T @ c / (B - 1)
+    products = d.T @ c.abs() + c.abs().T @ d + d.T @ d + B * torch.outer(e, e)
+    dots = (gamma(B, u_acc) + gamma(2 * B + 4, U[torch.float64])) * (a.T @ a)
+    return sigma, (products + dots) / (B - 1) + 2 * u_acc * sigma.abs()
+
+
+def covariance_gradient_bound(x, w, *, u_acc: float, u_out: float):
+    """``(G, dG)`` for ``dL/dx = (x - mu) (W + W^T) / (B - 1)``, ``W = dL/dSigma`` as the
+    backward receives it (each entry and their sum rounded to ``u_acc``): each centred element
+    within ``e + u_acc a`` (the rounded mean's shift does not cancel here), an N-term product
+    in ``u_acc``, the result rounded to ``u_out``."""
+    x = x.reshape(x.shape[0], -1).double()
+    B, N = x.shape
+    c = x - x.mean(0)
+    s = (w + w.T).double()
+    e = mean_bound(x, u_acc=u_acc)
+    a = c.abs() + e
+    G = c @ s / (B - 1)
+    dc = e + u_acc * a
+    err = (dc @ s.abs() + gamma(N + 2, u_acc) * a @ s.abs() + a @ (2 * u_acc * s.abs())) / (B - 1)
+    return G, err + u_out * (G.abs() + err)

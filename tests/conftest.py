@@ -122,3 +122,24 @@ try:
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 except ImportError:  # hypothesis is a test extra; the property tests skip without it
     pass
+
+
+# --------------------------------------------------------------------------------------------
+# An op's two paths (powerlaw_fast/ops/_autograd.py): its eager autograd node, and its custom
+# ops with their registered autograd, which torch.compile runs
+# --------------------------------------------------------------------------------------------
+def as_if_compiling(monkeypatch):
+    """Make ``torch.compiler.is_compiling()`` true in eager mode: a call then goes through the
+    custom ops and their registered autograd exactly as a compiled graph does, minus the
+    tracing (so mutation tests, whose trampolines torch.compile cannot trace, see that path)."""
+    import torch._dynamo  # noqa: F401  (first imported under the patch, it would keep it)
+
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+
+
+@pytest.fixture(params=["eager", "custom ops"])
+def op_path(request, monkeypatch):
+    """Run the test on each of an op's two paths."""
+    if request.param == "custom ops":
+        as_if_compiling(monkeypatch)
+    return request.param

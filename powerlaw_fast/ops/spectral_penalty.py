@@ -462,12 +462,36 @@ def _penalty_and_spectrum(x, V, settings: Settings):
     return value, lam.detach()
 
 
-def penalty_and_spectrum(x, V, **kwargs):
+def penalty_and_spectrum(
+    x: torch.Tensor,
+    V: torch.Tensor,
+    *,
+    alpha: float = 1.0,
+    tau: int = 10,
+    beta: float = 1.0,
+    convention: str = "paper",
+    backend: str = "auto",
+    validate: bool | str = "deferred",
+    compute_dtype: torch.dtype | None = None,
+    process_group=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`spec_penalty` that also returns the batch's spectrum ``lam [N]`` (detached, V's
-    column order) from the same call: ``(R, lam)``. Same arguments as :func:`spec_penalty`."""
-    kwargs.setdefault("process_group", None)
-    kwargs.setdefault("compute_dtype", None)
-    x, V, settings = _settings(x, V, source="x", **kwargs)
+    column order, float32; float64 for float64 x) from the same call: ``(R, lam)``. Same
+    arguments and defaults as :func:`spec_penalty`.
+
+    Example::
+
+        >>> x = torch.randn(200, 30, requires_grad=True)
+        >>> V = torch.linalg.eigh(torch.cov(x.detach().T))[1].flip(1)
+        >>> R, lam = penalty_and_spectrum(x, V, tau=10)
+        >>> lam.shape, lam.requires_grad
+        (torch.Size([30]), False)
+    """
+    x, V, settings = _settings(
+        x, V, alpha=alpha, tau=tau, beta=beta, convention=convention, backend=backend,
+        validate=validate, process_group=process_group, compute_dtype=compute_dtype,
+        source="x",
+    )  # fmt: skip
     return _penalty_and_spectrum(x, V, settings)
 
 

@@ -152,33 +152,145 @@ def test_float64_rejected_by_triton():
         pgd_update(xa, xn, g, e, 0.1, backend="triton")
 
 
+META = "meta"  # a second device on any machine: the device checks are reached without a GPU
+
+
 @pytest.mark.parametrize(
     "change,exc,match",
     [
-        (dict(x_adv=torch.zeros(4, 3, 2)), ValueError, "x_adv"),
-        (dict(x_nat=torch.zeros(3, 5)), ValueError, "x_nat"),
-        (dict(grad=torch.zeros(4, 4)), ValueError, "grad"),
-        (dict(grad=torch.zeros(4, 5, dtype=torch.float64)), TypeError, "grad"),
-        (dict(eps_per_row=torch.zeros(4, 1)), ValueError, "eps_per_row"),
-        (dict(eps_per_row=torch.zeros(3)), ValueError, "x_adv"),
-        (dict(eps_per_row="0.1"), TypeError, "eps_per_row"),
-        (dict(eps_per_row=-0.1), ValueError, "eps_per_row"),
-        (dict(step_size=-1.0), ValueError, "step_size"),
-        (dict(step_size=math.nan), ValueError, "step_size"),
-        (dict(bounds=(1.0, 0.0)), ValueError, "bounds"),
-        (dict(bounds=(0.0,)), ValueError, "bounds"),
-        (dict(out=torch.zeros(4, 4)), ValueError, "out"),
-        (dict(x_adv=torch.zeros(4, 5, dtype=torch.int64)), TypeError, "x_adv"),
-        (dict(backend="numpy"), ValueError, "backend"),
+        (dict(x_adv=torch.zeros(4, 3, 2)), ValueError, "x_adv: expected a 2-D"),
+        (dict(x_nat=torch.zeros(3, 5)), ValueError, "x_nat: expected shape"),
+        (dict(x_nat=torch.zeros(0, 5)), ValueError, "x_nat: expected shape"),
+        (dict(grad=torch.zeros(4, 4)), ValueError, "grad: expected shape"),
+        (dict(grad=torch.zeros(4, 5, dtype=torch.float64)), TypeError, "grad: expected dtype"),
+        (dict(x_nat=torch.zeros(2, 5, dtype=torch.float16)), TypeError, "x_nat: expected dtype"),
+        (dict(x_adv=[[0.0] * 5] * 4), TypeError, "x_adv: expected a torch.Tensor"),
+        (dict(x_nat=[[0.0] * 5] * 2), TypeError, "x_nat: expected a torch.Tensor"),
+        (dict(grad=[[0.0] * 5] * 4), TypeError, "grad: expected a torch.Tensor"),
+        (dict(out=[[0.0] * 5] * 4), TypeError, "out: expected a torch.Tensor"),
+        (dict(x_nat=torch.zeros(2, 5, device=META)), ValueError, "x_nat: expected device cpu"),
+        (dict(grad=torch.zeros(4, 5, device=META)), ValueError, "grad: expected device cpu"),
+        (dict(eps_per_row=torch.zeros(4, device=META)), ValueError,
+         "eps_per_row: expected device cpu"),
+        (dict(out=torch.zeros(4, 5, device=META)), ValueError, "out: expected shape"),
+        (dict(eps_per_row=torch.zeros(4, 1)), ValueError, "eps_per_row: expected a 1-D"),
+        (dict(eps_per_row=torch.zeros(0)), ValueError, "eps_per_row: expected at least one row"),
+        (dict(eps_per_row=torch.zeros(4, dtype=torch.int64)), TypeError,
+         "eps_per_row: expected a floating dtype"),
+        (dict(eps_per_row=torch.zeros(3)), ValueError, "x_adv: expected shape"),
+        (dict(eps_per_row="0.1"), TypeError,
+         "eps_per_row: expected a float or a 1-D tensor, got str$"),
+        (dict(eps_per_row=True), TypeError,
+         "eps_per_row: expected a float or a 1-D tensor, got bool$"),
+        (dict(eps_per_row=-0.1), ValueError, "eps_per_row: expected a finite number"),
+        (dict(step_size=-1.0), ValueError, "step_size: expected a finite number"),
+        (dict(step_size=math.nan), ValueError, "step_size: expected a finite number"),
+        (dict(bounds=(1.0, 0.0)), ValueError, "bounds: expected lo < hi"),
+        (dict(bounds=(0.5, 0.5)), ValueError, "bounds: expected lo < hi"),
+        (dict(bounds=(0.0,)), ValueError, "bounds: expected a pair"),
+        (dict(out=torch.zeros(4, 4)), ValueError, "out: expected shape"),
+        (dict(x_adv=torch.zeros(4, 5, dtype=torch.int64)), TypeError,
+         "x_adv: expected a floating dtype"),
+        (dict(backend="numpy"), ValueError, "backend: expected one of"),
     ],
 )
-def test_bad_input(change, exc, match):
+def test_bad_input_is_refused_with_a_message_that_starts_with_the_argument(change, exc, match):
     args = dict(x_adv=torch.zeros(4, 5), x_nat=torch.zeros(2, 5), grad=torch.zeros(4, 5),
                 eps_per_row=torch.zeros(4), step_size=0.1, bounds=(0.0, 1.0))
     kw = {k: change.pop(k) for k in ("backend", "out") if k in change}
     args.update(change)
-    with pytest.raises(exc, match=match):
+    with pytest.raises(exc, match="^" + match):
         pgd_update(**args, **kw)
+
+
+def test_zero_step_size_is_the_projection_alone():
+    """step_size >= 0 (inclusive): a zero step projects the iterate on the ball and the box."""
+    _, xn, g, e = make_inputs(6, 3, 11, torch.float64, device="cpu")
+    noise = torch.randn((6, 11), generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    xa = xn.repeat(2, 1) + 0.5 * noise  # outside the ball and the box in places
+    out = pgd_update(xa, xn, g, e, 0.0, (0.0, 1.0), backend="torch")
+    assert torch.equal(out, literal(xa, xn, g, e, 0.0, 0.0, 1.0))
+    assert not torch.equal(out, xa)  # the projection did move some elements
+
+
+def test_zero_float_eps_pins_every_row_to_its_natural_input():
+    """eps_per_row >= 0 (inclusive) as a float too: eps = 0 is the natural input in the box."""
+    xa, xn, g, _ = make_inputs(6, 6, 9, torch.float64, device="cpu")
+    out = pgd_update(xa, xn, g, 0.0, 0.05, (0.0, 1.0), backend="torch")
+    assert torch.equal(out, literal(xa, xn, g, torch.zeros(6), 0.05, 0.0, 1.0))
+    assert torch.equal(out, xn)  # x_nat lies in the box already
+
+
+def test_the_default_backend_runs_on_any_machine():
+    """backend defaults to "auto": a call without it runs (the torch row on a CPU)."""
+    xa, xn, g, e = make_inputs(6, 3, 10, device="cpu")
+    out = pgd_update(xa, xn, g, e, 0.05)
+    assert torch.equal(out, pgd_update_reference(xa, xn, g, e, 0.05, 0.0, 1.0))
+
+
+def test_reference_computes_float32_input_in_float32_whatever_the_radii_dtype():
+    """float64 radii on float32 inputs: the ball's edges are float32 differences of the rounded
+    radii (float32 arithmetic throughout, as every backend computes), not float64 ones."""
+    xa, xn, g, e = make_inputs(8, 4, 64, device="cpu")
+    e64 = torch.linspace(0.0, 0.3, 8, dtype=torch.float64) + 0.1  # not float32 numbers
+    out = pgd_update_reference(xa, xn, g, e64, 0.05, 0.0, 1.0)
+    # the literal formula in float32, every operation rounded to float32
+    R = 8
+    x = xa + 0.05 * torch.sign(g)
+    xn_r = xn.repeat(R // 4, 1)
+    e32 = e64.float()[:, None]
+    expected = torch.min(torch.max(x, xn_r - e32), xn_r + e32).clamp(0.0, 1.0)
+    assert out.dtype == torch.float32 and torch.equal(out, expected)
+    in_float64 = literal(xa, xn, g, e64, 0.05, 0.0, 1.0).float()
+    assert not torch.equal(out, in_float64)  # the test can tell the two apart
+
+
+def test_reference_cycles_rows_when_the_width_equals_the_row_count():
+    """Row cycling looks at the number of rows only: D == R with S < R rows still cycles."""
+    R, S = 6, 2
+    xa, xn, g, e = make_inputs(R, S, R, torch.float64, device="cpu")
+    for x_adv, grad in ((xa[:S], g), (xa, g[:S])):
+        out = pgd_update_reference(x_adv, xn, grad, e, 0.05, 0.0, 1.0)
+        assert torch.equal(out, literal(x_adv, xn, grad, e, 0.05, 0.0, 1.0))
+
+
+@pytest.mark.parametrize("eps", [0.1, "rows"])
+def test_outputs_and_eps_rows_live_on_the_inputs_device(eps):
+    """On the meta device (no data): every tensor the update allocates (the output, the radii
+    of a float eps) is made on the inputs' device, so the update runs there."""
+    xa, xn, g, e = (t.to(META) for t in make_inputs(6, 3, 7, device="cpu"))
+    out = pgd_update(xa, xn, g, e if eps == "rows" else eps, 0.05, backend="torch")
+    assert out.device.type == META and out.shape == (6, 7) and out.dtype == xa.dtype
+
+
+@needs_triton
+def test_triton_row_wider_than_one_interpreter_tile():
+    """D above the interpreter's widest tile (4096 columns): a row spans two column blocks."""
+    xa, xn, g, e = make_inputs(2, 1, 5000)
+    out = torch.full((2, 5000), math.nan, device=DEVICE)
+    pgd_update(xa, xn, g, e, 0.07, (0.0, 1.0), backend="triton", out=out)
+    assert torch.equal(out, pgd_update(xa, xn, g, e, 0.07, (0.0, 1.0), backend="torch"))
+
+
+def _is_power_of_2(n):
+    return isinstance(n, int) and n >= 1 and n & (n - 1) == 0
+
+
+@pytest.mark.parametrize("interpreted", [False, True])
+def test_tile_plans_are_valid_triton_launches(monkeypatch, interpreted):
+    """The launch plan of both paths, also the compiled one on a machine without a GPU: tl.arange
+    needs power-of-two blocks and a compiled kernel a power-of-two warp count; the column block
+    covers a row up to its cap (512 compiled, 4096 interpreted) and never exceeds it."""
+    from powerlaw_fast.ops import attack_step
+
+    monkeypatch.setattr(attack_step, "triton_interpreter_active", lambda: interpreted)
+    cap = 4096 if interpreted else 512
+    for D in (1, 2, 3, 100, 511, 512, 513, 784, 4096, 4097, 10**6):
+        block_r, block_d, num_warps = attack_step._tile_sizes(D)
+        assert _is_power_of_2(block_r) and _is_power_of_2(block_d), (D, block_r, block_d)
+        assert min(D, cap) <= block_d <= cap, (D, block_d)
+        if not interpreted:  # the interpreter ignores num_warps
+            assert _is_power_of_2(num_warps), (D, num_warps)
 
 
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():

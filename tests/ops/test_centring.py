@@ -4,6 +4,9 @@ every supported dtype, with every launcher output NaN-poisoned before the launch
 
 from __future__ import annotations
 
+import math
+import types
+
 import pytest
 import torch
 
@@ -74,3 +77,92 @@ def test_column_moments(poisoned, B, N):
         bound = 2 * B * 2.0**-24
         assert torch.allclose(s1, z64.sum(0), rtol=0, atol=bound * float(z64.abs().sum(0).max()))
         assert torch.allclose(s2, (z64 * z64).sum(0), rtol=bound, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_column_moments_are_summed_in_the_accumulation_dtype(poisoned, dtype):
+    """float32 sums for 16/32-bit z (float64 for float64 z, torch twin): never in z's own
+    16-bit dtype, whose 8 or 11 bits would lose most of a 300-term sum."""
+    B, N = 300, 7
+    z = _batch(B, N, dtype, mean=0.5)
+    z64 = z.double().cpu()  # the same rounded inputs
+    for fn in _fns("column_moments"):
+        if dtype == torch.float64 and fn is not centring.column_moments_torch:
+            continue  # float64 runs on the torch backend
+        moments = fn(z)
+        acc = torch.float64 if dtype == torch.float64 else torch.float32
+        assert moments.dtype == acc, fn
+        s1, s2 = moments.double().sum(1).cpu()
+        u = 2.0**-53 if dtype == torch.float64 else 2.0**-24
+        bound = 2 * B * u  # gamma_B, twice for the second-order terms
+        assert torch.allclose(s1, z64.sum(0), rtol=0, atol=bound * float(z64.abs().sum(0).max()))
+        assert torch.allclose(s2, (z64 * z64).sum(0), rtol=bound, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_centre_columns_subtracts_in_float32_whatever_the_mean_dtype(poisoned, dtype):
+    """A 16-bit mean is subtracted in float32 too: the float32 difference of two 16-bit numbers
+    rounded once to the float32 result, not first to the 16-bit dtype."""
+    x = _batch(37, 5, dtype)
+    mean = x.float().mean(0).to(dtype)
+    exact = (x.double() - mean.double()).float()  # exact in float64, rounded once
+    assert not torch.equal(exact, exact.to(dtype).float())  # a 16-bit difference would differ
+    for fn in _fns("centre_columns"):
+        got = fn(x, mean, torch.float32)
+        assert got.dtype == torch.float32 and torch.equal(got.cpu(), exact.cpu()), fn
+
+
+def test_centre_columns_torch_keeps_float64_in_float64():
+    x = _batch(37, 5, torch.float64, mean=3.0).cpu()
+    mean = x.mean(0)
+    got = centring.centre_columns_torch(x, mean, torch.float64)
+    assert got.dtype == torch.float64 and torch.equal(got, x - mean)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The launchers' kernels replaced by a recorder: each launch is written down as (kernel,
+    grid, positional arguments, keyword arguments) instead of run."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, grid, args, kwargs))
+
+    names = ("_column_mean_kernel", "_centre_columns_kernel", "_column_moments_kernel")
+    kernels = types.SimpleNamespace(**{name: Recorder(name) for name in names})
+    monkeypatch.setattr(centring, "_kernels", lambda: kernels)
+    return calls
+
+
+@pytest.mark.parametrize("N", [1, 300, 4096, 8447, 8448, 16384, 32768, 33023, 33024, 100_000])
+def test_column_mean_launch_takes_about_256_column_blocks(launches, N):
+    """The column block of column_mean's kernel: the power of two at or above N // 256 columns
+    (about 256 programs on a wide layer), within 16..128 (a power of two, as tl.arange needs),
+    and the grid covers every column. The launch is recorded, not run."""
+    centring.column_mean_triton(torch.zeros(1, N).expand(3, N))  # stride 0: no memory behind it
+    ((_, grid, _, kwargs),) = launches
+    block = kwargs["BLOCK_N"]
+    per_256 = 2 ** math.ceil(math.log2(max(1, N // 256)))
+    assert block == min(128, max(16, per_256)), (N, block)
+    assert grid == (-(-N // block),)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_launchers_allocate_their_outputs_on_the_input_device(launches, dtype):
+    """On the meta device (launches recorded, no data): each launcher's output is made on its
+    input's device, with the documented shape and dtype, and is the buffer the kernel writes."""
+    B, N = 1000, 70
+    x = torch.empty(B, N, dtype=dtype, device="meta")
+    mean = torch.empty(N, device="meta")
+    outputs = [centring.column_mean_triton(x), centring.centre_columns_triton(x, mean, dtype),
+               centring.column_moments_triton(x)]
+    expected = [((N,), torch.float32), ((B, N), dtype), ((2, 2, N), torch.float32)]
+    checks = zip(outputs, expected, launches, strict=True)  # one launch per launcher
+    for out, (shape, out_dtype), (name, _, args, _) in checks:
+        assert out.device.type == "meta", name
+        assert out.shape == shape and out.dtype == out_dtype, name
+        assert any(a is out for a in args), name

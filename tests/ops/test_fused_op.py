@@ -1,7 +1,7 @@
 """FusedOp, the one way an op family becomes an op: an eager autograd node and torch.library
 custom ops (forward and backward) from one forward and one backward.
 
-The compiled path is reached two ways: through torch.compile, and by making
+The compiled path is reached two ways: through torch.compile, and by making (tests/conftest.py)
 ``torch.compiler.is_compiling()`` true in eager mode, which sends a call through the custom
 ops and their registered autograd exactly as a compiled graph does, minus the tracing (so the
 mutation tests, whose trampolines torch.compile cannot trace, see that path too)."""
@@ -20,6 +20,7 @@ from powerlaw_fast import batch_covariance, powerlaw_penalty
 from powerlaw_fast.ops import covariance, grouped_penalty, spectral_penalty
 from powerlaw_fast.ops import powerlaw_penalty as pp_module
 from powerlaw_fast.ops._autograd import FusedOp, refuse_second_order
+from tests.conftest import as_if_compiling
 from tests.devices import DEVICE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -78,28 +79,15 @@ def _expected_grad(w):
     return torch.arange(1.0, 13.0).view(4, 3) * w * 3.0
 
 
-def _as_if_compiling(monkeypatch):
-    import torch._dynamo  # noqa: F401  (first imported under the patch, it would keep it)
-
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-
-
-@pytest.fixture(params=["eager", "custom ops"])
-def path(request, monkeypatch):
-    if request.param == "custom ops":
-        _as_if_compiling(monkeypatch)
-    return request.param
-
-
 @pytest.mark.parametrize("settings_dependent", [False, True])
-def test_a_fused_op_gives_the_same_gradient_on_both_paths(path, settings_dependent):
+def test_a_fused_op_gives_the_same_gradient_on_both_paths(op_path, settings_dependent):
     op = _scaled_op(settings_dependent=settings_dependent)
     x, w = torch.randn(4, 3, requires_grad=True), torch.randn(3)
     _loss(op, x, w).backward()
     torch.testing.assert_close(x.grad, _expected_grad(w), rtol=0, atol=1e-5)
 
 
-def test_a_backward_with_a_gradient_too_many_is_an_error(path):
+def test_a_backward_with_a_gradient_too_many_is_an_error(op_path):
     op = _scaled_op(extra_gradients=1)
     x, w = torch.randn(4, 3, requires_grad=True), torch.randn(3)
     with pytest.raises(ValueError, match="zip"):
@@ -175,7 +163,7 @@ def test_every_family_has_the_eager_gradient_through_its_custom_ops(monkeypatch,
                 + (sigma * sigma).sum())  # fmt: skip
 
     eager = _grads(loss, x)
-    _as_if_compiling(monkeypatch)
+    as_if_compiling(monkeypatch)
     through_ops = _grads(loss, x)
     torch.testing.assert_close(through_ops, eager, rtol=1e-6, atol=1e-7)
 
@@ -193,7 +181,7 @@ def test_the_grouped_op_through_its_custom_ops(monkeypatch):
         return total
 
     eager = _grads(loss, *xs)
-    _as_if_compiling(monkeypatch)
+    as_if_compiling(monkeypatch)
     torch.testing.assert_close(_grads(loss, *xs), eager, rtol=1e-6, atol=1e-8)
 
 

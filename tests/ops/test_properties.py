@@ -26,9 +26,10 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import example, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty  # noqa: E402
-from tests import bounds, oracle  # noqa: E402
+from powerlaw_fast import spec_penalty  # noqa: E402
+from tests import oracle  # noqa: E402
 from tests.devices import BACKENDS, DEVICE  # noqa: E402
+from tests.ops import oracle_checks  # noqa: E402
 
 TRITON = "triton" in BACKENDS
 ON_GPU = DEVICE.type == "cuda"
@@ -124,11 +125,6 @@ def cases(draw, *, max_B, max_N, dtypes, rank_deficient=False):
     return Case(x, Q, tau, alpha, beta, convention, dtype, layout)
 
 
-def _roundoffs(dtype, backend):
-    return dict(u_op=bounds.operand_roundoff(dtype, DEVICE, backend),
-                u_acc=bounds.accumulation_roundoff(dtype))  # fmt: skip
-
-
 def _kw(case: Case):
     return dict(alpha=case.alpha, tau=case.tau, beta=case.beta, convention=case.convention)
 
@@ -136,52 +132,23 @@ def _kw(case: Case):
 def _check_penalty(case: Case, backend: str):
     x, V = case.inputs()
     kw = _kw(case)
-    expected = bounds.expected_penalty(x, V, **_roundoffs(case.dtype, backend),
-                                       u_out=bounds.U[case.dtype], **kw)  # fmt: skip
-    if expected is None:  # rank-deficient once rounded to the dtype (bfloat16 around a mean)
+    if oracle_checks.expected_penalty(x, V, backend=backend, **kw) is None:
+        # rank-deficient once rounded to the dtype (bfloat16 around a mean)
         try:
             spec_penalty(x, V, backend=backend, validate="immediate", **kw)
         except ValueError as err:
             assert "rank-deficient" in str(err)
         return
-    R, dR, G, dG = expected
-    # a gradient beyond a half type's range: test_half_gradient_beyond_its_range_is_not_silent
-    hypothesis.assume(float((G.abs() + dG).max()) < torch.finfo(case.dtype).max / 4)
-    leaf = x.detach().requires_grad_(True)
-    value = spec_penalty(leaf, V, backend=backend, validate="immediate", **kw)
-    (grad,) = torch.autograd.grad(value, leaf)
-    assert value.dtype == (torch.float64 if case.dtype == torch.float64 else torch.float32)
-    assert grad.dtype == x.dtype and grad.shape == x.shape
-    bounds.assert_within(value.detach(), R, dR, "spec_penalty value",
-                         floor=bounds.subnormal_spacing(value.dtype))  # fmt: skip
-    # a gradient in a half type rounds to its subnormal spacing below its normal range
-    bounds.assert_within(grad, G, dG, "spec_penalty gradient",
-                         floor=bounds.subnormal_spacing(case.dtype))  # fmt: skip
+    oracle_checks.check_penalty(x, V, backend=backend, assume=_assume, **kw)
 
 
 def _check_spectrum(case: Case, backend: str):
     x, V = case.inputs()
-    x64, V64 = x.double().cpu(), V.double().cpu()
-    u = _roundoffs(case.dtype, backend)
-    spec = bounds.spectrum_bound(x64, V64, **u)
-    leaf = x.detach().requires_grad_(True)
-    lam = projected_spectrum(leaf, V, backend=backend, validate="off")
-    u_lam = bounds.U[lam.dtype]
-    ref = oracle.spectrum(x64, V64)
-    bounds.assert_within(lam.detach(), ref, spec.dlam + u_lam * ref.abs(), "projected_spectrum")
-    # the gradient of a linear functional w . lam is 2 / (B - 1) (Z * w) V^T
-    w = torch.linspace(-1.0, 2.0, lam.shape[0], dtype=torch.float64)
-    (grad,) = torch.autograd.grad(lam, leaf, w.to(lam.dtype).to(DEVICE))
-    (grad_ref,) = torch.autograd.grad(
-        oracle.spectrum(x64.requires_grad_(True), V64), x64, w
-    )
-    w_lo = w - bounds.U[lam.dtype] * w.abs()  # w as the backward receives it, rounded
-    w_hi = w + bounds.U[lam.dtype] * w.abs()
-    G, dG = bounds.backprojection(spec, w_lo, w_hi, V64, u_acc=u["u_acc"],
-                                  u_out=bounds.U[case.dtype])  # fmt: skip
-    bounds.assert_within(grad_ref, G, dG, "the oracle's spectrum gradient in its bound")
-    bounds.assert_within(grad, G, dG, "projected_spectrum gradient",
-                         floor=bounds.subnormal_spacing(case.dtype))  # fmt: skip
+    oracle_checks.check_spectrum(x, V, backend=backend)
+
+
+def _assume(condition, why):
+    hypothesis.assume(condition)
 
 
 TORCH_DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
@@ -277,26 +244,7 @@ def spectra(draw, *, dtypes, max_N=40):
 
 
 def _check_powerlaw(lam, kw, backend):
-    lam64 = lam.double()
-    u_acc = bounds.accumulation_roundoff(lam.dtype)
-    zero = torch.zeros_like(lam64)  # the implementation sees exactly these values
-    R, g_ref = oracle.spectrum_penalty_and_grad(lam64, **kw)
-    leaf = lam.to(DEVICE).requires_grad_(True)
-    value = powerlaw_penalty(leaf, backend=backend, validate="immediate", **kw)
-    (grad,) = torch.autograd.grad(value, leaf)
-    dR = bounds.penalty_bound(lam64, zero, u_acc=u_acc, **kw)
-    bounds.assert_within(value.detach(), R, dR + bounds.U[value.dtype] * abs(float(R)),
-                         "powerlaw_penalty value",
-                         floor=bounds.subnormal_spacing(value.dtype))  # fmt: skip
-    lo, hi = bounds.slope_interval(lam64, zero, u_acc=u_acc, **kw)
-    mid, rad = (lo + hi) / 2, (hi - lo) / 2
-    rad = rad + bounds.U[lam.dtype] * (mid.abs() + rad)  # the gradient in lam's dtype
-    # a slope beyond a half type's range is returned as inf (torch's rule for a gradient in
-    # the input's dtype): not drawn here
-    hypothesis.assume(float((mid.abs() + rad).max()) < torch.finfo(lam.dtype).max / 2)
-    bounds.assert_within(g_ref, mid, rad, "the oracle's slope in its interval")
-    bounds.assert_within(grad, mid, rad, "powerlaw_penalty gradient",
-                         floor=bounds.subnormal_spacing(lam.dtype))  # fmt: skip
+    oracle_checks.check_powerlaw(lam, backend=backend, assume=_assume, **kw)
 
 
 # named regression cases: the authors' convention must skip non-positive values below the

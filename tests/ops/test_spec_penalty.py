@@ -1,25 +1,30 @@
-"""spec_penalty / projected_spectrum / powerlaw_penalty against float64 literal formulas."""
+"""spec_penalty / projected_spectrum / powerlaw_penalty against the float64 oracle (tests/oracle.py)
+within the bounds of their rounding (tests/bounds.py), and their host behaviour."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import torch
 
 from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty
-from powerlaw_fast.baselines import literal_penalty, literal_spectrum
 from powerlaw_fast.ops import powerlaw_penalty as powerlaw_penalty_module
 from powerlaw_fast.ops import spectral_penalty as sp_module
 from powerlaw_fast.ops._settings import Settings
+from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
+from tests import bounds
 from tests.devices import (
     BACKENDS,
     DEVICE,
-    TOL,
     raises_validation,
-    rel_err,
     skip_unsupported,
     value_and_grad,
+)
+from tests.ops.oracle_checks import (
+    check_penalty,
+    check_powerlaw,
+    check_spectrum,
+    expected_penalty,
+    expected_weighted_gradient,
 )
 
 
@@ -41,13 +46,8 @@ def make_batch(
 )
 def test_float32_matches_float64_literal(backend, B, N, tau):
     x, V = make_batch(B, N)
-    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), tau=tau, beta=2.0)
-    val, grad = value_and_grad(spec_penalty, x, V, tau=tau, beta=2.0, backend=backend)
-    assert spec_penalty(x, V, tau=tau, backend=backend).dtype == torch.float32
-    assert math.isclose(float(val), float(ref_v), rel_tol=2e-4, abs_tol=1e-7)
-    if ref_g.norm() > 0:
-        assert rel_err(grad, ref_g) < 2e-4
-    else:
+    _, grad = check_penalty(x, V, backend=backend, tau=tau, beta=2.0)
+    if tau == N:  # the anchor's own term only: identically 0 in value and slope
         assert float(grad.abs().max()) == 0.0
 
 
@@ -56,90 +56,54 @@ def test_float32_matches_float64_literal(backend, B, N, tau):
 def test_every_dtype(backend, dtype):
     skip_unsupported(backend, dtype)
     x, V = make_batch(150, 70, dtype=dtype, seed=1)
-    # the reference sees the same rounded inputs: input rounding is not the kernel's error
-    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), tau=10)
-    val, grad = value_and_grad(spec_penalty, x, V, tau=10, backend=backend)
-    vtol, gtol = TOL[dtype]
-    assert math.isclose(float(val), float(ref_v), rel_tol=vtol)
-    assert rel_err(grad, ref_g) < gtol
-    out = spec_penalty(x, V, backend=backend)
-    assert out.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    assert out.shape == ()
+    # the oracle sees the same rounded inputs: input rounding is not the kernel's error;
+    # the value's dtype (float32, float64 for float64) and the gradient's (x's) are checked too
+    check_penalty(x, V, backend=backend, tau=10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_projected_spectrum_matches_diag_of_covariance(backend):
     x, V = make_batch(91, 57, seed=2)
-    ref = literal_spectrum(x.double(), V.double())
-    lam = projected_spectrum(x, V, backend=backend)
-    assert lam.shape == (57,) and lam.dtype == torch.float32
-    torch.testing.assert_close(lam.double(), ref, rtol=1e-5, atol=0)
-    # gradient of an arbitrary linear functional of the spectrum
-    w = torch.randn(57, dtype=torch.float64, device=DEVICE)
-
-    def ref_fn(t):
-        return (literal_spectrum(t, V.double()) * w).sum()
-
-    def ours(t):
-        return (projected_spectrum(t, V, backend=backend).double() * w).sum()
-
-    _, ref_g = value_and_grad(ref_fn, x.double())
-    _, grad = value_and_grad(ours, x)
-    assert rel_err(grad, ref_g) < 1e-4
+    # values, and the gradient of an arbitrary linear functional of the spectrum
+    w = torch.randn(57, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    check_spectrum(x, V, backend=backend, weights=w)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_inputs(backend):
-    base, V = make_batch(120, 2 * 45, seed=3)
-    x = base[:, ::2]  # stride 2 along features
-    V = V[::2, ::2].contiguous()
+    dense, V = make_batch(120, 45, seed=3)
+    wide = torch.zeros(120, 2 * 45, device=DEVICE)
+    wide[:, ::2] = dense
+    x = wide[:, ::2]  # stride 2 along features
     Vt = V.T.contiguous().T  # column-major V
     assert not x.is_contiguous() and not Vt.is_contiguous()
-    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), tau=7)
-    val, grad = value_and_grad(spec_penalty, x, Vt, tau=7, backend=backend)
-    assert math.isclose(float(val), float(ref_v), rel_tol=2e-4)
-    assert rel_err(grad, ref_g) < 2e-4
+    check_penalty(x, Vt, backend=backend, tau=7)
     xt = torch.randn(45, 120, device=DEVICE).T  # transposed batch
-    _, ref_g = value_and_grad(literal_penalty, xt.double(), V.double(), tau=7)
-    _, grad = value_and_grad(spec_penalty, xt, V, tau=7, backend=backend)
-    assert rel_err(grad, ref_g) < 2e-4
+    check_penalty(xt, V, backend=backend, tau=7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_activations(backend):
     # mean 5, spread 0.1: centring must happen before the products
     x, V = make_batch(200, 64, mean=5.0, std=0.1, seed=4)
-    ref = literal_spectrum(x.double(), V.double())
-    lam = projected_spectrum(x, V, backend=backend)
-    assert float(((lam.double() - ref).abs() / ref).max()) < 1e-3
-    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double())
-    val, grad = value_and_grad(spec_penalty, x, V, backend=backend)
-    assert math.isclose(float(val), float(ref_v), rel_tol=1e-3)
-    assert rel_err(grad, ref_g) < 1e-3
+    check_spectrum(x, V, backend=backend)
+    check_penalty(x, V, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_steep_spectrum_keeps_relative_accuracy_in_the_tail(backend):
     # lam_n ~ n^-3: every value, the smallest included, keeps float32 relative accuracy
     x, V = make_batch(300, 120, decay=1.5, seed=5)
-    ref = literal_spectrum(x.double(), V.double())
-    lam = projected_spectrum(x, V, backend=backend)
-    assert float(ref.min() / ref.max()) < 1e-5
-    assert float(((lam.double() - ref).abs() / ref).max()) < 1e-4
-    ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double())
-    val, grad = value_and_grad(spec_penalty, x, V, backend=backend)
-    assert math.isclose(float(val), float(ref_v), rel_tol=1e-3)
-    assert rel_err(grad, ref_g) < 1e-3
+    lam = check_spectrum(x, V, backend=backend)
+    assert float(lam.min() / lam.max()) < 1e-5
+    check_penalty(x, V, backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batch_larger_and_smaller_than_width(backend):
     for B, N in [(40, 90), (90, 40)]:
         x, V = make_batch(B, N, seed=B)
-        ref_v, ref_g = value_and_grad(literal_penalty, x.double(), V.double(), alpha=1.3, tau=4)
-        val, grad = value_and_grad(spec_penalty, x, V, alpha=1.3, tau=4, backend=backend)
-        assert math.isclose(float(val), float(ref_v), rel_tol=2e-4)
-        assert rel_err(grad, ref_g) < 2e-4
+        check_penalty(x, V, backend=backend, alpha=1.3, tau=4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -198,16 +162,9 @@ def test_exact_power_law_costs_nothing_and_anchor_has_no_gradient(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_powerlaw_penalty_matches_literal_on_shuffled_spectrum(backend):
-    from powerlaw_fast.baselines import penalty_from_spectrum as literal_penalty_from_spectrum
-
     g = torch.Generator().manual_seed(7)
-    lam = (torch.rand(300, generator=g, dtype=torch.float64) ** 3 + 1e-3).to(DEVICE)
-    ref_v, ref_g = value_and_grad(literal_penalty_from_spectrum, lam, alpha=0.8, tau=17, beta=3.0)
-    val, grad = value_and_grad(
-        powerlaw_penalty, lam.float(), alpha=0.8, tau=17, beta=3.0, backend=backend
-    )
-    assert math.isclose(float(val), float(ref_v), rel_tol=1e-5)
-    assert rel_err(grad, ref_g) < 1e-5
+    lam = (torch.rand(300, generator=g, dtype=torch.float64) ** 3 + 1e-3).float()
+    check_powerlaw(lam, backend=backend, alpha=0.8, tau=17, beta=3.0)
 
 
 def test_gradcheck_float64_torch_backend():
@@ -233,13 +190,10 @@ def test_gradcheck_float64_torch_backend():
 
 @pytest.mark.parametrize("B,N", [(2, 10), (129, 130), (37, 257)])
 def test_triton_outputs_fully_written(poisoned, B, N):
+    # every buffer starts as NaN: an element a kernel skips fails the oracle's comparison
     x, V = make_batch(B, N, seed=9)
-    ref_v, ref_g = value_and_grad(spec_penalty, x, V, backend="torch")
-    val, grad = value_and_grad(spec_penalty, x, V, backend="triton")
-    assert torch.isfinite(grad).all() and torch.isfinite(val)
-    assert rel_err(grad, ref_g) < 2e-4
-    lam = projected_spectrum(x, V, backend="triton")
-    assert torch.isfinite(lam).all()
+    check_penalty(x, V, backend="triton")
+    check_spectrum(x, V, backend="triton")
 
 
 def test_triton_is_deterministic():
@@ -428,3 +382,91 @@ def test_torch_compile_fullgraph_torch_backend():
     ref_v, ref_g = value_and_grad(step, x)
     torch.testing.assert_close(val, ref_v)
     torch.testing.assert_close(grad, ref_g)
+
+
+# --------------------------------------------------------------------------------------------
+# Gradients of a loss that weighs the penalty and uses the spectrum
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gradient_carries_the_losss_weight_on_the_penalty(backend, op_path):
+    """dLoss/dR reaches the backprojection (eagerly it scales there: no extra launch)."""
+    x, V = make_batch(60, 20, seed=21)
+    G, dG = expected_weighted_gradient(x, V, backend=backend, weight_R=-2.5, tau=4)
+    leaf = x.clone().requires_grad_()
+    (-2.5 * spec_penalty(leaf, V, tau=4, backend=backend)).backward()
+    bounds.assert_within(leaf.grad, G, dG, "gradient of -2.5 R")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_loss_of_the_penalty_and_the_spectrum_together(backend, op_path):
+    """Both outputs of one call in one loss: dLoss/dlam and dLoss/dR folded into one
+    coefficient per column, one backprojection."""
+    x, V = make_batch(60, 20, seed=22)
+    _, _, settings = sp_module._settings(
+        x, V, alpha=1.0, tau=4, beta=2.0, convention="paper", backend=backend,
+        validate="immediate", process_group=None, compute_dtype=None, source="x",
+    )  # fmt: skip
+    w = torch.linspace(-1.0, 1.0, 20, dtype=torch.float64)
+    leaf = x.clone().requires_grad_()
+    R, lam = sp_module.SPECTRAL_PENALTY([leaf, V], settings)
+    (1.5 * R + (lam.double() * w.to(DEVICE)).sum()).backward()
+    G, dG = expected_weighted_gradient(x, V, backend=backend, weight_R=1.5, weights_lam=w,
+                                       tau=4, beta=2.0)  # fmt: skip
+    bounds.assert_within(leaf.grad, G, dG, "gradient of 1.5 R + w . lam")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_penalty_and_spectrum_gives_both_from_one_call(backend):
+    x, V = make_batch(50, 16, seed=23)
+    leaf = x.clone().requires_grad_()
+    R, lam = penalty_and_spectrum(leaf, V, tau=3, backend=backend)
+    assert R.requires_grad and not lam.requires_grad  # the spectrum is for logging
+    assert torch.equal(R.detach(), spec_penalty(x, V, tau=3, backend=backend))
+    assert torch.equal(lam, projected_spectrum(x, V, backend=backend))
+    R.backward()
+    _, _, G, dG = expected_penalty(x, V, backend=backend, tau=3)
+    bounds.assert_within(leaf.grad, G, dG, "penalty_and_spectrum gradient")
+    # a penalty's checks, not a spectrum's: a zero anchor is an error
+    flat = x.clone()
+    flat[:, 1:] = flat[:1, 1:]  # one direction of variance: rank 1
+    with pytest.raises(ValueError, match="x: the batch is rank-deficient for tau = 3"):
+        penalty_and_spectrum(flat, torch.eye(16, device=DEVICE), tau=3, backend=backend,
+                             validate="immediate")  # fmt: skip
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_gemms_run_in_the_compute_dtype_both_ways(backend, monkeypatch):
+    """``compute_dtype=torch.bfloat16``: the projection and the backprojection get the
+    bfloat16 plan (the backward is not silently done in float32)."""
+    from powerlaw_fast.ops import backends
+
+    seen = []
+    for stage in ("centred_projection", "backprojection"):
+        original = backends.implementation(stage, backend)
+
+        def recording(*args, _stage=stage, _original=original):
+            seen.append((_stage, args[-1].operand))
+            return _original(*args)
+
+        monkeypatch.setitem(backends._TABLE, (stage, backend), recording)
+    x, V = make_batch(50, 16, seed=24)
+    leaf = x.clone().requires_grad_()
+    spec_penalty(leaf, V.bfloat16(), tau=3, backend=backend,
+                 compute_dtype=torch.bfloat16).backward()  # fmt: skip
+    assert seen == [("centred_projection", torch.bfloat16), ("backprojection", torch.bfloat16)]
+
+
+@pytest.mark.parametrize(
+    "x_dtype,compute_dtype",
+    [(torch.float16, None), (torch.bfloat16, None), (torch.float32, torch.bfloat16)],
+)
+def test_opcheck_in_every_operand_dtype(x_dtype, compute_dtype):
+    """The fake results (Z's dtype: float32 for float16 input, the compute dtype) match."""
+    x, V = make_batch(40, 24, seed=13)
+    x = x.to(x_dtype).requires_grad_()
+    V = V.to(compute_dtype or x_dtype)
+    _, _, settings = sp_module._settings(
+        x, V, alpha=1.0, tau=10, beta=1.0, convention="paper", backend="torch",
+        validate="immediate", process_group=None, compute_dtype=compute_dtype, source="x",
+    )  # fmt: skip
+    torch.library.opcheck(sp_module.SPECTRAL_PENALTY.custom_op, ([x, V], *settings))
