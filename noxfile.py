@@ -89,6 +89,12 @@ MUTANT_TESTS = {
                          "tests/ops/test_fused_op.py::test_under_torch_compile_too"],
     "ops/block_eigh.py": ["tests/ops/test_block_eigh.py"],
     "ops/centring.py": ["tests/ops/test_centring.py"],
+    "ops/spectral_penalty.py": ["tests/ops/test_spec_penalty.py",
+                                "tests/ops/test_spec_penalty_host.py",
+                                "tests/ops/test_spec_penalty_adversarial.py",
+                                "tests/ops/test_properties.py", "tests/ops/test_kinks.py",
+                                "--deselect",
+                                "tests/ops/test_spec_penalty.py::test_torch_compile_fullgraph_torch_backend"],
     "ops/attack_step.py": ["tests/attacks/test_attack_step.py"],
     "ops/covariance.py": ["tests/ops/test_covariance.py", "tests/ops/test_fused_op.py",
                           "--deselect", "tests/ops/test_fused_op.py::test_under_torch_compile_too"],
@@ -232,7 +238,8 @@ def _mutate_module(session, root, module, tests, *, sample, seed, jobs):
     # be written down as cuda-only (or equivalent) like a survivor
     kept = {n: r for n, r in equivalent.items() if status.get(n) in ("survived", "no tests")}
     tags = [tag for tag, _ in kept.values()]
-    killed = counts.get("killed", 0)
+    # a mutant that crashes the test process (a segfault in a kernel launch) failed its tests
+    killed = counts.get("killed", 0) + counts.get("segfault", 0)
     changing = len(chosen) - len(kept)
     score = killed / changing if changing else 1.0
     lines = [
@@ -244,7 +251,8 @@ def _mutate_module(session, root, module, tests, *, sample, seed, jobs):
         "counts: " + ", ".join(f"{s} {n}" for s, n in counts.items())
         + f"; of the survivors written down as equivalent {tags.count('equivalent')}, "
         f"as cuda-only {tags.count('cuda-only')}",
-        f"score: {killed} killed / {changing} behaviour-changing on a CPU = {100 * score:.1f}%",
+        f"score: {killed} killed (segfaults included) / {changing} behaviour-changing on a CPU = "
+        f"{100 * score:.1f}%",
         "",
     ]
     if names:

@@ -1,5 +1,6 @@
 """spec_penalty, projected_spectrum and batch_covariance over gloo process groups (2 and 3
-processes, uneven shards) equal the single-process result on the concatenated batch."""
+processes, uneven shards): the global batch's results, against the float64 oracle on the
+concatenated batch within the bounds of their rounding."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import pytest
 import torch
 
 from powerlaw_fast import batch_covariance, projected_spectrum, spec_penalty
+from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
+from tests import bounds
 from tests.distributed_utils import run_on_processes, shard_bounds
+from tests.ops.oracle_checks import expected_penalty, roundoffs
 
 
 def _batch(B=61, N=23):
@@ -20,30 +24,44 @@ def _batch(B=61, N=23):
 def _ops_body(rank, world, backend):
     import torch.distributed as dist
 
+    from powerlaw_fast.ops import spectral_penalty as sp_module
+
     x, V = _batch()
     lo, hi = shard_bounds(x.shape[0], world, rank)
     group = dist.group.WORLD
+    # the rounding floor of S2 - S1^2 / B is set by the global row count, known on the host
+    # without a synchronisation as the local rows times the world size
+    counts, mean_tolerance = [], sp_module.mean_tolerance
+    sp_module.mean_tolerance = lambda count, dtype: counts.append(count) or mean_tolerance(
+        count, dtype)  # fmt: skip
 
-    full = x.clone().requires_grad_()
-    ref = spec_penalty(full, V, tau=4, beta=2.0, backend=backend)
-    ref.backward()
+    # the global batch's penalty and gradient rows, against the oracle on the whole batch
+    R, dR, G, dG = expected_penalty(x, V, backend=backend, tau=4, beta=2.0)
     mine = x[lo:hi].clone().requires_grad_()
     got = spec_penalty(mine, V, tau=4, beta=2.0, backend=backend, process_group=group)
     got.backward()
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(mine.grad, full.grad[lo:hi], rtol=1e-4, atol=1e-7)
+    bounds.assert_within(got.detach(), R, dR, f"rank {rank}'s penalty")
+    bounds.assert_within(mine.grad, G[lo:hi], dG[lo:hi], f"rank {rank}'s gradient rows")
+    assert counts == [(hi - lo) * world]
+    sp_module.mean_tolerance = mean_tolerance
 
     lam = projected_spectrum(x[lo:hi], V, backend=backend, process_group=group)
-    torch.testing.assert_close(lam, projected_spectrum(x, V, backend=backend), rtol=1e-5, atol=0)
+    spec = bounds.spectrum_bound(x, V, **roundoffs(x.dtype, backend))
+    bounds.assert_within(lam, spec.lam, spec.dlam + bounds.U[torch.float32] * spec.lam,
+                         f"rank {rank}'s spectrum")  # fmt: skip
+    both = penalty_and_spectrum(x[lo:hi], V, tau=4, beta=2.0, backend=backend,
+                                process_group=group)  # fmt: skip
+    assert torch.equal(both[0], got.detach()) and torch.equal(both[1], lam)
 
-    full = x.clone().requires_grad_()
-    w = torch.randn(23, 23, generator=torch.Generator().manual_seed(2))
-    (batch_covariance(full, backend=backend) * w).sum().backward()
+    w = torch.randn(23, 23, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     mine = x[lo:hi].clone().requires_grad_()
     sigma = batch_covariance(mine, backend=backend, process_group=group)
-    (sigma * w).sum().backward()
-    torch.testing.assert_close(sigma, batch_covariance(x, backend=backend), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(mine.grad, full.grad[lo:hi], rtol=1e-4, atol=1e-6)
+    (sigma.double() * w).sum().backward()
+    u32 = bounds.U[torch.float32]
+    want, bound = bounds.covariance_bound(x, u_op=u32, u_acc=u32)
+    bounds.assert_within(sigma, want, bound, f"rank {rank}'s covariance")
+    G, dG = bounds.covariance_gradient_bound(x, w, u_acc=u32, u_out=u32)
+    bounds.assert_within(mine.grad, G[lo:hi], dG[lo:hi], f"rank {rank}'s covariance gradient")
 
     # every rank holds the same value
     values = [torch.zeros(()) for _ in range(world)]

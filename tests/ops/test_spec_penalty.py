@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from powerlaw_fast import powerlaw_penalty, projected_spectrum, spec_penalty
+from powerlaw_fast import powerlaw_penalty, projected_spectrum, raise_pending_errors, spec_penalty
 from powerlaw_fast.ops import powerlaw_penalty as powerlaw_penalty_module
 from powerlaw_fast.ops import spectral_penalty as sp_module
+from powerlaw_fast.ops import status
 from powerlaw_fast.ops._settings import Settings
 from powerlaw_fast.ops.spectral_penalty import penalty_and_spectrum
 from tests import bounds
@@ -426,6 +427,8 @@ def test_penalty_and_spectrum_gives_both_from_one_call(backend):
     R.backward()
     _, _, G, dG = expected_penalty(x, V, backend=backend, tau=3)
     bounds.assert_within(leaf.grad, G, dG, "penalty_and_spectrum gradient")
+    defaults = penalty_and_spectrum(x, V)  # tau 10, the device's default backend
+    assert torch.equal(defaults[0], spec_penalty(x, V))
     # a penalty's checks, not a spectrum's: a zero anchor is an error
     flat = x.clone()
     flat[:, 1:] = flat[:1, 1:]  # one direction of variance: rank 1
@@ -454,6 +457,9 @@ def test_the_gemms_run_in_the_compute_dtype_both_ways(backend, monkeypatch):
     spec_penalty(leaf, V.bfloat16(), tau=3, backend=backend,
                  compute_dtype=torch.bfloat16).backward()  # fmt: skip
     assert seen == [("centred_projection", torch.bfloat16), ("backprojection", torch.bfloat16)]
+    seen.clear()
+    check_spectrum(x, V.bfloat16(), backend=backend, compute_dtype=torch.bfloat16)
+    assert seen == [("centred_projection", torch.bfloat16), ("backprojection", torch.bfloat16)]
 
 
 @pytest.mark.parametrize(
@@ -470,3 +476,85 @@ def test_opcheck_in_every_operand_dtype(x_dtype, compute_dtype):
         validate="immediate", process_group=None, compute_dtype=compute_dtype, source="x",
     )  # fmt: skip
     torch.library.opcheck(sp_module.SPECTRAL_PENALTY.custom_op, ([x, V], *settings))
+
+
+# --------------------------------------------------------------------------------------------
+# Checks that depend on the settings
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_immediate_validation_also_checks_that_v_is_orthonormal(backend):
+    x, V = make_batch(30, 8, seed=25)
+    skewed = V.clone()
+    skewed[:, 0] *= 1.01  # one column 1% too long
+    with pytest.raises(ValueError, match=r"V: expected orthonormal columns .* 0\.02"):
+        spec_penalty(x, skewed, tau=2, backend=backend, validate="immediate")
+    spec_penalty(x, skewed, tau=2, backend=backend, validate="off")  # no sync, no check
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_authors_convention_skips_directions_without_variance(backend):
+    """Columns of x that are exactly zero give lam_n = 0 exactly in V = I: the paper's sum
+    counts each as (0 - 1)^2 = 1, the authors' skips them (the oracle's bound is exact here)."""
+    x = torch.zeros(40, 12)
+    x[:, :7] = make_batch(40, 7, seed=26, device="cpu")[0]
+    x, V = x.to(DEVICE), torch.eye(12, device=DEVICE)
+    authors, _ = check_penalty(x, V, backend=backend, tau=2, convention="authors")
+    paper, _ = check_penalty(x, V, backend=backend, tau=3, convention="paper")
+    assert float(paper - authors) >= 5 / 12  # five zero values, beta / N each
+
+
+def test_float64_decides_the_relu_at_float64_rounding():
+    """Every r_n = 1 + 1e-9 beyond the anchor: far outside float64's rounding of r (so each
+    term has the relu's slope), deep inside float32's (where 0 would be taken)."""
+    g = torch.Generator().manual_seed(27)
+    B, N, tau = 40, 8, 2
+    n = torch.arange(1, N + 1, dtype=torch.float64)
+    lam = (1.0 + 1e-9 * (n > tau).double()) / n
+    W = torch.randn(B, N, generator=g, dtype=torch.float64)
+    W = torch.linalg.qr(W - W.mean(0))[0]  # centred orthonormal columns: covariance diag(lam)
+    x = (W * ((B - 1) * lam).sqrt()).to(DEVICE)
+    V = torch.eye(N, dtype=torch.float64, device=DEVICE)
+    _, grad = check_penalty(x, V, backend="torch", tau=tau)
+    # the relu's slope beta / (N gam_n) per term reaches x; without it only 2 (r - 1) ~ 1e-9 would
+    assert float(grad.abs().max()) > 1e-4
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_deferred_error_names_the_call_it_came_from(backend):
+    x, V = make_batch(20, 8, seed=28)
+    x[0, 0] = float("nan")
+    for op, call in (("spec_penalty", lambda: spec_penalty(x, V, tau=2, backend=backend)),
+                     ("projected_spectrum", lambda: projected_spectrum(x, V, backend=backend))):
+        with status.simulate_deferral(0):
+            call()
+            with pytest.raises(status.DeferredValidationError,
+                               match=rf"deferred check of call #\d+ \({op}\)"):
+                raise_pending_errors()
+
+
+@pytest.mark.parametrize("op", ["spec_penalty", "projected_spectrum"])
+def test_a_float16_gradient_overflow_names_the_backward_of_its_op(op):
+    """The backward's own check (float16 gradients beyond 65504) names the op it belongs to."""
+    x = (100.0 * torch.randn(4, 8, generator=torch.Generator().manual_seed(29))).half()
+    leaf = x.to(DEVICE).requires_grad_()
+    V = torch.eye(8, device=DEVICE, dtype=torch.float16)
+    with status.simulate_deferral(0):
+        if op == "spec_penalty":
+            (1e9 * spec_penalty(leaf, V, tau=2, backend="torch")).backward()
+        else:
+            (1e6 * projected_spectrum(leaf, V, backend="torch")).sum().backward()
+        with pytest.raises(status.DeferredValidationError,
+                           match=rf"overflows float16.*\({op} \(backward\)\)"):
+            raise_pending_errors()
+
+
+@pytest.mark.parametrize("call", ["spec_penalty", "projected_spectrum", "penalty_and_spectrum"])
+def test_a_batch_that_is_not_a_batch_is_refused_naming_x(call):
+    op = {"spec_penalty": spec_penalty, "projected_spectrum": projected_spectrum,
+          "penalty_and_spectrum": penalty_and_spectrum}[call]  # fmt: skip
+    V = torch.eye(4, device=DEVICE)
+    with pytest.raises(ValueError, match=r"^x: expected at least 2 dims \[B, N\]"):
+        op(torch.randn(4, device=DEVICE), V)
+    # one row has no covariance (a rank of a process group may hold one: the global batch)
+    with pytest.raises(ValueError, match=r"^x: expected a batch of at least 2 rows.*B = 1"):
+        op(torch.randn(1, 4, device=DEVICE), V)
