@@ -282,11 +282,12 @@ def grouped_penalty_triton(xs, Vs, *, alphas, anchors, betas, convention, valida
         operand = plan_for(xs[0].dtype, max(x.shape[1] for x in xs), compute_dtype).operand
         Vs = [V if V.dtype == operand else V.to(operand) for V in Vs]
     names = names or [str(i) for i in range(len(xs))]
+    taus = taus or [a + 1 if convention == "paper" else a for a in anchors]  # as the twin's
     settings = GroupedSettings(
         anchors=tuple(anchors), alphas=tuple(float(a) for a in alphas),
         betas=tuple(float(b) for b in betas), skip_nonpositive=convention == "authors",
         validate=status.validation_mode(validate), names=tuple(names),
-        taus=tuple(taus or [a + 1 for a in anchors]), compute=compute,
+        taus=tuple(taus), compute=compute,
     )  # fmt: skip
     total, lams = GROUPED_PENALTY([*(x.contiguous() for x in xs), *Vs], settings)
     out, offset = [], 0
