@@ -153,9 +153,13 @@ def test_refresh_restores_mode_and_keeps_the_old_basis_on_error():
         reg.refresh(failing())
     assert model.training and all(m.training for m in model.modules())
     assert torch.equal(reg.basis("2"), before)
-    # The training capture works again after the failed refresh.
-    model(_batches([40])[0][0])
-    assert torch.isfinite(reg.penalty())
+    # The training capture works again after the failed refresh: the penalty of this batch's
+    # activations in the kept basis, the same op on the same input
+    batch = _batches([40])[0][0]
+    with torch.no_grad():
+        act = _activations(model, {"2": model[2]}, batch)["2"]
+    model(batch)
+    assert torch.equal(reg.penalty(), spec_penalty(act.float(), before, tau=3))
 
 
 def test_refresh_progress_bar_can_be_on():
