@@ -144,3 +144,62 @@ def _deferred_error_body(rank, world):
 @pytest.mark.slow
 def test_deferred_errors_raise_at_the_same_call_on_every_rank(tmp_path):
     run_on_processes(_deferred_error_body, 2, tmp_path, timeout=60)
+
+
+def test_a_process_group_before_init_is_refused_naming_it():
+    x, V = _batch()
+    message = r"^process_group: torch.distributed is not initialised \(init_process_group\)$"
+    for op in (lambda: spec_penalty(x, V, tau=4, process_group=object()),
+               lambda: projected_spectrum(x, V, process_group=object()),
+               lambda: batch_covariance(x, process_group=object())):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            op()
+
+
+def test_a_group_of_one_process_is_no_group(tmp_path):
+    """A one-process group needs no communication: the single-process op, bit for bit, with
+    its rules (a batch of one row has no covariance)."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        x, V = _batch()
+        group = dist.group.WORLD
+        assert torch.equal(spec_penalty(x, V, tau=4, backend="torch", process_group=group),
+                           spec_penalty(x, V, tau=4, backend="torch"))  # fmt: skip
+        with pytest.raises(ValueError, match=r"^x: expected a batch of at least 2 rows"):
+            spec_penalty(x[:1], V, tau=1, backend="torch", process_group=group)
+    finally:
+        dist.destroy_process_group()
+
+
+def _subgroup_body(rank, world):
+    import torch.distributed as dist
+
+    pair = dist.new_group([0, 1])  # every rank takes part in making each group
+    alone = dist.new_group([0])
+    if rank == 2:
+        return  # not in the pair: any collective of the pair's ops on the world would hang
+    x, V = _batch()
+    lo, hi = (0, 30) if rank == 0 else (30, 61)
+    R, dR, _, _ = expected_penalty(x, V, backend="torch", tau=4)
+    got = spec_penalty(x[lo:hi], V, tau=4, backend="torch", process_group=pair)
+    bounds.assert_within(got, R, dR, f"rank {rank}'s penalty over the pair")
+    u32 = bounds.U[torch.float32]
+    want, bound = bounds.covariance_bound(x, u_op=u32, u_acc=u32)
+    sigma = batch_covariance(x[lo:hi], backend="torch", process_group=pair)
+    bounds.assert_within(sigma, want, bound, f"rank {rank}'s covariance over the pair")
+    if rank == 0:  # a group of one process is no group: one row has no covariance
+        with pytest.raises(ValueError, match=r"^x: expected a batch of at least 2 rows"):
+            spec_penalty(x[:1], V, tau=1, backend="torch", process_group=alone)
+
+
+def test_a_subgroup_of_the_world(tmp_path):
+    """The ops communicate over the group they are given, not the world (a collective on the
+    world would wait for the rank outside the group: the timeout fails it)."""
+    run_on_processes(_subgroup_body, 3, tmp_path, timeout=60)

@@ -1,6 +1,7 @@
-"""The penalty's small shared helpers: ops/_settings.py (argument checks, the errors of the
-status words), ops/_plan.py (the compute plan and the rounding levels decisions are made
-against, from their documented derivations) and ops/_layout.py (the scratch layout)."""
+"""The ops' small shared helpers: ops/_settings.py (argument checks, the errors of the status
+words), ops/_plan.py (the compute plan and the rounding levels decisions are made against, from
+their documented derivations), ops/_layout.py (the scratch layout), ops/_triton_gemm.py (launch
+sizes, the dot's precision) and ops/backends.py (the one backend table)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import math
 import pytest
 import torch
 
-from powerlaw_fast.ops import _layout, _plan, _settings
+from powerlaw_fast.ops import _layout, _plan, _settings, _triton_gemm, backends
 from powerlaw_fast.ops._plan import Plan
 from powerlaw_fast.ops._settings import Settings
 from tests.devices import raises_validation
@@ -260,3 +261,51 @@ def test_the_scratch_layout():
     assert _layout.scratch_column_means(longer, N).tolist() == [14.0, 15.0, 16.0, 17.0, 18.0]
     assert _layout.scratch_lam(longer, N).shape == (N,)
     assert _layout.scratch_dR_dlam(longer, N).shape == (N,)
+
+
+# --------------------------------------------------------------------------------------------
+# _triton_gemm: the launch helpers and the dot's precision
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("helper", ["next_power_of_2", "size_bucket"])
+def test_the_smallest_power_of_two_at_or_above_n(helper):
+    fn = getattr(_triton_gemm, helper)
+    cases = {0: 1, 1: 1, 2: 2, 3: 4, 4: 4, 5: 8, 8: 8, 9: 16, 1000: 1024, 1024: 1024, 1025: 2048}
+    assert {n: fn(n) for n in cases} == cases
+    assert fn(torch.tensor(5)) == 8  # a 0-dim size is read as an int
+
+
+def test_cdiv_rounds_up():
+    assert [_triton_gemm.cdiv(a, 4) for a in (0, 1, 4, 5, 8, 9)] == [0, 1, 1, 2, 2, 3]
+
+
+def test_the_dot_precision_follows_the_operands_and_torch(exact_float32):
+    assert _triton_gemm.dot_precision(torch.float32) == "ieee"  # "highest": exact products
+    assert _triton_gemm.dot_precision(torch.bfloat16) == "tf32"  # a tensor-core dot anyway
+    assert _triton_gemm.dot_precision(torch.float16) == "tf32"
+    torch.set_float32_matmul_precision("high")
+    assert _triton_gemm.dot_precision(torch.float32) == "tf32"
+
+
+def test_bfloat16_operands_are_widened_only_under_the_interpreter(monkeypatch):
+    monkeypatch.setattr(_triton_gemm, "triton_interpreter_active", lambda: True)
+    assert _triton_gemm.dot_in_fp32(torch.bfloat16) is True
+    assert _triton_gemm.dot_in_fp32(torch.float32) is False
+    assert _triton_gemm.dot_in_fp32(torch.float16) is False
+    monkeypatch.setattr(_triton_gemm, "triton_interpreter_active", lambda: False)
+    assert _triton_gemm.dot_in_fp32(torch.bfloat16) is False
+
+
+# --------------------------------------------------------------------------------------------
+# backends: the one table
+# --------------------------------------------------------------------------------------------
+def test_the_backend_table_returns_what_was_registered_and_names_what_is_missing(monkeypatch):
+    monkeypatch.setattr(backends, "_TABLE", {})
+
+    def twin(x):
+        return x
+
+    assert backends.register("a_stage", "torch")(twin) is twin  # a decorator: fn unchanged
+    assert backends.implementation("a_stage", "torch") is twin
+    with pytest.raises(NotImplementedError,
+                       match=r"^backend='triton' has no implementation of 'a_stage'$"):
+        backends.implementation("a_stage", "triton")
