@@ -7,9 +7,10 @@ CPU time, and a digest of the code that printed them.
     python benchmarks/readme_numbers.py --check        # no run: exit 1 when the README is stale
     python benchmarks/readme_numbers.py --render       # no run: rewrite the README from the record
 
-Run it as the README should state the measurement, e.g. pinned to one core:
-``taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/readme_numbers.py``; the record names
-the CPU, the cores the process may use and torch's threads, and the README says them.
+Run it as a newcomer runs the README's command, with torch's default threads, so that the same
+machine prints the same digits (one and two threads differ in the third digit, see below); the
+record names the CPU, the cores the process may use and torch's threads, and the README says
+them.
 
 What it writes:
 
