@@ -143,3 +143,23 @@ def op_path(request, monkeypatch):
     if request.param == "custom ops":
         as_if_compiling(monkeypatch)
     return request.param
+
+
+def record_launches(monkeypatch, module, names):
+    """Replace ``module._kernels()`` by recorders of the kernels ``names``: each launch is
+    written down as (kernel, grid, positional arguments, keyword arguments) instead of run.
+    Returns the list they are written to."""
+    import types
+
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((self.name, grid, args, kwargs))
+
+    kernels = types.SimpleNamespace(**{name: Recorder(name) for name in names})
+    monkeypatch.setattr(module, "_kernels", lambda: kernels)
+    return calls

@@ -5,12 +5,12 @@ every supported dtype, with every launcher output NaN-poisoned before the launch
 from __future__ import annotations
 
 import math
-import types
 
 import pytest
 import torch
 
 from powerlaw_fast.ops import centring
+from tests.conftest import record_launches
 from tests.devices import BACKENDS, DEVICE
 
 SHAPES = [(1, 1), (2, 3), (37, 5), (130, 257), (513, 40)]
@@ -121,21 +121,9 @@ def test_centre_columns_torch_keeps_float64_in_float64():
 
 @pytest.fixture
 def launches(monkeypatch):
-    """The launchers' kernels replaced by a recorder: each launch is written down as (kernel,
-    grid, positional arguments, keyword arguments) instead of run."""
-    calls = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.name, grid, args, kwargs))
-
+    """The centring kernels recorded instead of run (tests/conftest.py)."""
     names = ("_column_mean_kernel", "_centre_columns_kernel", "_column_moments_kernel")
-    kernels = types.SimpleNamespace(**{name: Recorder(name) for name in names})
-    monkeypatch.setattr(centring, "_kernels", lambda: kernels)
-    return calls
+    return record_launches(monkeypatch, centring, names)
 
 
 @pytest.mark.parametrize("N", [1, 300, 4096, 8447, 8448, 16384, 32768, 33023, 33024, 100_000])

@@ -9,6 +9,7 @@ import torch
 from powerlaw_fast.ops import status
 from powerlaw_fast.ops.grouped_penalty import grouped_penalty_torch, grouped_penalty_triton
 from tests import bounds
+from tests.conftest import record_launches
 from tests.devices import DEVICE, raises_validation
 from tests.ops.oracle_checks import expected_penalty, roundoffs
 from tests.ops.test_spec_penalty import make_batch
@@ -207,26 +208,12 @@ def test_flat_bases_does_not_read_past_the_end_of_the_storage():
 # --------------------------------------------------------------------------------------------
 @pytest.fixture
 def launches(monkeypatch):
-    """The grouped kernels replaced by a recorder: each launch is written down as (kernel,
-    grid, positional arguments, keyword arguments) instead of run."""
-    import types
-
+    """The grouped kernels recorded instead of run (tests/conftest.py)."""
     from powerlaw_fast.ops import grouped_penalty
-
-    calls = []
-
-    class Recorder:
-        def __init__(self, name):
-            self.name = name
-
-        def __getitem__(self, grid):
-            return lambda *args, **kwargs: calls.append((self.name, grid, args, kwargs))
 
     names = ("_grouped_column_mean_kernel", "_grouped_projection_kernel",
              "_grouped_penalty_kernel", "_grouped_backprojection_kernel")  # fmt: skip
-    kernels = types.SimpleNamespace(**{name: Recorder(name) for name in names})
-    monkeypatch.setattr(grouped_penalty, "_kernels", lambda: kernels)
-    return calls
+    return record_launches(monkeypatch, grouped_penalty, names)
 
 
 # x's dtype, compute dtype -> the documented plan (ops/_plan.py): GEMM operands (also Z),
