@@ -111,13 +111,14 @@ run_part() {
 
 # The tests that matter on a GPU: the ops (compiled Triton kernels), the CUDA C++ backend, the
 # attacks on CUDA tensors (CUDA graphs included) and the regulariser (grouped Triton path,
-# torch.compile, the tracked basis's sweeps on CUDA tensors). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes), the
+# torch.compile, the tracked basis's sweeps on CUDA tensors, the README's whole-step CUDA-graph capture). Left out: the CPU compile checks for sm_90 (ptxas on the host, minutes), the
 # gloo process-group tests (CPU processes, a minute), the hypothesis property tests (every
 # drawn width is a new autotune key: minutes of compiling; CI runs them on the CPU) and
 # this script's own dry-run test. A dry run runs only the GPU-marked tests of the same selection
 # (all skipped on a CPU, so it checks that everything collects and imports).
 TESTS=(tests/ops tests/cuda tests/attacks tests/training/test_regularizer.py
        "tests/training/test_tracked_basis.py::test_sweeps_on_a_gpu_match_the_cpu_without_a_synchronisation_and_capture_in_a_graph"
+       "tests/test_readme.py::test_the_whole_step_capture_snippet_trains_on_a_gpu"
        --ignore=tests/ops/test_triton_sm90_compile.py
        --ignore=tests/ops/test_triton_sm90_configs.py
        --ignore=tests/ops/test_distributed_ops.py
