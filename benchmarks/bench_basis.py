@@ -11,7 +11,10 @@ Rows (one run, one device, same model and batch):
   default method: the GEMM sweeps on a GPU, M's ``eigh`` on a CPU) and, on a CPU,
   ``tracked_sweeps`` (the GPU's method timed on the CPU); ``x_epoch`` = its time / the epoch
   mode's at the same N (the issue's target: tracked <= 1.3 at N = 500 and 2000, <= 1.5 at
-  N = 8192 on a GPU).
+  N = 8192 on a GPU); ``gemm_gflop`` the matrix-product work of one step (counted by torch's
+  FlopCounterMode, eigendecompositions left out; the same on every machine) and
+  ``gemm_x_epoch`` its ratio to the epoch mode's: where a GPU's step is GEMM-bound, the time
+  ratio it can reach.
 - ``quality``: the tracked bases (``tracked_sweeps``, ``tracked_eigh``) against the exact one
   over ``--quality-steps`` training steps of the exact mode (trackers fed the same batches;
   the second half measured): ``spectrum_error`` the largest relative error over ranks 1..N/2
@@ -41,6 +44,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -116,9 +120,19 @@ def step_row(args, mode, N, device, images, labels):
         step()
         rep = 20 * max(5, min(40, int(4.0 / (time.perf_counter() - start))))
     ms = median_ms(step, warmup=2, rep=rep)
+    gflop = step_gemm_flops(step) / 1e9
     if reg is not None:
         reg.remove()
-    return {"kind": "step", "N": N, "B": B, "mode": mode, "median_ms": ms}
+    return {"kind": "step", "N": N, "B": B, "mode": mode, "median_ms": ms, "gemm_gflop": gflop}
+
+
+def step_gemm_flops(step) -> int:
+    """The matrix-product flops of one call of ``step`` (``mm``, ``addmm``, ``bmm``, einsum:
+    torch's FlopCounterMode; eigendecompositions are not counted): the work a GPU's step
+    time follows where GEMMs dominate, the same on every machine."""
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()
 
 
 def quality_rows(args, N, device, images, labels):
@@ -179,9 +193,13 @@ def quality_rows(args, N, device, images, labels):
 def _ratios(rows):
     epoch = {r["N"]: r["median_ms"] for r in rows
              if r.get("kind") == "step" and r["mode"] == "epoch"}  # fmt: skip
+    work = {r["N"]: r["gemm_gflop"] for r in rows
+            if r.get("kind") == "step" and r["mode"] == "epoch" and "gemm_gflop" in r}  # fmt: skip
     for r in rows:
         if r.get("kind") == "step" and r["N"] in epoch:
             r["x_epoch"] = r["median_ms"] / epoch[r["N"]]
+        if r.get("kind") == "step" and r["N"] in work and "gemm_gflop" in r:
+            r["gemm_x_epoch"] = r["gemm_gflop"] / work[r["N"]]
     return rows
 
 
@@ -239,7 +257,7 @@ def main(argv=None):
     print(f"\n{data}; {extra['cpu']}, {extra['threads']} threads; "
           f"{time.perf_counter() - start:.0f} s")
     print_table([r for r in rows if r["kind"] == "step"],
-                ["N", "B", "mode", "median_ms", "x_epoch"])
+                ["N", "B", "mode", "median_ms", "x_epoch", "gemm_gflop", "gemm_x_epoch"])
     print()
     print_table([r for r in rows if r["kind"] == "quality"],
                 ["N", "mode", "steps", "spectrum_error", "gradient_cosine_mean",

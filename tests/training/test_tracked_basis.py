@@ -567,3 +567,42 @@ def test_below_one_block_the_sweeps_are_the_exact_eigendecomposition_of_m(N):
     for step in range(2):  # both block offsets' steps: one block of N columns either way
         _, lam = track_eigenbasis(V0, lam0, x, momentum=0.3, step=step, method="sweeps")
         assert float((lam - ref).abs().max()) <= 1e-5 * float(ref[0])
+
+
+# --- the work a tracking step does: what its GPU cost follows, checked on a CPU ---
+
+
+def _matmul_flops(fn) -> dict[str, int]:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    counts = counter.get_flop_counts()["Global"]
+    return {str(op).removeprefix("aten."): n for op, n in counts.items()}
+
+
+@pytest.mark.parametrize("step", [0, 3])
+def test_a_tracking_step_does_the_projection_the_gram_and_the_rotations_and_nothing_more(step):
+    """The matrix products of one step, counted (2 flops per multiply-add): the projection
+    ``Z = x_c V`` and ``Z^T Z`` (``2 B N^2`` each), then with ``"eigh"`` one ``V Q``
+    (``2 N^3``); with ``"sweeps"`` eight ``N x N`` GEMMs (``16 N^3``: sweep 1 ``Theta^2``, a
+    Newton-Schulz step of R, ``V R``, ``R^T M R``; sweep 2 ``Theta^2``, ``V R``), two more
+    every ``ORTHONORMALISE_EVERY`` steps (``V``'s Newton-Schulz step), and per sweep three
+    block-diagonal products (M from both sides, V: ``2 N K b^2`` each)."""
+    N, B, b = 96, 144, _tracked_basis.BLOCK
+    g = torch.Generator().manual_seed(0)
+    V = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))[0].float()
+    lam = torch.linspace(2.0, 0.1, N, dtype=torch.float64)
+    x = torch.randn(B, N, generator=g)
+    run = {method: (lambda method=method: track_eigenbasis(V, lam, x, momentum=0.1, step=step,
+                                                           method=method, backend="torch"))
+           for method in ("eigh", "sweeps")}  # fmt: skip
+    projection_and_gram = 2 * (2 * B * N * N)
+    assert _matmul_flops(run["eigh"]) == {"mm": projection_and_gram + 2 * N**3}
+    newton_schulz = 4 * N**3 if (step + 1) % _tracked_basis.ORTHONORMALISE_EVERY == 0 else 0
+    blocks = 2  # N = 96 in blocks of 64: [64, 32] in one sweep, [32, 64] in the other
+    assert _matmul_flops(run["sweeps"]) == {
+        "mm": projection_and_gram + 12 * N**3 + newton_schulz,  # V R x2, NS(R), R^T M R
+        "addmm": 2 * (2 * N**3),  # Theta + Theta^2 / 2, each sweep
+        "bmm": 2 * 3 * (2 * N * blocks * b * b),
+    }
