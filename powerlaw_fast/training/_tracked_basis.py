@@ -57,6 +57,18 @@ checks its info flags on the host, so a step has no host synchronisation and can
 in a CUDA graph. With a process group, the batch's sum (``N + 1`` floats) and ``Z^T Z``
 (``N^2``) are all-reduced.
 
+Why the tracker projects the batch itself instead of reusing the penalty's ``Z``: the
+penalty would then see the basis one batch behind, and on the shipped MNIST subset the exact
+eigenbasis of the running covariance before the batch is further from the one with it than
+one sweep is (width 500, 2026-12-03: spectrum error 3.4%, the penalty's gradient at cosine
+0.95 on average and 0.63 at worst, where two sweeps give 0.2%, 0.999 and 0.993;
+tests/training/test_tracked_basis.py). A tracking step therefore does at least the projection,
+``Z^T Z`` and one ``V R``: ``4 B N^2 + 2 N^3`` flops, with the ``"eigh"`` method exactly that
+(plus the eigendecomposition), which at ``B = 1.5 N`` is about as much GEMM work again as the
+per-epoch step's (its penalty is ``4 B N^2``): no tracker that sees the batch first costs less
+than about twice the per-epoch step where GEMMs set the time (counted by
+``benchmarks/bench_basis.py``: 1.95x at N = 2000; the sweeps 3.67x).
+
 Example::
 
     >>> import torch
