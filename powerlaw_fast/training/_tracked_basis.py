@@ -46,7 +46,8 @@ On a CPU (``method="auto"``) M is eigendecomposed exactly instead (LAPACK's ``ei
 ``N x N`` matrix costs there about as much as two GEMMs): the ``"running"`` mode's basis, from
 float32 moments in the current basis rather than a float64 covariance.
 
-Cost per layer and step (sweeps): the projection ``Z`` and ``Z^T Z`` (``2 B N^2`` flops each), eight
+Cost per layer and step (sweeps): the projection ``Z`` (``2 B N^2`` flops) and ``Z^T Z`` (its
+upper block triangle only, ``GRAM_BLOCKS`` row blocks: ``1.25 B N^2``), eight
 ``N x N`` GEMMs (``16 N^3``; two more every ``ORTHONORMALISE_EVERY`` steps), ``O(N^2 BLOCK)``
 for the blocks and ``O(N^2)`` elementwise work. On a GPU that is a few milliseconds at
 N = 8192 where an eigendecomposition takes seconds; on a CPU, whose LAPACK eigendecomposition
@@ -62,12 +63,13 @@ penalty would then see the basis one batch behind, and on the shipped MNIST subs
 eigenbasis of the running covariance before the batch is further from the one with it than
 one sweep is (width 500, 2026-12-03: spectrum error 3.4%, the penalty's gradient at cosine
 0.95 on average and 0.63 at worst, where two sweeps give 0.2%, 0.999 and 0.993;
-tests/training/test_tracked_basis.py). A tracking step therefore does at least the projection,
-``Z^T Z`` and one ``V R``: ``4 B N^2 + 2 N^3`` flops, with the ``"eigh"`` method exactly that
-(plus the eigendecomposition), which at ``B = 1.5 N`` is about as much GEMM work again as the
-per-epoch step's (its penalty is ``4 B N^2``): no tracker that sees the batch first costs less
-than about twice the per-epoch step where GEMMs set the time (counted by
-``benchmarks/bench_basis.py``: 1.95x at N = 2000; the sweeps 3.67x).
+tests/training/test_tracked_basis.py). A tracking step therefore does at least the projection
+(``2 B N^2`` flops), ``Z^T Z`` (``B N^2`` at best, being symmetric; ``1.25 B N^2`` here) and
+one ``V R`` (``2 N^3``), the ``"eigh"`` method exactly that plus the eigendecomposition: at
+``B = 1.5 N`` about as much GEMM work again as the per-epoch step's (its penalty is
+``4 B N^2``), so no tracker that sees the batch first costs much less than twice the
+per-epoch step where GEMMs set the time (``benchmarks/bench_basis.py`` counts each step's
+work).
 
 Example::
 
@@ -105,6 +107,11 @@ ORTHONORMALISE_EVERY = 4  # steps between two Newton-Schulz steps
 # and its Newton-Schulz step hold, while the head's columns, which move far less per step, are
 # left alone
 COLUMN_ANGLE = 0.3
+# Z^T Z from the products of GRAM_BLOCKS column blocks of Z with the columns from theirs on
+# (the upper block triangle, mirrored): (k + 1) / (2 k) of the full GEMM's work; at N = 2000,
+# B = 3000, one CPU thread, 4 blocks took 202 ms and 8 took 189 ms against 318 ms for the
+# full product, and 4 keep each product wide enough for a GPU
+GRAM_BLOCKS = 4
 # method="auto" on a CPU: LAPACK's eigh of N x N costs about as much as two GEMMs there (at
 # N = 2000, one thread: 1.1 s against 0.6 s), so the exact eigendecomposition of M is cheaper
 # than the sweeps' eight GEMMs; a GPU's eigh is latency-bound (tens of ms to seconds)
@@ -257,7 +264,7 @@ def track_eigenbasis(
         count = total[N]
         centred = (rows.to(work) - total[:N] / count).to(operands)
         Z = centred @ V.to(operands)
-        M = _all_reduce((Z.T @ Z).to(work), group).mul_(momentum / (count - 1))
+        M = _all_reduce(symmetric_gram(Z).to(work), group).mul_(momentum / (count - 1))
         M.diagonal().add_(lam.to(work), alpha=1.0 - momentum)
 
         if method == "auto":
@@ -296,6 +303,33 @@ def _sweeps(M: torch.Tensor, V: torch.Tensor, N: int, step: int, backend: str = 
     norm2 = 1.0 + (theta * theta).sum(0)
     lam_new = (d + (2.0 * theta * M + theta * theta * d[:, None]).sum(0)) / norm2
     return V / torch.linalg.vector_norm(V, dim=0), lam_new
+
+
+def symmetric_gram(Z: torch.Tensor) -> torch.Tensor:
+    """``Z^T Z [N, N]`` for ``Z [B, N]``, exactly symmetric, from its upper block triangle:
+    ``GRAM_BLOCKS`` products of a block of columns with the columns from it on, each mirrored
+    (``(k + 1) / (2 k)`` of a full GEMM's work).
+
+    Example::
+
+        >>> import torch
+        >>> Z = torch.randn(30, 10)
+        >>> G = symmetric_gram(Z)
+        >>> bool(torch.equal(G, G.T)) and bool(torch.allclose(G, Z.T @ Z, atol=1e-5))
+        True
+    """
+    N = Z.shape[1]
+    gram = Z.new_empty(N, N)
+    width = -(-N // GRAM_BLOCKS)
+    for start in range(0, N, width):
+        end = min(start + width, N)
+        upper = Z[:, start:end].T @ Z[:, start:]  # [end - start, N - start]
+        gram[start:end, end:] = upper[:, end - start :]
+        gram[end:, start:end] = upper[:, end - start :].T
+        # a GEMM's diagonal block is symmetric only up to its summation order
+        diagonal = upper[:, : end - start]
+        gram[start:end, start:end] = diagonal.triu() + diagonal.triu(1).T
+    return gram
 
 
 def newton_schulz_step(V: torch.Tensor) -> torch.Tensor:

@@ -599,11 +599,12 @@ def _matmul_flops(fn) -> dict[str, int]:
 @pytest.mark.parametrize("step", [0, 3])
 def test_a_tracking_step_does_the_projection_the_gram_and_the_rotations_and_nothing_more(step):
     """The matrix products of one step, counted (2 flops per multiply-add): the projection
-    ``Z = x_c V`` and ``Z^T Z`` (``2 B N^2`` each), then with ``"eigh"`` one ``V Q``
-    (``2 N^3``); with ``"sweeps"`` eight ``N x N`` GEMMs (``16 N^3``: sweep 1 ``Theta^2``, a
-    Newton-Schulz step of R, ``V R``, ``R^T M R``; sweep 2 ``Theta^2``, ``V R``), two more
-    every ``ORTHONORMALISE_EVERY`` steps (``V``'s Newton-Schulz step), and per sweep three
-    block-diagonal products (M from both sides, V: ``2 N K b^2`` each)."""
+    ``Z = x_c V`` (``2 B N^2``) and ``Z^T Z`` (its upper block triangle: ``1.25 B N^2``),
+    then with ``"eigh"`` one ``V Q`` (``2 N^3``); with ``"sweeps"`` eight ``N x N`` GEMMs
+    (``16 N^3``: sweep 1 ``Theta^2``, a Newton-Schulz step of R, ``V R``, ``R^T M R``;
+    sweep 2 ``Theta^2``, ``V R``), two more every ``ORTHONORMALISE_EVERY`` steps (``V``'s
+    Newton-Schulz step), and per sweep three block-diagonal products (M from both sides, V:
+    ``2 N K b^2`` each)."""
     N, B, b = 96, 144, _tracked_basis.BLOCK
     g = torch.Generator().manual_seed(0)
     V = torch.linalg.qr(torch.randn(N, N, generator=g, dtype=torch.float64))[0].float()
@@ -612,7 +613,12 @@ def test_a_tracking_step_does_the_projection_the_gram_and_the_rotations_and_noth
     run = {method: (lambda method=method: track_eigenbasis(V, lam, x, momentum=0.1, step=step,
                                                            method=method, backend="torch"))
            for method in ("eigh", "sweeps")}  # fmt: skip
-    projection_and_gram = 2 * (2 * B * N * N)
+    # Z^T Z from its upper block triangle: 4 blocks of 24 columns, each times the columns
+    # from it on (96, 72, 48, 24 of them)
+    k, width = _tracked_basis.GRAM_BLOCKS, N // _tracked_basis.GRAM_BLOCKS
+    gram = sum(2 * B * width * (N - i * width) for i in range(k))
+    assert gram == 2 * B * N * N * (k + 1) // (2 * k)
+    projection_and_gram = 2 * B * N * N + gram
     assert _matmul_flops(run["eigh"]) == {"mm": projection_and_gram + 2 * N**3}
     newton_schulz = 4 * N**3 if (step + 1) % _tracked_basis.ORTHONORMALISE_EVERY == 0 else 0
     blocks = 2  # N = 96 in blocks of 64: [64, 32] in one sweep, [32, 64] in the other
@@ -621,3 +627,20 @@ def test_a_tracking_step_does_the_projection_the_gram_and_the_rotations_and_noth
         "addmm": 2 * (2 * N**3),  # Theta + Theta^2 / 2, each sweep
         "bmm": 2 * 3 * (2 * N * blocks * b * b),
     }
+
+
+@pytest.mark.parametrize("N", [1, 3, 4, 5, 97])
+def test_the_gram_from_its_upper_block_triangle_is_z_transpose_z_exactly_symmetric(N):
+    """Every entry is one of the full product's dot products (within the float32 rounding of
+    a sum of B products), each written once above the diagonal and mirrored; widths that
+    do not split into GRAM_BLOCKS equal blocks, and fewer columns than blocks, included."""
+    from tests.bounds import accumulation_roundoff, gamma
+
+    B = 41
+    Z = torch.randn(B, N, generator=torch.Generator().manual_seed(N)) + 2.0
+    G = _tracked_basis.symmetric_gram(Z)
+    assert torch.equal(G, G.T)
+    exact = Z.double().T @ Z.double()
+    # a float32 sum of B products, in any order: gamma_B * sum |z_bi z_bj|
+    bound = gamma(B, accumulation_roundoff(torch.float32)) * (Z.double().abs().T @ Z.double().abs())
+    assert bool(((G.double() - exact).abs() <= bound).all())
