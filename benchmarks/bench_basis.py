@@ -11,8 +11,9 @@ Rows (one run, one device, same model and batch):
   default method: the GEMM sweeps on a GPU, M's ``eigh`` on a CPU) and, on a CPU,
   ``tracked_sweeps`` (the GPU's method timed on the CPU); ``x_epoch`` = its time / the epoch
   mode's at the same N (the issue's target: tracked <= 1.3 at N = 500 and 2000, <= 1.5 at
-  N = 8192 on a GPU); ``gemm_gflop`` the matrix-product work of one step (counted by torch's
-  FlopCounterMode, eigendecompositions left out; the same on every machine) and
+  N = 8192 on a GPU); ``gemm_gflop`` the matrix-product work of a step (counted by torch's
+  FlopCounterMode over 4 steps, the tracked basis's Newton-Schulz period, and averaged;
+  eigendecompositions left out; the same on every machine) and
   ``gemm_x_epoch`` its ratio to the epoch mode's: where a GPU's step is GEMM-bound, the time
   ratio it can reach.
 - ``quality``: the tracked bases (``tracked_sweeps``, ``tracked_eigh``) against the exact one
@@ -120,19 +121,21 @@ def step_row(args, mode, N, device, images, labels):
         step()
         rep = 20 * max(5, min(40, int(4.0 / (time.perf_counter() - start))))
     ms = median_ms(step, warmup=2, rep=rep)
-    gflop = step_gemm_flops(step) / 1e9
+    gflop = step_gemm_flops(step, calls=_tracked_basis.ORTHONORMALISE_EVERY) / 1e9
     if reg is not None:
         reg.remove()
     return {"kind": "step", "N": N, "B": B, "mode": mode, "median_ms": ms, "gemm_gflop": gflop}
 
 
-def step_gemm_flops(step) -> int:
-    """The matrix-product flops of one call of ``step`` (``mm``, ``addmm``, ``bmm``, einsum:
-    torch's FlopCounterMode; eigendecompositions are not counted): the work a GPU's step
-    time follows where GEMMs dominate, the same on every machine."""
+def step_gemm_flops(step, calls: int = 1) -> float:
+    """The matrix-product flops of a call of ``step``, averaged over ``calls`` calls (the
+    tracked basis's Newton-Schulz step comes every ``ORTHONORMALISE_EVERY`` steps) (``mm``,
+    ``addmm``, ``bmm``, einsum: torch's FlopCounterMode; eigendecompositions are not counted):
+    the work a GPU's step time follows where GEMMs dominate, the same on every machine."""
     with FlopCounterMode(display=False) as counter:
-        step()
-    return counter.get_total_flops()
+        for _ in range(calls):
+            step()
+    return counter.get_total_flops() / calls
 
 
 def quality_rows(args, N, device, images, labels):
